@@ -1,0 +1,17 @@
+"""hypergradient: tune hyperparameters by gradient descent through the training run."""
+
+from . import data as data
+from . import optim as optim
+from .data import Batches as Batches
+from .dynamics import DivergenceError as DivergenceError
+from .dynamics import Dynamics as Dynamics
+from .dynamics import State as State
+from .methods import Forward as Forward
+from .methods import HypergradResult as HypergradResult
+from .methods import Method as Method
+from .methods import MethodError as MethodError
+from .methods import Reverse as Reverse
+from .methods import Truncated as Truncated
+from .methods import hypergrad as hypergrad
+
+__version__ = "0.1.0"

@@ -1,0 +1,230 @@
+"""The training run being tuned, as a dynamical system.
+
+    s_t = Φ_t(s_{t-1}, λ),   s_0 = (init(λ), optimizer.init(init(λ))),   t = 0..T-1
+
+where s = (weights, optimizer state), and Φ_t takes the gradient of the
+training loss on the batch of step ``t`` and applies the inner optimizer with
+the hyperparameters ``optimizer_hparams(λ, t)``. Steps are numbered from 0, so
+a per-step schedule is indexed as ``lam["lr"][t]``.
+
+``Dynamics`` is a pytree: its arrays (fixed initial weights, the data) are
+leaves and its functions are static, so one compiled program serves every
+call with the same functions and shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .data import Batches
+from .optim import Optimizer
+
+Params = Any
+
+
+class State(NamedTuple):
+    """The state of the training run: weights and optimizer state."""
+
+    params: Params
+    opt_state: Any
+
+
+class DivergenceError(FloatingPointError):
+    """A training run (or its hypergradient) produced NaN or inf.
+
+    Attributes:
+      step: the first training step whose loss was not finite, or ``None``
+        when training stayed finite but the objective or its gradient did not.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+def first_nonfinite(losses) -> int | None:
+    """Index of the first non-finite entry of a per-step loss trace, or None."""
+    bad = ~np.isfinite(np.asarray(losses))
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def check_hparams_dtype(lam: Any) -> None:
+    """Raise ``TypeError`` unless every leaf of λ is floating point."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(lam)
+    if not leaves:
+        raise ValueError("hyperparameters λ are empty: there is nothing to differentiate")
+    for path, leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"hyperparameter {jax.tree_util.keystr(path) or 'λ'} has dtype {dtype}; "
+                "hyperparameters must be floating point (write 0.5, not 1, or cast with jnp.asarray(x, float))"
+            )
+
+
+@jax.tree_util.register_pytree_node_class
+class Dynamics:
+    """A training run whose final weights are differentiated in λ.
+
+    Args:
+      init: the initial weights, a pytree, or a function ``λ -> w_0`` (init
+        scales are hyperparameters too).
+      loss: ``(w, λ, batch) -> scalar`` training loss.
+      optimizer: a differentiable inner optimizer from :mod:`hypergradient.optim`.
+      optimizer_hparams: ``(λ, t) -> dict`` of the optimizer's hyperparameters
+        at step ``t`` (for example ``{"lr": lam["lr"][t], "momentum": 0.9}``).
+      data: ``t -> batch`` (a :class:`hypergradient.data.Batches` or any
+        traceable function), a fixed batch (any non-callable pytree: full-batch
+        training), or ``None`` (``loss`` receives ``None``).
+      steps: the number of training steps ``T >= 1``.
+    """
+
+    def __init__(
+        self,
+        init: Params | Callable[[Any], Params],
+        loss: Callable[[Params, Any, Any], jax.Array],
+        optimizer: Optimizer,
+        optimizer_hparams: Callable[[Any, jax.Array], Mapping[str, Any]],
+        data: Any = None,
+        steps: int = 100,
+    ):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a hypergradient.optim optimizer (hg.optim.sgd(), momentum(), adam(), "
+                f"from_optax(...)), got {type(optimizer).__name__}"
+            )
+        if not callable(loss):
+            raise TypeError("loss must be a function (w, λ, batch) -> scalar")
+        if not callable(optimizer_hparams):
+            raise TypeError("optimizer_hparams must be a function (λ, t) -> dict of optimizer hyperparameters")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        self.init = init
+        self.loss = loss
+        self.optimizer = optimizer
+        self.optimizer_hparams = optimizer_hparams
+        self.data = data
+        self.steps = int(steps)
+
+    # -- pytree: arrays are leaves, functions are static ----------------------
+    def tree_flatten(self):
+        init_leaf = None if callable(self.init) else self.init
+        data_is_fn = callable(self.data) and not isinstance(self.data, Batches)
+        data_leaf = None if data_is_fn else self.data
+        static = (
+            self.init if callable(self.init) else None,
+            self.loss,
+            self.optimizer,
+            self.optimizer_hparams,
+            self.data if data_is_fn else None,
+            self.steps,
+        )
+        return (init_leaf, data_leaf), static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        obj = object.__new__(cls)
+        init_fn, obj.loss, obj.optimizer, obj.optimizer_hparams, data_fn, obj.steps = static
+        init_leaf, data_leaf = children
+        obj.init = init_fn if init_fn is not None else init_leaf
+        obj.data = data_fn if data_fn is not None else data_leaf
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Dynamics(optimizer={self.optimizer.name}, steps={self.steps}, data={self.data!r})"
+
+    # -- the system ------------------------------------------------------------
+    def initial_params(self, lam) -> Params:
+        """w_0: ``init(λ)`` or the fixed initial weights."""
+        return self.init(lam) if callable(self.init) else self.init
+
+    def initial_state(self, lam) -> State:
+        """s_0 = (w_0, optimizer.init(w_0))."""
+        w0 = self.initial_params(lam)
+        return State(w0, self.optimizer.init(w0))
+
+    def batch(self, t):
+        """The minibatch of step ``t``."""
+        return self.data(t) if callable(self.data) else self.data
+
+    def hparams(self, lam, t) -> Mapping[str, Any]:
+        """The optimizer's hyperparameters at step ``t``."""
+        return self.optimizer_hparams(lam, t)
+
+    def loss_and_grad(self, params, lam, t):
+        """Training loss of step ``t`` and its gradient in the weights."""
+        return jax.value_and_grad(self.loss)(params, lam, self.batch(t))
+
+    def step(self, state: State, lam, t) -> tuple[State, jax.Array]:
+        """Φ_t: one training step; returns the new state and the step's training loss."""
+        loss, g = self.loss_and_grad(state.params, lam, t)
+        params, opt_state = self.optimizer.update(g, state.opt_state, state.params, self.hparams(lam, t))
+        return State(params, opt_state), loss
+
+    def rollout(self, state: State, lam, start, length: int) -> tuple[State, jax.Array]:
+        """Apply Φ_t for t = start..start+length-1 as one ``lax.scan``.
+
+        Returns the final state and the per-step training losses (shape ``(length,)``).
+        """
+
+        def body(s, t):
+            return self.step(s, lam, t)
+
+        return jax.lax.scan(body, state, start + jnp.arange(length))
+
+    def run(self, lam) -> Params:
+        """Plain training: the final weights w_T, jit-compiled.
+
+        Raises:
+          DivergenceError: if a training loss became NaN or inf.
+        """
+        check_hparams_dtype(lam)
+        state, losses = _run(self, lam)
+        step = first_nonfinite(losses)
+        if step is not None:
+            raise DivergenceError(f"training diverged: the training loss is not finite at step {step}", step)
+        return state.params
+
+    def validate(self, lam) -> None:
+        """Trace one step abstractly; raise a ``ValueError`` naming what cannot run."""
+        check_hparams_dtype(lam)
+        t0 = jnp.zeros((), jnp.int32)
+        try:
+            state = jax.eval_shape(self.initial_state, lam)
+        except Exception as e:
+            raise ValueError(f"init(λ) failed: {e}") from e
+        hp = jax.eval_shape(self.hparams, lam, t0)
+        self.optimizer.check_hparams(hp)
+        batch = jax.eval_shape(self.batch, t0)
+        try:
+            loss = jax.eval_shape(lambda p: self.loss(p, lam, self.batch(t0)), state.params)
+        except Exception as e:
+            raise ValueError(
+                f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
+                f"weight shapes {_shapes(state.params)}): {e}"
+            ) from e
+        if getattr(loss, "shape", None) != ():
+            raise ValueError(f"loss must return a scalar, it returned shape {getattr(loss, 'shape', loss)}")
+        try:
+            jax.eval_shape(self.step, state, lam, t0)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(
+                f"the {self.optimizer.name} step fails with hyperparameters of shapes {_shapes(hp)} "
+                f"on weights of shapes {_shapes(state.params)}: {e}"
+            ) from e
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: tuple(a.shape), tree)
+
+
+@jax.jit
+def _run(dyn: Dynamics, lam):
+    return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)

@@ -1,0 +1,9 @@
+"""Hypergradient methods: one file per method, one entry point."""
+
+from .base import HypergradResult as HypergradResult
+from .base import Method as Method
+from .base import MethodError as MethodError
+from .base import hypergrad as hypergrad
+from .forward import Forward as Forward
+from .reverse import Reverse as Reverse
+from .truncated import Truncated as Truncated

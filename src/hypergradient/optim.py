@@ -1,0 +1,231 @@
+"""Differentiable inner optimizers.
+
+An inner optimizer is a pure pair ``init(params) -> state`` and
+``update(grads, state, params, hparams) -> (params, state)``, the shape of
+optax's ``GradientTransformation`` with one change: the hyperparameters
+arrive at every step, as traced values, so that a hypergradient can reach
+them. Each hyperparameter may be
+
+- a scalar (one value for all weights),
+- a pytree that is a prefix of the weights' structure (one value per layer),
+- the weights' full structure (one value per weight).
+
+``Optimizer.update`` checks the names it is given and broadcasts every value
+to the weights' full structure before the rule sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+State = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Optimizer:
+    """A differentiable inner optimizer.
+
+    Attributes:
+      name: what the optimizer is (``"sgd"``, ``"momentum"``, ...).
+      init: ``params -> state``.
+      rule: ``(grads, state, params, hparams) -> (params, state)`` with every
+        hyperparameter already broadcast to the weights' structure.
+      required: names of the hyperparameters that must be given.
+      defaults: names and values of the optional ones.
+      broadcast: whether hyperparameters are broadcast to the weights'
+        structure before ``rule`` sees them (``from_optax`` passes them on as
+        they are).
+    """
+
+    name: str
+    init: Callable[[Params], State]
+    rule: Callable[[Params, State, Params, Mapping[str, Any]], tuple[Params, State]]
+    required: tuple[str, ...]
+    defaults: tuple[tuple[str, float], ...] = ()
+    broadcast: bool = True
+
+    @property
+    def hparam_names(self) -> tuple[str, ...]:
+        return self.required + tuple(k for k, _ in self.defaults)
+
+    def check_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming any missing or unknown hyperparameter."""
+        if not isinstance(hparams, Mapping):
+            raise TypeError(
+                f"optimizer_hparams must return a dict of hyperparameters for "
+                f"{self.name} ({', '.join(self.hparam_names)}), got {type(hparams).__name__}"
+            )
+        missing = [k for k in self.required if k not in hparams]
+        if missing:
+            raise ValueError(
+                f"optimizer {self.name!r} needs hyperparameter(s) {missing} that "
+                f"optimizer_hparams does not give (it gave {sorted(hparams)})"
+            )
+        unknown = [k for k in hparams if k not in self.hparam_names]
+        if unknown:
+            raise ValueError(
+                f"optimizer {self.name!r} has no hyperparameter(s) {unknown}; "
+                f"it takes {list(self.hparam_names)}"
+            )
+
+    def update(self, grads: Params, state: State, params: Params, hparams: Mapping[str, Any]):
+        """One step: returns ``(new_params, new_state)``."""
+        self.check_hparams(hparams)
+        full = {**dict(self.defaults), **hparams}
+        if self.broadcast:
+            full = {k: broadcast_to(v, params, k) for k, v in full.items()}
+        return self.rule(grads, state, params, full)
+
+
+def broadcast_to(value: Any, params: Params, name: str = "hyperparameter") -> Params:
+    """Broadcast a scalar, a prefix pytree or a full pytree to ``params``' structure."""
+    if not isinstance(value, (list, tuple, dict)) and jnp.ndim(value) == 0:
+        return jax.tree.map(lambda _: value, params)
+    try:
+        return jax.tree.map(lambda v, sub: jax.tree.map(lambda _: v, sub), value, params)
+    except ValueError as e:
+        raise ValueError(
+            f"optimizer hyperparameter {name!r} must be a scalar, a pytree prefix of the "
+            f"weights (one value per layer) or the weights' full structure; its structure "
+            f"{jax.tree.structure(value)} does not fit the weights' {jax.tree.structure(params)}"
+        ) from e
+
+
+def _zeros_like(params: Params) -> Params:
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def sgd() -> Optimizer:
+    """Plain gradient descent: w ← w − η g. Hyperparameters: ``lr``."""
+
+    def rule(g, state, w, h):
+        return jax.tree.map(lambda w, g, lr: w - lr * g, w, g, h["lr"]), state
+
+    return Optimizer("sgd", lambda params: (), rule, ("lr",))
+
+
+def momentum(dampen: bool = False) -> Optimizer:
+    """SGD with momentum. Hyperparameters: ``lr`` (η), ``momentum`` (μ).
+
+    Heavy ball:       v ← μ v + g,         w ← w − η v.
+    ``dampen=True``:  v ← μ v + (1 − μ) g, w ← w − η v
+    (Maclaurin et al. 2015, whose velocity is our −v).
+    """
+
+    def rule(g, v, w, h):
+        mu = h["momentum"]
+        if dampen:
+            v = jax.tree.map(lambda v, g, mu: mu * v + (1 - mu) * g, v, g, mu)
+        else:
+            v = jax.tree.map(lambda v, g, mu: mu * v + g, v, g, mu)
+        w = jax.tree.map(lambda w, v, lr: w - lr * v, w, v, h["lr"])
+        return w, v
+
+    return Optimizer("momentum_dampened" if dampen else "momentum", _zeros_like, rule, ("lr", "momentum"))
+
+
+def nesterov() -> Optimizer:
+    """Nesterov momentum: v ← μ v + g, w ← w − η (g + μ v). Hyperparameters: ``lr``, ``momentum``."""
+
+    def rule(g, v, w, h):
+        v = jax.tree.map(lambda v, g, mu: mu * v + g, v, g, h["momentum"])
+        w = jax.tree.map(lambda w, g, v, mu, lr: w - lr * (g + mu * v), w, g, v, h["momentum"], h["lr"])
+        return w, v
+
+    return Optimizer("nesterov", _zeros_like, rule, ("lr", "momentum"))
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: Params
+    nu: Params
+
+
+def adam() -> Optimizer:
+    """Adam. Hyperparameters: ``lr``; optional ``b1`` (0.9), ``b2`` (0.999), ``eps`` (1e-8).
+
+    m ← b1 m + (1−b1) g,  u ← b2 u + (1−b2) g²,
+    w ← w − η m̂ / (sqrt(û + eps_root) + eps),  m̂ = m/(1−b1ᵗ), û = u/(1−b2ᵗ).
+    The tiny ``eps_root`` (1e-16) keeps the derivative of the square root finite
+    where a gradient is exactly zero, which reverse mode needs.
+    """
+
+    def init(params):
+        return AdamState(jnp.zeros((), jnp.int32), _zeros_like(params), _zeros_like(params))
+
+    def rule(g, s, w, h):
+        t = s.count + 1
+        mu = jax.tree.map(lambda m, g, b1: b1 * m + (1 - b1) * g, s.mu, g, h["b1"])
+        nu = jax.tree.map(lambda u, g, b2: b2 * u + (1 - b2) * g * g, s.nu, g, h["b2"])
+
+        def step(w, m, u, lr, b1, b2, eps, eps_root):
+            m_hat = m / (1 - b1**t)
+            u_hat = u / (1 - b2**t)
+            return w - lr * m_hat / (jnp.sqrt(u_hat + eps_root) + eps)
+
+        w = jax.tree.map(step, w, mu, nu, h["lr"], h["b1"], h["b2"], h["eps"], h["eps_root"])
+        return w, AdamState(t, mu, nu)
+
+    return Optimizer(
+        "adam", init, rule, ("lr",), (("b1", 0.9), ("b2", 0.999), ("eps", 1e-8), ("eps_root", 1e-16))
+    )
+
+
+def rmsprop() -> Optimizer:
+    """RMSprop. Hyperparameters: ``lr``; optional ``decay`` (0.9), ``eps`` (1e-8).
+
+    u ← ρ u + (1−ρ) g²,  w ← w − η g / (sqrt(u + eps_root) + eps).
+    """
+
+    def rule(g, u, w, h):
+        u = jax.tree.map(lambda u, g, rho: rho * u + (1 - rho) * g * g, u, g, h["decay"])
+        w = jax.tree.map(
+            lambda w, g, u, lr, eps, er: w - lr * g / (jnp.sqrt(u + er) + eps),
+            w, g, u, h["lr"], h["eps"], h["eps_root"],
+        )
+        return w, u
+
+    return Optimizer("rmsprop", _zeros_like, rule, ("lr",), (("decay", 0.9), ("eps", 1e-8), ("eps_root", 1e-16)))
+
+
+def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: float) -> Optimizer:
+    """Any optax optimizer, made differentiable in its numeric hyperparameters.
+
+    ``factory`` is an optax optimizer factory (``optax.adam``, ``optax.sgd``,
+    ...). The keyword arguments name the hyperparameters that become
+    differentiable and give their default values; ``optimizer_hparams`` may
+    then return any of them at every step (scalars: optax applies one value
+    to all weights). Built on ``optax.inject_hyperparams``, which keeps the
+    hyperparameters in the optimizer state where gradients reach them.
+
+    Example::
+
+        opt = hg.optim.from_optax(optax.adam, learning_rate=1e-3, b1=0.9)
+        # optimizer_hparams=lambda lam, t: {"learning_rate": jnp.exp(lam["log_lr"])}
+    """
+    if not hparams:
+        raise ValueError(
+            "from_optax needs the hyperparameters to expose, with defaults, e.g. "
+            "from_optax(optax.sgd, learning_rate=0.1)"
+        )
+    inner = optax.inject_hyperparams(factory)(**hparams)
+
+    def init(params):
+        return inner.init(params)
+
+    def rule(g, state, w, h):
+        # Keep the dtypes of the state's own copies so the scan carry is stable.
+        given = {k: jnp.asarray(v, jnp.result_type(state.hyperparams[k])) for k, v in h.items()}
+        state = state._replace(hyperparams={**state.hyperparams, **given})
+        updates, state = inner.update(g, state, w)
+        return optax.apply_updates(w, updates), state
+
+    name = f"optax.{getattr(factory, '__name__', 'optimizer')}"
+    return Optimizer(name, init, rule, (), tuple(hparams.items()), broadcast=False)
