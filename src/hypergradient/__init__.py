@@ -1,6 +1,7 @@
 """hypergradient: tune hyperparameters by gradient descent through the training run."""
 
 from . import data as data
+from .drivers import constraints as constraints
 from . import optim as optim
 from .data import Batches as Batches
 from .dynamics import DivergenceError as DivergenceError

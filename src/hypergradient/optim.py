@@ -86,16 +86,30 @@ class Optimizer:
 
 def broadcast_to(value: Any, params: Params, name: str = "hyperparameter") -> Params:
     """Broadcast a scalar, a prefix pytree or a full pytree to ``params``' structure."""
-    if not isinstance(value, (list, tuple, dict)) and jnp.ndim(value) == 0:
-        return jax.tree.map(lambda _: value, params)
     try:
-        return jax.tree.map(lambda v, sub: jax.tree.map(lambda _: v, sub), value, params)
+        full = jax.tree.map(lambda v, sub: jax.tree.map(lambda _: v, sub), value, params)
     except ValueError as e:
         raise ValueError(
             f"optimizer hyperparameter {name!r} must be a scalar, a pytree prefix of the "
             f"weights (one value per layer) or the weights' full structure; its structure "
             f"{jax.tree.structure(value)} does not fit the weights' {jax.tree.structure(params)}"
         ) from e
+    for v, w in zip(jax.tree.leaves(full), jax.tree.leaves(params)):
+        shape = jnp.shape(v)
+        if shape and not _broadcasts(shape, jnp.shape(w)):
+            raise ValueError(
+                f"optimizer hyperparameter {name!r} has an array of shape {shape} where a weight has shape "
+                f"{jnp.shape(w)}; give a scalar, one value per layer as a list (e.g. list(lam[...][t])), "
+                "or an array of the weight's own shape"
+            )
+    return full
+
+
+def _broadcasts(a: tuple, b: tuple) -> bool:
+    try:
+        return jnp.broadcast_shapes(a, b) == tuple(b)
+    except ValueError:
+        return False
 
 
 def _zeros_like(params: Params) -> Params:

@@ -1,0 +1,1 @@
+"""Hyperparameter optimization drivers: offline, online (real time) and constraints."""

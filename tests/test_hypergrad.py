@@ -1,0 +1,164 @@
+"""One suite over every exact hypergradient method: finite differences, closed forms, agreement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hypergradient as hg
+from problems import (
+    central_difference,
+    mlp_problem,
+    outer_value,
+    random_direction,
+    ridge_closed_form,
+    ridge_problem,
+    tree_dot,
+)
+
+T = 12
+
+
+def exact_methods(steps):
+    """Every method that must give the exact hypergradient of a ``steps``-step run."""
+    return [hg.Reverse(), hg.Reverse(checkpoint_every=5), hg.Forward(), hg.Truncated(steps)]
+
+
+EXACT = exact_methods(T)
+
+
+def assert_tree_close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(y)) + 1e-30))
+
+
+@pytest.mark.parametrize("method", exact_methods(25), ids=repr)
+def test_ridge_matches_closed_form(method):
+    dyn, objective, lam = ridge_problem(steps=25)
+    res = hg.hypergrad(dyn, objective, lam, method)
+    value, grad = ridge_closed_form(lam, steps=25)
+    np.testing.assert_allclose(float(res.value), value, rtol=1e-10)
+    np.testing.assert_allclose(float(res.grad["log_l2"]), grad["log_l2"], rtol=1e-8)
+    np.testing.assert_allclose(float(res.grad["lr"]), grad["lr"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("method", EXACT, ids=repr)
+def test_mlp_every_kind_of_hyperparameter_matches_finite_differences(method):
+    dyn, objective, lam = mlp_problem(steps=T)
+    res = hg.hypergrad(dyn, objective, lam, method)
+    f = outer_value(dyn, objective)
+    np.testing.assert_allclose(float(res.value), float(f(lam)), rtol=1e-12)
+    for group in lam:  # each kind separately, so one wrong group cannot hide behind another
+        direction = jax.tree.map(jnp.zeros_like, lam)
+        direction[group] = random_direction(lam[group], seed=len(group))
+        fd = central_difference(f, lam, direction)
+        np.testing.assert_allclose(tree_dot(res.grad, direction), fd, rtol=2e-6, atol=1e-9, err_msg=group)
+
+
+def test_methods_agree():
+    dyn, objective, lam = mlp_problem(steps=T)
+    reference = hg.hypergrad(dyn, objective, lam, hg.Reverse()).grad
+    for method in EXACT[1:]:
+        assert_tree_close(hg.hypergrad(dyn, objective, lam, method).grad, reference, rtol=1e-8)
+
+
+def test_checkpointing_with_a_remainder_segment():
+    dyn, objective, lam = mlp_problem(steps=T)
+    reference = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    for k in (1, 5, 7, T, 50):
+        res = hg.hypergrad(dyn, objective, lam, hg.Reverse(checkpoint_every=k))
+        assert_tree_close(res.grad, reference.grad, rtol=1e-10)
+        np.testing.assert_array_equal(np.asarray(res.params[0]["W"]), np.asarray(reference.params[0]["W"]))
+
+
+def test_truncated_drops_the_early_steps():
+    dyn, objective, lam = mlp_problem(steps=T)
+    res = hg.hypergrad(dyn, objective, lam, hg.Truncated(3))
+    # learning rates before the last 3 steps, and the init scale, get no gradient
+    assert np.all(np.asarray(res.grad["lr"][: T - 3]) == 0)
+    assert np.all(np.asarray(res.grad["log_scale"]) == 0)
+    assert np.any(np.asarray(res.grad["lr"][T - 3 :]) != 0)
+    # and what it does give is the exact gradient through the last 3 steps
+    full = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    np.testing.assert_allclose(float(res.value), float(full.value), rtol=1e-12)
+    assert res.stats["truncation"] == 3
+
+
+OPTIMIZERS = {
+    "sgd": (hg.optim.sgd(), lambda lam, t: {"lr": list(lam["lr"][t])}),
+    "momentum": (hg.optim.momentum(), lambda lam, t: {"lr": list(lam["lr"][t]), "momentum": list(lam["mu"][t])}),
+    "dampened": (
+        hg.optim.momentum(dampen=True),
+        lambda lam, t: {"lr": list(lam["lr"][t]), "momentum": list(lam["mu"][t])},
+    ),
+    "nesterov": (hg.optim.nesterov(), lambda lam, t: {"lr": list(lam["lr"][t]), "momentum": list(lam["mu"][t])}),
+    "adam": (hg.optim.adam(), lambda lam, t: {"lr": list(0.02 * lam["lr"][t]), "b1": lam["mu"][t, 0], "b2": 0.99}),
+    "rmsprop": (hg.optim.rmsprop(), lambda lam, t: {"lr": list(0.02 * lam["lr"][t]), "decay": lam["mu"][t, 0]}),
+    "optax.adam": (
+        hg.optim.from_optax(optax.adam, learning_rate=0.01, b1=0.9),
+        lambda lam, t: {"learning_rate": 0.02 * lam["lr"][t, 0], "b1": lam["mu"][t, 0]},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_matches_finite_differences(name):
+    optimizer, hparams = OPTIMIZERS[name]
+
+    def schedule(lam, t):
+        return hparams({"lr": lam["lr"], "mu": lam["momentum"]}, t)
+
+    dyn, objective, lam = mlp_problem(steps=8, optimizer=optimizer, hparams=schedule)
+    reverse = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    forward = hg.hypergrad(dyn, objective, lam, hg.Forward())
+    assert_tree_close(forward.grad, reverse.grad, rtol=1e-8)
+    f = outer_value(dyn, objective)
+    direction = random_direction(lam, seed=1)
+    np.testing.assert_allclose(tree_dot(reverse.grad, direction), central_difference(f, lam, direction), rtol=2e-6)
+
+
+def test_per_weight_learning_rates():
+    """A hyperparameter with the weights' full structure: one learning rate per weight."""
+
+    def schedule(lam, t):
+        return {"lr": lam["lr_per_weight"], "momentum": 0.5}
+
+    dyn, objective, lam = mlp_problem(steps=6, hparams=schedule)
+    w0 = dyn.initial_params(lam)
+    lam = {**lam, "lr_per_weight": jax.tree.map(lambda w: jnp.full_like(w, 0.2), w0)}
+    res = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    assert jax.tree.structure(res.grad["lr_per_weight"]) == jax.tree.structure(w0)
+    f = outer_value(dyn, objective)
+    direction = jax.tree.map(jnp.zeros_like, lam)
+    direction["lr_per_weight"] = random_direction(lam["lr_per_weight"], seed=3)
+    np.testing.assert_allclose(tree_dot(res.grad, direction), central_difference(f, lam, direction), rtol=2e-6)
+    assert_tree_close(hg.hypergrad(dyn, objective, lam, hg.Forward()).grad, res.grad, rtol=1e-8)
+
+
+def test_compiled_once_per_problem():
+    traces = []
+    dyn, objective, lam = mlp_problem(steps=5)
+    inner = dyn.loss
+
+    def counting_loss(w, lam, batch):
+        traces.append(1)
+        return inner(w, lam, batch)
+
+    dyn = hg.Dynamics(dyn.init, counting_loss, dyn.optimizer, dyn.optimizer_hparams, dyn.data, dyn.steps)
+    first = hg.hypergrad(dyn, objective, lam)
+    n = len(traces)
+    assert first.stats["compile_seconds"] > 0
+    for scale in (0.9, 1.1):
+        res = hg.hypergrad(dyn, objective, jax.tree.map(lambda x: scale * x, lam))
+        assert res.stats["compile_seconds"] == 0
+    assert len(traces) == n, "hypergrad re-traced the training loss on a repeated call"
+
+
+def test_stats_report_time_and_memory():
+    dyn, objective, lam = mlp_problem(steps=T)
+    full = hg.hypergrad(dyn, objective, lam, hg.Reverse()).stats
+    ckpt = hg.hypergrad(dyn, objective, lam, hg.Reverse(checkpoint_every=3)).stats
+    assert full["steps"] == T and full["seconds"] > 0
+    assert full["hparam_numbers"] == sum(x.size for x in jax.tree.leaves(lam))
+    assert 0 < ckpt["temp_bytes"] < full["temp_bytes"]
