@@ -1,0 +1,120 @@
+"""Dynamics, Batches and the errors a user meets first."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hypergradient as hg
+from problems import mlp_problem, ridge_problem
+
+
+def test_run_equals_a_python_loop_of_steps():
+    dyn, _, lam = mlp_problem(steps=6)
+    state = dyn.initial_state(lam)
+    for t in range(dyn.steps):
+        state, _ = dyn.step(state, lam, t)
+    for a, b in zip(jax.tree.leaves(dyn.run(lam)), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+
+
+def test_batches_in_order_follow_the_spec():
+    x = jnp.arange(50.0)[:, None]
+    batches = hg.Batches((x,), batch_size=20)
+    assert batches.n_batches == 2  # the trailing 10 examples are never used
+    np.testing.assert_array_equal(batches(0)[0][:, 0], np.arange(0, 20))
+    np.testing.assert_array_equal(batches(1)[0][:, 0], np.arange(20, 40))
+    np.testing.assert_array_equal(batches(2)[0][:, 0], np.arange(0, 20))
+    np.testing.assert_array_equal(jax.jit(batches)(jnp.asarray(3))[0][:, 0], np.arange(20, 40))
+
+
+def test_shuffled_batches_permute_each_epoch_reproducibly():
+    n, bs = 40, 10
+    batches = hg.Batches(jnp.arange(n), bs, key=jax.random.PRNGKey(3))
+    epochs = [np.concatenate([np.asarray(batches(e * 4 + i)) for i in range(4)]) for e in range(3)]
+    for e in epochs:
+        np.testing.assert_array_equal(np.sort(e), np.arange(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+    np.testing.assert_array_equal(np.asarray(jax.jit(batches)(jnp.asarray(5))), np.asarray(batches(5)))
+
+
+def test_batches_reject_bad_input():
+    with pytest.raises(ValueError, match="same leading"):
+        hg.Batches((jnp.ones((10, 2)), jnp.ones(9)), 5)
+    with pytest.raises(ValueError, match="batch_size"):
+        hg.Batches(jnp.ones(10), 11)
+
+
+def test_dynamics_is_a_pytree_with_static_functions():
+    dyn, _, lam = mlp_problem(steps=4)
+    leaves, treedef = jax.tree.flatten(dyn)
+    again = jax.tree.unflatten(treedef, leaves)
+    assert again.loss is dyn.loss and again.steps == 4
+    assert all(isinstance(x, jax.Array) for x in leaves)  # data (and a fixed init) travel as arrays
+
+
+def test_missing_and_unknown_optimizer_hyperparameters_are_named():
+    dyn, objective, lam = ridge_problem()
+    bad = hg.Dynamics(dyn.init, dyn.loss, hg.optim.momentum(), lambda lam, t: {"lr": 0.1}, dyn.data, 5)
+    with pytest.raises(ValueError, match="momentum"):
+        hg.hypergrad(bad, objective, lam)
+    typo = hg.Dynamics(dyn.init, dyn.loss, hg.optim.sgd(), lambda lam, t: {"learning_rate": 0.1}, dyn.data, 5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        typo.run(lam)
+
+
+def test_invalid_arguments_raise_clear_errors():
+    dyn, objective, lam = ridge_problem()
+    with pytest.raises(ValueError, match="steps"):
+        hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, dyn.data, steps=0)
+    with pytest.raises(TypeError, match="optimizer"):
+        hg.Dynamics(dyn.init, dyn.loss, "sgd", dyn.optimizer_hparams, dyn.data, steps=3)
+    with pytest.raises(ValueError, match="scalar"):
+        hg.hypergrad(dyn, lambda w, lam: w, lam)
+    with pytest.raises(TypeError, match="floating point"):
+        hg.hypergrad(dyn, objective, {"log_l2": jnp.asarray(-1), "lr": jnp.asarray(0.1)})
+    with pytest.raises(TypeError, match="method"):
+        hg.hypergrad(dyn, objective, lam, method="reverse")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        hg.Reverse(checkpoint_every=0)
+    with pytest.raises(ValueError, match="positive int"):
+        hg.Truncated(0)
+
+
+def test_a_batch_that_does_not_fit_is_named():
+    dyn, objective, lam = ridge_problem()
+    x, y = dyn.data
+    wrong = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, (x[:, :3], y), 5)
+    with pytest.raises(ValueError, match=r"batch of step 0 .*\(30, 3\)"):
+        hg.hypergrad(wrong, objective, lam)
+
+
+def test_a_per_layer_array_instead_of_a_list_is_explained():
+    dyn, objective, lam = mlp_problem(steps=3, hparams=lambda lam, t: {"lr": lam["lr"][t], "momentum": 0.5})
+    with pytest.raises(ValueError, match="as a list"):
+        hg.hypergrad(dyn, objective, lam)
+
+
+def test_divergence_names_the_first_nonfinite_step():
+    dyn, objective, lam = ridge_problem(steps=200)
+    lam = {**lam, "lr": jnp.asarray(100.0)}  # far above 2 / largest curvature
+    with pytest.raises(hg.DivergenceError, match="step") as info:
+        hg.hypergrad(dyn, objective, lam)
+    assert 0 < info.value.step < 200
+    with pytest.raises(hg.DivergenceError):
+        dyn.run(lam)
+    # the step is the first one whose loss is not finite
+    state, losses = dyn.initial_state(lam), []
+    for t in range(200):
+        state, loss = dyn.step(state, lam, t)
+        losses.append(float(loss))
+    assert np.isfinite(losses[info.value.step - 1]) and not np.isfinite(losses[info.value.step])
+
+
+def test_data_as_a_plain_function_of_the_step():
+    dyn, objective, lam = ridge_problem(steps=10)
+    x, y = dyn.data
+    as_fn = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, lambda t: (x, y), 10)
+    a = hg.hypergrad(dyn, objective, lam)
+    b = hg.hypergrad(as_fn, objective, lam)
+    np.testing.assert_allclose(float(a.grad["lr"]), float(b.grad["lr"]), rtol=1e-12)
