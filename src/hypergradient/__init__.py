@@ -9,6 +9,7 @@ from .dynamics import Dynamics as Dynamics
 from .dynamics import State as State
 from .methods import Forward as Forward
 from .methods import HypergradResult as HypergradResult
+from .methods import Implicit as Implicit
 from .methods import Method as Method
 from .methods import MethodError as MethodError
 from .methods import Reverse as Reverse

@@ -5,5 +5,6 @@ from .base import Method as Method
 from .base import MethodError as MethodError
 from .base import hypergrad as hypergrad
 from .forward import Forward as Forward
+from .implicit import Implicit as Implicit
 from .reverse import Reverse as Reverse
 from .truncated import Truncated as Truncated
