@@ -6,6 +6,11 @@ from . import optim as optim
 from .data import Batches as Batches
 from .dynamics import DivergenceError as DivergenceError
 from .dynamics import Dynamics as Dynamics
+from .drivers.checkpoint import CheckpointMismatchError as CheckpointMismatchError
+from .drivers.offline import HyperDivergenceError as HyperDivergenceError
+from .drivers.offline import OptimizeResult as OptimizeResult
+from .drivers.offline import optimize as optimize
+from .drivers.online import online as online
 from .dynamics import State as State
 from .methods import Forward as Forward
 from .methods import HypergradResult as HypergradResult

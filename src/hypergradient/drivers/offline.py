@@ -1,0 +1,340 @@
+"""Offline hyperparameter optimization: one full training run per hyper-step.
+
+    for k = 0..N-1:
+        f(λ_k), ∇f(λ_k) = hypergrad(dyn, objective, λ_k, method)   # train from scratch, differentiate
+        λ_{k+1} = constraint(λ_k + hyper_optimizer.update(∇f(λ_k)))
+
+The hypergradient program is compiled once (``hypergrad``'s cache) and
+reused at every hyper-step; so is the hyper-update (optax step + constraint).
+With ``checkpoint_dir`` the driver's whole state is written atomically after
+every hyper-step and a later call with the same directory resumes from it;
+everything the run computes is a deterministic function of that state (the
+minibatches are a function of the training step), so a resumed run ends
+exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..dynamics import DivergenceError, Dynamics, check_hparams_dtype
+from ..methods.base import Method, hypergrad
+from ..methods.reverse import Reverse
+from . import checkpoint as ckpt
+
+#: The hyperparameter trajectory is kept in the history only up to this many numbers per λ.
+MAX_RECORDED_HPARAMS = 4096
+
+CHECKPOINT_FILE = "optimize.npz"
+
+
+class OptimizeResult(NamedTuple):
+    """Result of :func:`optimize` and :func:`~hypergradient.drivers.online.online`.
+
+    Attributes:
+      hparams: the final hyperparameters λ (after the last hyper-update and the constraint).
+      params: the final weights. ``optimize``: w_T(λ) of the returned ``hparams``
+        (one plain training run at the end). ``online``: the weights the single
+        training run ended with (trained while λ moved).
+      value: the objective at ``params`` and ``hparams``.
+      history: numpy arrays with one row per hyper-step k: ``value`` (f at
+        λ_k), ``grad_norm`` (‖∇f(λ_k)‖), ``seconds`` (wall time of the step;
+        ``online``: of the compiled chunk, spread evenly) and, when λ has at
+        most ``MAX_RECORDED_HPARAMS`` numbers, ``hparams`` (λ_k stacked along a
+        new leading axis, λ's structure). ``online`` adds ``train_loss``
+        (the training loss of every training step).
+      steps: the number of hyper-steps taken (rows of the history).
+      stopped: True when a callback stopped the run early.
+    """
+
+    hparams: Any
+    params: Any
+    value: float
+    history: dict
+    steps: int
+    stopped: bool = False
+
+
+class HyperDivergenceError(DivergenceError):
+    """Training diverged at some hyper-step of a driver.
+
+    Attributes:
+      hyper_step: the hyper-step whose training run (or hypergradient) was not finite.
+      step: the first non-finite training step (``None``: the objective or its
+        gradient, not training, went non-finite).
+      hparams: the last good hyperparameters (those of the last hyper-step
+        whose run was finite; λ_0 if the very first one diverged).
+      history: the history up to the last good hyper-step.
+    """
+
+    def __init__(self, message: str, hyper_step: int, step: int | None, hparams: Any, history: dict):
+        super().__init__(message, step)
+        self.hyper_step = hyper_step
+        self.hparams = hparams
+        self.history = history
+
+
+def divergence_message(driver: str, hyper_step: int, step: int | None, total_steps: int, cause: str,
+                       good_step: int | None, checkpoint_note: str = "") -> str:
+    where = (
+        f"at training step {step} of {total_steps}" if step is not None
+        else "(training stayed finite; the objective or the hypergradient did not)"
+    )
+    kept = (
+        f"the last good hyperparameters (those of hyper-step {good_step}) are in error.hparams"
+        if good_step is not None else "no hyper-step was finite; error.hparams holds λ_0"
+    )
+    return (
+        f"{driver}: hyper-step {hyper_step} diverged {where}: {cause}. {kept}.{checkpoint_note} "
+        f"Try a smaller hyper learning rate (e.g. optax.adam(1e-3) instead of 1e-2), a constraint that "
+        f"keeps λ in a stable range (constraint=hg.constraints.box(lo, hi)), or a reparametrization "
+        f"such as a log learning rate."
+    )
+
+
+# -- helpers shared with the online driver -----------------------------------------
+
+def as_hparams(lam0: Any) -> Any:
+    """λ as a pytree of concrete, strongly typed floating arrays (a stable compile signature)."""
+    lam = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), lam0)
+    check_hparams_dtype(lam)
+    return lam
+
+
+def hparam_size(lam: Any) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(lam))
+
+
+def tree_norm(tree: Any) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x)))) for x in jax.tree.leaves(tree))))
+
+
+def make_progress(progress: bool | None, total: int, initial: int, desc: str):
+    """A tqdm bar on stderr, or ``None``. ``progress=None``: on only when stderr is a terminal."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def hyper_update_fn(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None):
+    """``(grad, opt_state, λ) -> (λ', opt_state')``: the optax step, then the projection.
+
+    Pure and traceable; each leaf keeps its dtype so the compiled signature never changes.
+    """
+
+    def update(grad, opt_state, lam):
+        updates, opt_state = hyper_optimizer.update(grad, opt_state, lam)
+        new = optax.apply_updates(lam, updates)
+        if constraint is not None:
+            new = constraint(new)
+        new = jax.tree.map(lambda n, old: jnp.asarray(n, old.dtype), new, lam)
+        return new, opt_state
+
+    return update
+
+
+def check_common(dyn, lam0, hyper_optimizer, constraint, callback):
+    if not isinstance(dyn, Dynamics):
+        raise TypeError(f"dyn must be a hypergradient.Dynamics, got {type(dyn).__name__}")
+    if not (hasattr(hyper_optimizer, "init") and hasattr(hyper_optimizer, "update")):
+        raise TypeError(f"hyper_optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-2)), "
+                        f"got {hyper_optimizer!r}")
+    if constraint is not None and not callable(constraint):
+        raise TypeError(f"constraint must be a callable λ -> λ (e.g. hg.constraints.nonnegative()), got {constraint!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be a function (step, hparams, value, grad) -> bool | None")
+    lam = as_hparams(lam0)
+    if constraint is not None:
+        projected = constraint(lam)
+        if jax.tree.structure(projected) != jax.tree.structure(lam):
+            raise ValueError(
+                f"constraint changed the structure of λ: {jax.tree.structure(lam)} -> {jax.tree.structure(projected)}"
+            )
+    return lam
+
+
+def new_history(record_hparams: bool) -> dict:
+    h = {"value": [], "grad_norm": [], "seconds": []}
+    if record_hparams:
+        h["hparams"] = []
+    return h
+
+
+def finish_history(history: dict, lam_template: Any) -> dict:
+    """Lists of per-step entries -> numpy arrays (``hparams``: λ's structure, stacked)."""
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in history.items() if k != "hparams"}
+    if "hparams" in history:
+        rows = history["hparams"]
+        if rows:
+            out["hparams"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+        else:
+            out["hparams"] = jax.tree.map(lambda x: np.zeros((0,) + np.shape(x), np.asarray(x).dtype), lam_template)
+    return out
+
+
+# -- the driver ------------------------------------------------------------------
+
+def optimize(
+    dyn: Dynamics,
+    objective: Callable[[Any, Any], jax.Array],
+    lam0: Any,
+    method: Method | None = None,
+    hyper_optimizer: optax.GradientTransformation | None = None,
+    hyper_steps: int = 100,
+    constraint: Callable[[Any], Any] | None = None,
+    callback: Callable[[int, Any, float, Any], bool | None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> OptimizeResult:
+    """Tune λ by gradient descent on f(λ) = objective(w_T(λ), λ), training from scratch each hyper-step.
+
+    Args:
+      dyn: the training run.
+      objective: ``(w, λ) -> scalar``, the outer objective at the final weights.
+      lam0: the initial hyperparameters (a pytree of floating-point arrays).
+      method: how to take the hypergradient (default ``hg.Reverse()``).
+      hyper_optimizer: an optax optimizer over λ (default ``optax.adam(1e-2)``).
+      hyper_steps: the total number of hyper-steps N (a resumed run counts the
+        steps already done).
+      constraint: a projection ``λ -> λ`` applied after every hyper-update
+        (``hg.constraints.box(...)``, or any traceable function).
+      callback: ``callback(step, hparams, value, grad)``, called at every
+        hyper-step with λ_k, f(λ_k) and ∇f(λ_k) before λ is updated; returning
+        True stops the run there, returning λ_k (the hyperparameters the
+        callback saw) without applying that step's update.
+      checkpoint_dir: a directory; after every hyper-step the driver's state
+        (λ, the hyper-optimizer state, the history, the step) is written to
+        ``checkpoint_dir/optimize.npz`` atomically, and a call with the same
+        directory resumes from it. A checkpoint of another problem (other
+        structure or shapes of λ, weights or optimizer state, or another
+        number of training steps) is refused with ``CheckpointMismatchError``.
+        The history's ``seconds`` of the steps before a resume are those of
+        the first process.
+      progress: show a tqdm progress bar with the objective; ``None`` (default)
+        shows it only when stderr is a terminal.
+
+    Returns:
+      An :class:`OptimizeResult`. ``params`` and ``value`` come from one
+      plain training run at the returned ``hparams`` (the last hypergradient
+      was taken at the hyperparameters *before* the last update).
+
+    Raises:
+      HyperDivergenceError: a hyper-step's training run diverged; the error
+        names the hyper-step and training step and holds the last good λ.
+      MethodError: the method cannot serve the dynamics.
+      CheckpointMismatchError: ``checkpoint_dir`` holds another problem's checkpoint.
+    """
+    method = Reverse() if method is None else method
+    hyper_optimizer = optax.adam(1e-2) if hyper_optimizer is None else hyper_optimizer
+    if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, (int, np.integer)) or hyper_steps < 0:
+        raise ValueError(f"hyper_steps must be a non-negative int, got {hyper_steps!r}")
+    lam = check_common(dyn, lam0, hyper_optimizer, constraint, callback)
+    lam_template = lam
+    opt_state = hyper_optimizer.init(lam)
+    record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
+    history = new_history(record)
+    good = lam  # the last λ whose run was finite
+    good_step: int | None = None
+    start = 0
+
+    path = None
+    header = {
+        "driver": "optimize",
+        "train_steps": dyn.steps,
+        "weights": ckpt.spec(jax.eval_shape(dyn.initial_state, lam)),
+    }
+    if checkpoint_dir is not None:
+        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
+        saved = ckpt.load(path)
+        if saved is not None:
+            ckpt.check_header(saved, header)
+            lam = _device(saved.restore("hparams", lam))
+            good = _device(saved.restore("good_hparams", lam))
+            opt_state = _device(saved.restore("opt_state", opt_state))
+            start = int(saved.header["step"])
+            good_step = saved.header["good_step"]
+            stored = saved.restore_dict("history")
+            for k in ("value", "grad_norm", "seconds"):
+                history[k] = list(stored.get(k, np.zeros(0)))
+            if record:
+                template = jax.tree.map(lambda x: np.zeros((start,) + x.shape, x.dtype), lam_template)
+                traj = saved.restore("hparams_trajectory", template)
+                history["hparams"] = [jax.tree.map(lambda a, i=i: a[i], traj) for i in range(start)]
+
+    def write_checkpoint(step):
+        trees = {
+            "hparams": lam,
+            "good_hparams": good,
+            "opt_state": opt_state,
+            "history": {k: np.asarray(v, np.float64) for k, v in history.items() if k != "hparams"},
+        }
+        if record:
+            trees["hparams_trajectory"] = finish_history({"hparams": history["hparams"]}, lam_template)["hparams"]
+        ckpt.save(path, trees, {**header, "step": step, "good_step": good_step})
+
+    update = jax.jit(hyper_update_fn(hyper_optimizer, constraint))
+    bar = make_progress(progress, hyper_steps, min(start, hyper_steps), "hyper-steps")
+    stopped = False
+    try:
+        for k in range(start, hyper_steps):
+            t0 = time.perf_counter()
+            try:
+                res = hypergrad(dyn, objective, lam, method)
+            except DivergenceError as e:
+                note = (f" The checkpoint in {checkpoint_dir} holds the state before this hyper-step "
+                        f"(resuming would diverge again: change the settings or the directory).") if path else ""
+                raise HyperDivergenceError(
+                    divergence_message("optimize", k, e.step, dyn.steps, str(e), good_step, note),
+                    k, e.step, good, finish_history(history, lam_template),
+                ) from e
+            value = float(res.value)
+            good, good_step = lam, k
+            stop = bool(callback(k, lam, value, res.grad)) if callback is not None else False
+            if not stop:
+                new_lam, opt_state = update(res.grad, opt_state, lam)
+            history["value"].append(value)
+            history["grad_norm"].append(tree_norm(res.grad))
+            history["seconds"].append(time.perf_counter() - t0)
+            if record:
+                history["hparams"].append(jax.tree.map(np.asarray, lam))
+            if bar is not None:
+                bar.set_postfix(objective=f"{value:.6g}", grad_norm=f"{history['grad_norm'][-1]:.3g}")
+                bar.update(1)
+            if stop:
+                stopped = True
+                break
+            lam = new_lam
+            if path is not None:
+                write_checkpoint(k + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    try:
+        params = dyn.run(lam)
+    except DivergenceError as e:
+        k = len(history["value"])
+        raise HyperDivergenceError(
+            divergence_message("optimize", k, e.step, dyn.steps, "training at the final hyperparameters "
+                               f"(after the last update) diverged: {e}", good_step),
+            k, e.step, good, finish_history(history, lam_template),
+        ) from e
+    value = float(jax.jit(objective)(params, lam))
+    return OptimizeResult(lam, params, value, finish_history(history, lam_template), len(history["value"]), stopped)
+
+
+def _device(tree):
+    return jax.tree.map(jnp.asarray, tree)

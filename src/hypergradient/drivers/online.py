@@ -1,0 +1,397 @@
+"""Real-time hyperparameter optimization: λ updated every Δ steps of one training run.
+
+Franceschi, Donini, Frasconi, Pontil (ICML 2017), section 4.
+
+RTHO (Algorithm 1, ``method=Forward()``): carry the tangent of the state
+along the run and update λ from it every Δ steps, never resetting it::
+
+    Z_0 = ∂s_0/∂λ
+    for t = 1..T:   s_t = Φ_t(s_{t-1}, λ),   Z_t = A_t Z_{t-1} + B_t
+                    if t mod Δ = 0:  g = ∂E/∂s_t · Z_t + ∂E/∂λ,   λ ← P(λ + optimizer(g))
+
+TRHO (Algorithm 2, ``method=Truncated(k)``): every Δ steps, backpropagate
+through the last k ≤ Δ steps only, from the state k steps back held fixed::
+
+    for j = 0..T/Δ-1:   s_{(j+1)Δ-k} = Φ…(s_{jΔ}, λ)                    (not differentiated)
+                        g = ∇_λ E(Φ_{(j+1)Δ}∘…∘Φ_{(j+1)Δ-k+1}(s_{(j+1)Δ-k}, λ), λ)
+                        λ ← P(λ + optimizer(g))
+
+Both are one ``lax.scan`` over hyper-steps (each a ``lax.scan`` over its Δ
+training steps), with the optax update and the projection P inside it. The
+tangent Z holds m copies of the state (m = number of hyperparameters): RTHO
+costs ~(1 + c·m)× a training run and m·d memory; TRHO ~(1 + 2k/Δ)× and k·d.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from ..dynamics import Dynamics, first_nonfinite
+from ..methods.base import Method, MethodError
+from ..methods.forward import Forward
+from ..methods.truncated import Truncated
+from . import checkpoint as ckpt
+from .offline import (
+    MAX_RECORDED_HPARAMS,
+    HyperDivergenceError,
+    OptimizeResult,
+    check_common,
+    divergence_message,
+    hparam_size,
+    hyper_update_fn,
+    make_progress,
+)
+
+CHECKPOINT_FILE = "online.npz"
+
+
+class Carry(NamedTuple):
+    """What the run carries from one hyper-step to the next."""
+
+    state: Any  # s_t
+    tangent: Any  # Z_t: ∂s_t/∂λ for the float leaves of s, leading axis m (RTHO); () for TRHO
+    hparams: Any  # λ
+    good_hparams: Any  # λ of the last hyper-step whose segment was finite
+    opt_state: Any  # the hyper-optimizer's state
+    ok: jax.Array  # every hyper-step so far was finite
+
+
+def _takes_step_index(objective: Callable) -> bool:
+    """Whether the objective is ``(w, λ, k)`` (three required positional parameters)."""
+    try:
+        params = inspect.signature(objective).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) >= 3
+
+
+def _float_mask(tree) -> list[bool]:
+    return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)]
+
+
+def _split(tree, mask):
+    leaves = jax.tree.leaves(tree)
+    return [x for x, m in zip(leaves, mask) if m], [x for x, m in zip(leaves, mask) if not m]
+
+
+def _merge(floats, others, mask, treedef):
+    fi, oi = iter(floats), iter(others)
+    return jax.tree.unflatten(treedef, [next(fi) if m else next(oi) for m in mask])
+
+
+def online(
+    dyn: Dynamics,
+    objective: Callable[..., jax.Array],
+    lam0: Any,
+    method: Method | None = None,
+    every: int | None = None,
+    hyper_optimizer: optax.GradientTransformation | None = None,
+    constraint: Callable[[Any], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    chunk: int | None = None,
+    progress: bool | None = None,
+) -> OptimizeResult:
+    """Tune λ during one training run, updating it every ``every`` steps (RTHO / TRHO).
+
+    Args:
+      dyn: the training run (its ``steps`` T is the length of the one run).
+      objective: ``(w, λ) -> scalar``, or ``(w, λ, k) -> scalar`` where ``k``
+        is the hyper-step index (0, 1, ...; a traced int), for example to
+        draw validation minibatch ``k`` (``hg.Batches(...)(k)``). An objective
+        with three required positional parameters gets ``k``.
+      lam0: the initial hyperparameters.
+      method: ``hg.Forward()`` (RTHO, default) or ``hg.Truncated(k)`` (TRHO,
+        backpropagating through the last ``k <= every`` steps of each
+        interval; the state ``k`` steps back is held fixed, so the path
+        through ``init(λ)`` is never differentiated). Other methods raise
+        ``MethodError``.
+      every: Δ, the number of training steps between hyper-updates. Required
+        for ``Forward``; ``Truncated(k)`` defaults it to ``k``. The run makes
+        ⌊T/Δ⌋ hyper-updates, at steps Δ, 2Δ, ...; the last T mod Δ steps
+        train with the final λ and no update.
+      hyper_optimizer: optax optimizer over λ (default ``optax.adam(1e-2)``).
+      constraint: a projection ``λ -> λ`` applied after every hyper-update
+        (must be traceable: it runs inside the compiled loop).
+      checkpoint_dir: save the whole carry (state, tangent, λ, optimizer
+        state) and history atomically after every chunk to
+        ``checkpoint_dir/online.npz``; a later call with the same directory
+        resumes. A checkpoint of another problem is refused.
+      chunk: hyper-steps per compiled call (default: all of them in one
+        ``lax.scan``, or ⌈n/10⌉ with a ``checkpoint_dir``). Divergence is
+        detected, and checkpoints written, between chunks. Runs with different
+        chunks agree to rounding, not bitwise.
+      progress: a tqdm bar (per hyper-step) with the objective; ``None``: only
+        when stderr is a terminal.
+
+    Returns:
+      An :class:`~hypergradient.drivers.offline.OptimizeResult`: ``params``
+      the weights the run ended with, ``hparams`` λ after the last update,
+      ``value`` the objective at those (with ``k`` = number of updates), and
+      ``history`` with one row per hyper-step k: ``value`` (E at the end of
+      interval k, under λ_k), ``grad_norm``, ``seconds``, ``hparams`` (λ_k, the
+      λ in force during interval k, when λ is small enough) and
+      ``train_loss`` (every training step, length T).
+
+    Raises:
+      HyperDivergenceError: training (or the hypergradient) went non-finite;
+        names the hyper-step and the training step, holds the last good λ.
+      MethodError: a method other than Forward or Truncated.
+    """
+    method = Forward() if method is None else method
+    hyper_optimizer = optax.adam(1e-2) if hyper_optimizer is None else hyper_optimizer
+    if not isinstance(method, (Forward, Truncated)):
+        raise MethodError(
+            f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO) or "
+            f"hg.Truncated(k) (TRHO); {method!r} differentiates a whole run and cannot update λ "
+            f"during it. Use hg.optimize for offline tuning with {type(method).__name__}."
+        )
+    if every is None:
+        if isinstance(method, Truncated):
+            every = method.k
+        else:
+            raise ValueError("online with hg.Forward() (RTHO) needs every=Δ, the training steps between updates")
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    every = int(every)
+    if every > dyn.steps:
+        raise ValueError(f"every={every} is longer than the training run (steps={dyn.steps}): no update would happen")
+    if isinstance(method, Truncated) and method.k > every:
+        raise ValueError(
+            f"Truncated(k={method.k}) with every={every}: TRHO backpropagates through at most the last "
+            f"`every` steps (the states before the last update belong to other hyperparameters); use k <= every"
+        )
+    lam = check_common(dyn, lam0, hyper_optimizer, constraint, None)
+    dyn.validate(lam)
+    n_updates, remainder = divmod(dyn.steps, every)
+    if chunk is None:
+        chunk = n_updates if checkpoint_dir is None else max(1, math.ceil(n_updates / 10))
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = int(min(chunk, n_updates))
+
+    with_k = _takes_step_index(objective)
+
+    def outer(w, lam, k):
+        return objective(w, lam, k) if with_k else objective(w, lam)
+
+    out = jax.eval_shape(outer, jax.eval_shape(dyn.initial_params, lam), lam, jnp.zeros((), jnp.int32))
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
+
+    forward = isinstance(method, Forward)
+    horizon = every if forward else method.k
+    update = hyper_update_fn(hyper_optimizer, constraint)
+    state_shape = jax.eval_shape(dyn.initial_state, lam)
+    mask = _float_mask(state_shape)
+    treedef = jax.tree.structure(state_shape)
+    flat_lam, unravel = ravel_pytree(lam)
+    m = flat_lam.size
+
+    def floats(state):
+        return _split(state, mask)[0]
+
+    def basis():
+        return jax.vmap(unravel)(jnp.eye(m, dtype=flat_lam.dtype))
+
+    def initial_carry(dyn, lam):
+        state = dyn.initial_state(lam)
+        if forward:  # Z_0 = ∂s_0/∂λ, one row per basis direction of λ
+            z0 = jax.vmap(lambda e: jax.jvp(lambda l: floats(dyn.initial_state(l)), (lam,), (e,))[1])(basis())
+        else:
+            z0 = ()
+        opt_state = hyper_optimizer.init(lam)
+        return Carry(state, z0, lam, lam, opt_state, jnp.asarray(True))
+
+    def rtho_segment(dyn, state, z, lam, start, k):
+        fl, others = _split(state, mask)
+
+        def segment(fl, lam):
+            s, losses = dyn.rollout(_merge(fl, others, mask, treedef), lam, start, every)
+            f2, o2 = _split(s, mask)
+            return f2, (o2, losses)
+
+        def push(z, e):  # one column of Z_t = A Z + B, through the whole interval
+            f2, dz, aux = jax.jvp(segment, (fl, lam), (z, e), has_aux=True)
+            return f2, dz, aux
+
+        fl2, z2, (others2, losses) = jax.vmap(push, out_axes=(None, 0, None))(z, basis())
+
+        def energy(fl, lam):
+            return outer(_merge(fl, others2, mask, treedef).params, lam, k)
+
+        value, (g_state, g_lam) = jax.value_and_grad(energy, argnums=(0, 1))(fl2, lam)
+        # ∂E/∂s_t · Z_t: contract each state leaf's gradient with its m tangents.
+        through_state = sum(
+            (jnp.tensordot(zl, gl, axes=gl.ndim) for zl, gl in zip(z2, g_state)), jnp.zeros(m, flat_lam.dtype)
+        )
+        g = jax.tree.map(jnp.add, g_lam, unravel(through_state))
+        return _merge(fl2, others2, mask, treedef), z2, value, g, losses
+
+    def trho_segment(dyn, state, lam, start, k):
+        head = every - horizon
+        if head:
+            state, head_losses = dyn.rollout(state, lam, start, head)
+
+        def f(lam):
+            s, losses = dyn.rollout(state, lam, start + head, horizon)
+            return outer(s.params, lam, k), (s, losses)
+
+        (value, (state, losses)), g = jax.value_and_grad(f, has_aux=True)(lam)
+        if head:
+            losses = jnp.concatenate([head_losses, losses])
+        return state, value, g, losses
+
+    def body(dyn, carry: Carry, k):
+        start = k * every
+        if forward:
+            state, z, value, g, losses = rtho_segment(dyn, carry.state, carry.tangent, carry.hparams, start, k)
+        else:
+            state, value, g, losses = trho_segment(dyn, carry.state, carry.hparams, start, k)
+            z = ()
+        finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(losses))
+        for leaf in jax.tree.leaves(g):
+            finite &= jnp.all(jnp.isfinite(leaf))
+        new_lam, new_opt = update(g, carry.opt_state, carry.hparams)
+        keep = carry.ok & finite  # after a failure λ stays where it was: the last good one is kept
+
+        def pick(a, b):
+            return jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)
+
+        carry2 = Carry(
+            state, z,
+            pick(new_lam, carry.hparams),
+            pick(carry.hparams, carry.good_hparams),
+            pick(new_opt, carry.opt_state),
+            keep,
+        )
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
+        row = {"value": value, "grad_norm": gnorm, "train_loss": losses}
+        if record:
+            row["hparams"] = carry.hparams
+        if bar is not None:
+            jax.debug.callback(_tick, k, value, ordered=True)
+        return carry2, row
+
+    @jax.jit
+    def run_chunk(dyn, carry, ks):
+        return jax.lax.scan(lambda c, k: body(dyn, c, k), carry, ks)
+
+    @jax.jit
+    def finish(dyn, carry):
+        state, losses = (dyn.rollout(carry.state, carry.hparams, n_updates * every, remainder)
+                         if remainder else (carry.state, jnp.zeros(0, flat_lam.dtype)))
+        return state, losses, outer(state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
+
+    record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
+    bar = None  # set below, once the number of steps already done is known
+    carry = jax.jit(initial_carry)(dyn, lam)
+    rows: list[dict] = []
+    seconds: list[float] = []
+    done = 0
+
+    path = None
+    header = {
+        "driver": "online",
+        "method": repr(method),
+        "every": every,
+        "train_steps": dyn.steps,
+        "weights": ckpt.spec(state_shape),
+    }
+    if checkpoint_dir is not None:
+        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
+        saved = ckpt.load(path)
+        if saved is not None:
+            ckpt.check_header(saved, header)
+            carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
+            done = int(saved.header["step"])
+            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k), carry,
+                                                           jnp.arange(done))[1])
+            if done:
+                rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
+                seconds = list(saved.restore_dict("seconds").get("seconds", np.zeros(done)))
+
+    def stacked_rows():
+        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows) if rows else None
+
+    bar = make_progress(progress, n_updates, done, "hyper-steps")
+
+    def _tick(k, value):
+        bar.set_postfix(objective=f"{float(value):.6g}")
+        bar.update(1)
+
+    try:
+        while done < n_updates:
+            ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
+            t0 = time.perf_counter()
+            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks))
+            dt = time.perf_counter() - t0
+            rows.append(jax.tree.map(np.asarray, out_rows))
+            seconds.extend([dt / len(ks)] * len(ks))
+            if not bool(new_carry.ok):
+                _raise_divergence(stacked_rows(), new_carry, lam, every, dyn.steps, seconds, path)
+            carry = new_carry
+            done += len(ks)
+            if path is not None:
+                ckpt.save(path, {"carry": carry, "rows": stacked_rows(), "seconds": {"seconds": np.asarray(seconds)}},
+                          {**header, "step": done})
+    finally:
+        if bar is not None:
+            bar.close()
+
+    state, tail_losses, value = finish(dyn, carry)
+    all_rows = stacked_rows()
+    train_loss = np.concatenate([all_rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
+    step = first_nonfinite(train_loss)
+    if step is not None or not np.isfinite(float(value)):
+        raise HyperDivergenceError(
+            divergence_message("online", n_updates, step, dyn.steps,
+                               "the steps after the last update (or the final objective) are not finite",
+                               n_updates - 1),
+            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
+        )
+    return OptimizeResult(carry.hparams, state.params, float(value),
+                          _history(all_rows, seconds, train_loss), n_updates, False)
+
+
+def _history(rows: dict, seconds: list[float], train_loss: np.ndarray) -> dict:
+    h = {
+        "value": np.asarray(rows["value"], np.float64),
+        "grad_norm": np.asarray(rows["grad_norm"], np.float64),
+        "seconds": np.asarray(seconds, np.float64),
+        "train_loss": np.asarray(train_loss),
+    }
+    if "hparams" in rows:
+        h["hparams"] = rows["hparams"]
+    return h
+
+
+def _raise_divergence(rows, carry, lam0, every, steps, seconds, path):
+    bad = ~(np.isfinite(rows["value"]) & np.isfinite(rows["grad_norm"])
+            & np.isfinite(rows["train_loss"]).all(axis=1))
+    k = int(np.argmax(bad))
+    within = first_nonfinite(rows["train_loss"][k])
+    step = None if within is None else k * every + within
+    cause = "the training loss is not finite" if within is not None else "the objective or its hypergradient is not finite"
+    note = (f" The checkpoint in {os.path.dirname(path)} holds the state before the chunk that diverged."
+            if path else "")
+    train_loss = rows["train_loss"][:k].reshape(-1)
+    kept = {key: (jax.tree.map(lambda a: a[:k], v) if key == "hparams" else v[:k]) for key, v in rows.items()}
+    raise HyperDivergenceError(
+        divergence_message("online", k, step, steps, cause, k - 1 if k > 0 else None, note),
+        k, step, carry.good_hparams, _history(kept, seconds[:k], train_loss),
+    )

@@ -1,0 +1,239 @@
+"""hg.optimize: the offline driver (a full training run per hyper-step)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hypergradient as hg
+from hypergradient.drivers.checkpoint import CheckpointMismatchError
+from hypergradient.drivers.offline import HyperDivergenceError, optimize
+from problems import ridge_data, ridge_problem
+
+jax.config.update("jax_enable_x64", True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def ridge_l2_problem(steps=200, lr=0.3, seed=0):
+    """Ridge regression (n=20, d=8) whose validation optimum is an interior L2 strength.
+
+    Full-batch GD with a fixed learning rate; ``steps`` is enough to converge
+    to the ridge solution near the optimum, so the grid can use the closed form.
+    """
+    x, y, xv, yv = ridge_data(n=20, nv=40, d=8, seed=seed)
+
+    def loss(w, lam, batch):
+        bx, by = batch
+        return jnp.mean((bx @ w - by) ** 2) + jnp.exp(lam["log_l2"]) * jnp.sum(w**2)
+
+    dyn = hg.Dynamics(
+        init=jnp.zeros(x.shape[1]),
+        loss=loss,
+        optimizer=hg.optim.sgd(),
+        optimizer_hparams=lambda lam, t: {"lr": lr},
+        data=(jnp.asarray(x), jnp.asarray(y)),
+        steps=steps,
+    )
+
+    def objective(w, lam):
+        return jnp.mean((xv @ w - yv) ** 2)
+
+    def closed_form(log_l2):
+        c = np.exp(log_l2)
+        w = np.linalg.solve(x.T @ x / len(y) + c * np.eye(x.shape[1]), x.T @ y / len(y))
+        return np.mean((xv @ w - yv) ** 2)
+
+    return dyn, objective, closed_form
+
+
+def test_finds_the_l2_strength_of_a_fine_grid_search():
+    dyn, objective, closed_form = ridge_l2_problem()
+    grid = np.linspace(-8.0, 3.0, 4401)  # spacing 0.0025
+    values = np.array([closed_form(g) for g in grid])
+    best = grid[np.argmin(values)]
+    assert -7 < best < 2  # interior: the test means something
+    res = optimize(dyn, objective, {"log_l2": -5.0}, hyper_optimizer=optax.adam(0.1), hyper_steps=150)
+    assert abs(float(res.hparams["log_l2"]) - best) < 0.01
+    assert res.value <= values.min() + 1e-8
+    # the history: one row per hyper-step; the objective went down
+    assert res.steps == 150 and not res.stopped
+    for key in ("value", "grad_norm", "seconds"):
+        assert res.history[key].shape == (150,)
+    assert res.history["hparams"]["log_l2"].shape == (150,)
+    assert res.history["hparams"]["log_l2"][0] == -5.0
+    assert res.history["value"][-1] < res.history["value"][0]
+    # params are w_T of the returned hparams, value the objective there
+    np.testing.assert_array_equal(np.asarray(res.params), np.asarray(dyn.run(res.hparams)))
+    assert res.value == float(objective(res.params, res.hparams))
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    dyn, objective, lam = ridge_problem(steps=20)
+    full = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.05), hyper_steps=6)
+    first = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.05), hyper_steps=3, checkpoint_dir=tmp_path)
+    assert first.steps == 3
+    rest = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.05), hyper_steps=6, checkpoint_dir=tmp_path)
+    assert rest.steps == 6
+    for k in lam:
+        assert float(rest.hparams[k]) == float(full.hparams[k])
+    np.testing.assert_array_equal(rest.history["value"], full.history["value"])
+    np.testing.assert_array_equal(rest.history["hparams"]["lr"], full.history["hparams"]["lr"])
+    # a finished run called again does nothing more and returns the same
+    again = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.05), hyper_steps=6, checkpoint_dir=tmp_path)
+    assert again.steps == 6 and float(again.hparams["lr"]) == float(full.hparams["lr"])
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import optax
+    from hypergradient.drivers.offline import optimize
+    from problems import ridge_problem
+
+    kill_at = int(sys.argv[2])
+    def callback(step, hparams, value, grad):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    dyn, objective, lam = ridge_problem(steps=10)
+    res = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.03), hyper_steps=8,
+                   callback=callback, checkpoint_dir=sys.argv[1])
+    print(json.dumps({
+        "hparams": [float(x).hex() for l in jax.tree.leaves(res.hparams) for x in l.ravel()],
+        "values": [float(v).hex() for v in res.history["value"]],
+        "value": float(res.value).hex(),
+    }))
+    """
+)
+
+
+def run_child(script, ckpt_dir, kill_at):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, str(script), str(ckpt_dir), str(kill_at)],
+        capture_output=True, text=True, env=env, cwd=HERE, timeout=300,
+    )
+
+
+def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    killed = run_child(script, tmp_path / "a", kill_at=5)
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "a" / "optimize.npz").exists()
+    resumed = run_child(script, tmp_path / "a", kill_at=-1)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = run_child(script, tmp_path / "b", kill_at=-1)
+    assert reference.returncode == 0, reference.stderr
+    assert json.loads(resumed.stdout) == json.loads(reference.stdout)  # bitwise
+
+
+def test_refuses_a_checkpoint_of_another_problem(tmp_path):
+    dyn, objective, lam = ridge_problem(steps=10)
+    optimize(dyn, objective, lam, hyper_steps=2, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="different problem"):  # other λ structure
+        optimize(dyn, objective, {"log_l2": lam["log_l2"], "lr": lam["lr"], "x": jnp.zeros(())},
+                 hyper_steps=3, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="different problem"):  # other λ shapes
+        optimize(dyn, objective, {"log_l2": jnp.full(2, -1.0), "lr": lam["lr"]}, hyper_steps=3,
+                 checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="train_steps"):  # another training run
+        dyn11, _, _ = ridge_problem(steps=11)
+        optimize(dyn11, objective, lam, hyper_steps=3, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="opt_state"):  # another hyper-optimizer
+        optimize(dyn, objective, lam, hyper_optimizer=optax.sgd(0.1, momentum=0.9), hyper_steps=3,
+                 checkpoint_dir=tmp_path)
+    (tmp_path / "optimize.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="not a readable"):
+        optimize(dyn, objective, lam, hyper_steps=3, checkpoint_dir=tmp_path)
+
+
+def push_lr(amount):
+    """A 'hyper-optimizer' that adds ``amount`` to λ['lr'] at every step, whatever the gradient."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(jnp.zeros_like, updates) | {"lr": jnp.full_like(updates["lr"], amount)}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def test_divergence_names_the_hyper_step_and_the_training_step(tmp_path):
+    dyn, objective, lam = ridge_problem(steps=200)  # lr 0.1 is stable; 50.1 overflows within 200 steps
+    with pytest.raises(HyperDivergenceError) as info:
+        optimize(dyn, objective, lam, hyper_optimizer=push_lr(50.0), hyper_steps=5, checkpoint_dir=tmp_path)
+    err = info.value
+    assert isinstance(err, hg.DivergenceError)
+    assert err.hyper_step == 1 and err.step is not None and 0 < err.step < 200
+    msg = str(err)
+    assert "hyper-step 1" in msg and f"training step {err.step}" in msg
+    assert "smaller hyper learning rate" in msg and "constraint" in msg
+    assert float(err.hparams["lr"]) == float(lam["lr"])  # the last good λ: hyper-step 0's
+    assert err.history["value"].shape == (1,)
+
+
+def test_callback_sees_every_step_and_can_stop():
+    dyn, objective, lam = ridge_problem(steps=10)
+    seen = []
+
+    def callback(step, hparams, value, grad):
+        seen.append((step, float(hparams["lr"]), value, float(grad["lr"])))
+        return step == 3
+
+    res = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.05), hyper_steps=10, callback=callback)
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert res.stopped and res.steps == 4
+    assert float(res.hparams["lr"]) == seen[-1][1]  # stopped before applying step 3's update
+    np.testing.assert_array_equal(res.history["value"], [s[2] for s in seen])
+    res_val = hg.hypergrad(dyn, objective, res.hparams)
+    assert float(res_val.grad["lr"]) == seen[-1][3]
+
+
+def test_constraint_is_applied_after_every_step():
+    dyn, objective, lam = ridge_problem(steps=10)
+
+    def cap_lr(lam):
+        return {**lam, "lr": jnp.clip(lam["lr"], 0.0, 0.12)}
+
+    res = optimize(dyn, objective, lam, hyper_optimizer=push_lr(0.01), hyper_steps=5, constraint=cap_lr)
+    np.testing.assert_allclose(res.history["hparams"]["lr"], [0.1, 0.11, 0.12, 0.12, 0.12], rtol=1e-12)
+    assert float(res.hparams["lr"]) == 0.12
+
+
+def test_constraints_module_projection():
+    constraints = pytest.importorskip("hypergradient.drivers.constraints")
+    dyn, objective, lam = ridge_problem(steps=10)
+    res = optimize(dyn, objective, lam, hyper_optimizer=push_lr(0.01), hyper_steps=4,
+                   constraint=constraints.box(0.0, 0.115, on="lr"))
+    np.testing.assert_allclose(res.history["hparams"]["lr"], [0.1, 0.11, 0.115, 0.115], rtol=1e-12)
+    assert float(res.hparams["log_l2"]) == float(lam["log_l2"])
+
+
+def test_progress_bar_shows_the_objective(capsys):
+    dyn, objective, lam = ridge_problem(steps=10)
+    optimize(dyn, objective, lam, hyper_steps=2, progress=True)
+    assert "objective=" in capsys.readouterr().err
+    optimize(dyn, objective, lam, hyper_steps=2)  # auto: stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""
+
+
+def test_rejects_bad_arguments():
+    dyn, objective, lam = ridge_problem(steps=10)
+    with pytest.raises(ValueError, match="hyper_steps"):
+        optimize(dyn, objective, lam, hyper_steps=-1)
+    with pytest.raises(TypeError, match="floating point"):
+        optimize(dyn, objective, {"log_l2": 1, "lr": 0.1}, hyper_steps=1)
+    with pytest.raises(TypeError, match="optax"):
+        optimize(dyn, objective, lam, hyper_optimizer=0.1, hyper_steps=1)
+    zero = optimize(dyn, objective, lam, hyper_steps=0)
+    assert zero.steps == 0 and zero.history["value"].shape == (0,)
