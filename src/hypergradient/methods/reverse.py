@@ -48,16 +48,24 @@ class Reverse(Method):
         return value, grad, Outputs(params, losses, {})
 
 
+def _scan(dyn, state, lam, start, length: int):
+    """``dyn.rollout`` whose steps save only matrix-product outputs for the backward pass."""
+    step = jax.checkpoint(
+        lambda s, t: dyn.step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False
+    )
+    return jax.lax.scan(step, state, start + jnp.arange(length))
+
+
 def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | None):
-    """``dyn.rollout``, remat-segmented every ``checkpoint_every`` steps."""
+    """The run from ``start`` for ``length`` steps, remat-segmented every ``checkpoint_every`` steps."""
     k = checkpoint_every
     if k is None or k >= length:
-        return dyn.rollout(state, lam, start, length)
+        return _scan(dyn, state, lam, start, length)
     n_seg, rest = divmod(length, k)
 
     @jax.checkpoint
     def segment(s, lam, seg_start):
-        return dyn.rollout(s, lam, seg_start, k)
+        return _scan(dyn, s, lam, seg_start, k)
 
     def body(s, i):
         return segment(s, lam, start + i * k)
@@ -65,6 +73,6 @@ def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | No
     state, losses = jax.lax.scan(body, state, jnp.arange(n_seg))
     losses = losses.reshape(-1)
     if rest:
-        state, tail = dyn.rollout(state, lam, start + n_seg * k, rest)
+        state, tail = _scan(dyn, state, lam, start + n_seg * k, rest)
         losses = jnp.concatenate([losses, tail])
     return state, losses
