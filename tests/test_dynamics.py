@@ -11,9 +11,9 @@ from problems import mlp_problem, ridge_problem
 
 def test_run_equals_a_python_loop_of_steps():
     dyn, _, lam = mlp_problem(steps=6)
-    state = dyn.initial_state(lam)
+    state, step = dyn.initial_state(lam), jax.jit(dyn.step)
     for t in range(dyn.steps):
-        state, _ = dyn.step(state, lam, t)
+        state, _ = step(state, lam, t)
     for a, b in zip(jax.tree.leaves(dyn.run(lam)), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
 
@@ -104,9 +104,9 @@ def test_divergence_names_the_first_nonfinite_step():
     with pytest.raises(hg.DivergenceError):
         dyn.run(lam)
     # the step is the first one whose loss is not finite
-    state, losses = dyn.initial_state(lam), []
+    state, losses, step = dyn.initial_state(lam), [], jax.jit(dyn.step)
     for t in range(200):
-        state, loss = dyn.step(state, lam, t)
+        state, loss = step(state, lam, t)
         losses.append(float(loss))
     assert np.isfinite(losses[info.value.step - 1]) and not np.isfinite(losses[info.value.step])
 
