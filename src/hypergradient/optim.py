@@ -81,7 +81,14 @@ class Optimizer:
         full = {**dict(self.defaults), **hparams}
         if self.broadcast:
             full = {k: broadcast_to(v, params, k) for k, v in full.items()}
-        return self.rule(grads, state, params, full)
+        new_params, new_state = self.rule(grads, state, params, full)
+        # Hyperparameters in a wider dtype than the weights (float64 λ, float32 w)
+        # must not promote the state: a training loop's carry keeps its types.
+        return _cast_like(new_params, params), _cast_like(new_state, state)
+
+
+def _cast_like(new, old):
+    return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.result_type(o)), new, old)
 
 
 def broadcast_to(value: Any, params: Params, name: str = "hyperparameter") -> Params:
