@@ -1,0 +1,238 @@
+"""The ``hypergradient`` command: list and run the papers' experiments.
+
+    hypergradient list
+    hypergradient run EXPERIMENT [--dataset NAME] [--data-dir DIR] [--method M]
+                                 [--hyper-steps N] [--seed S] [--out DIR] [--tiny]
+
+``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
+2 a usage error: unknown experiment, dataset or method, or a dataset that is
+not on disk; 130 interrupted), so it can be called in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_DATASETS = ("digits", "fashion-mnist", "mnist")  # hypergradient.datasets.DATASETS, without importing JAX
+
+_EPILOG = """\
+examples:
+  hypergradient list
+  hypergradient run schedules                       # digits, about a minute on 2 cores
+  hypergradient run hyper-cleaning --dataset fashion-mnist
+  hypergradient run realtime --method trho --hyper-steps 30
+  hypergradient run distill --tiny --out /tmp/distill
+
+Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,
+result.json, PNG plots). Interrupted with Ctrl-C, a run keeps its checkpoints
+under OUT/checkpoints; the same command resumes from the last hyper-step.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hypergradient import experiments
+
+    parser = argparse.ArgumentParser(
+        prog="hypergradient",
+        description="Tune hyperparameters by gradient descent through the training run: "
+        "reproduce the experiments of Maclaurin et al. (2015) and Franceschi et al. (2017).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    sub.add_parser("list", help="list the experiments with a one-line description each",
+                   description="List the experiments with a one-line description each.")
+
+    methods = "\n".join(
+        f"  {name:<15} {', '.join(experiments.get(name).METHODS)}" for name in experiments.names()
+    )
+    run = sub.add_parser(
+        "run",
+        help="run one experiment and write its results folder",
+        description="Run one experiment: print progress, write config.json, history.csv, "
+        "result.json and PNG plots to the results folder, and print a summary table.",
+        epilog=f"methods per experiment (the first is the default):\n{methods}\n\n" + _EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("experiment", metavar="EXPERIMENT", choices=experiments.names(),
+                     help="which experiment: " + ", ".join(experiments.names()) + " (see `hypergradient list`)")
+    run.add_argument("--dataset", default="digits", choices=_DATASETS,
+                     help="digits (bundled with scikit-learn, the default), fashion-mnist (IDX files from "
+                     "Debian's dataset-fashion-mnist, --data-dir or $HYPERGRADIENT_FASHION_MNIST_DIR) or "
+                     "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
+    run.add_argument("--data-dir", metavar="DIR",
+                     help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
+                     "searched before the environment variable and the system folder")
+    run.add_argument("--method", metavar="M",
+                     help="how to compute the hypergradient (default: the experiment's first method): "
+                     "reverse (backprop through the whole run), forward (forward-mode tangents; cost grows "
+                     "with the number of hyperparameters), truncated (reverse through the last steps only), "
+                     "reversible (exact reversal of momentum SGD), drmad (approximate reverse pass), "
+                     "rtho / trho (real-time, realtime only); see the list below")
+    run.add_argument("--hyper-steps", type=_positive_int, metavar="N",
+                     help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
+                     "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
+    run.add_argument("--seed", type=_int, default=0, metavar="S",
+                     help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
+    run.add_argument("--out", metavar="DIR",
+                     help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
+                     "rerunning into the same folder with the same settings resumes from its checkpoints")
+    run.add_argument("--tiny", action="store_true",
+                     help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (by default they are shown when stderr is a terminal)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has already printed
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    if args.command == "list":
+        return _list()
+    return _run(parser, args)
+
+
+def _list() -> int:
+    from hypergradient import experiments
+
+    rows = [(name, experiments.DESCRIPTIONS[name]) for name in experiments.names()]
+    print(_table(("experiment", "what it tunes"), rows))
+    print("\nrun one with: hypergradient run EXPERIMENT [--dataset fashion-mnist] (see hypergradient run --help)")
+    return EXIT_OK
+
+
+def _error(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"hypergradient: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from hypergradient import datasets, experiments
+    from hypergradient.dynamics import DivergenceError
+    from hypergradient.methods import MethodError
+
+    module = experiments.get(args.experiment)
+    method = args.method or module.METHODS[0]
+    if method not in module.METHODS:
+        return _error(f"experiment {args.experiment!r} has no method {method!r}; "
+                      f"choose one of: {', '.join(module.METHODS)}")
+    try:  # fail before anything is written if the data are not there
+        datasets.load(args.dataset, args.data_dir, n_train=1, n_val=1, n_test=1)
+    except FileNotFoundError as e:
+        return _error(str(e))
+    except ValueError as e:
+        return _error(str(e))
+
+    config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
+    changes = {"data_dir": args.data_dir, "method": method, "seed": args.seed}
+    if args.hyper_steps is not None:
+        changes["hyper_steps"] = args.hyper_steps
+    config = dataclasses.replace(config, **changes)
+    out = Path(args.out) if args.out else Path("results") / _folder_name(args, method)
+
+    print(f"hypergradient run {args.experiment}: dataset {args.dataset}, method {method}"
+          f"{' (tiny)' if args.tiny else ''} -> {out}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        result = module.run(config, out, progress=False if args.no_progress else None)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
+              "from the last checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (experiments.ExperimentError, MethodError) as e:
+        return _error(str(e))
+    except FileNotFoundError as e:
+        return _error(str(e))
+    except DivergenceError as e:
+        return _error(f"the run diverged: {e}", EXIT_DIVERGED)
+    print(_summary(args.experiment, result, out, time.perf_counter() - started))
+    return EXIT_OK
+
+
+def _folder_name(args: argparse.Namespace, method: str) -> str:
+    name = f"{args.experiment}-{args.dataset}-{method}"
+    if args.tiny:
+        name += "-tiny"
+    if args.seed:
+        name += f"-seed{args.seed}"
+    return name
+
+
+# -- output ----------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _table(header, rows) -> str:
+    rows = [tuple(_fmt(x) for x in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip(), line]
+    out += ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
+    """The result's scalars as a table, then any list of records (such as per-R rows) as its own table."""
+    skip = {"experiment", "plots", "grid", "seconds", "note"}
+
+    def is_records(v):
+        return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
+
+    scalars = [(k, v) for k, v in result.items() if k not in skip and not isinstance(v, dict) and not is_records(v)]
+    parts = [f"\n{name}: summary", _table(("metric", "value"), scalars)]
+    for key, value in result.items():
+        if is_records(value):
+            columns = [k for k in value[0] if not isinstance(value[0][k], str)]
+            parts += [f"\n{key}", _table(columns, [[r[k] for k in columns] for r in value])]
+    if result.get("note"):
+        parts.append(f"\nnote: {result['note']}")
+    files = ", ".join(["config.json", "history.csv", "result.json", *result.get("plots", [])])
+    parts.append(f"\nwrote {files} to {out}  ({seconds:.0f} s)")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The papers' experiments, one module each, and their registry.
+
+Every experiment module has
+
+- ``NAME`` and ``DESCRIPTION`` (one line),
+- ``METHODS``: the accepted ``--method`` names, the first being the default,
+- ``Config``: a frozen dataclass whose defaults are the paper-scale setup on
+  the chosen dataset (fields left ``None`` are resolved per dataset),
+- ``tiny(dataset)``: a configuration that runs in seconds,
+- ``run(config, out_dir, progress) -> dict``: runs it, writes ``config.json``,
+  ``history.csv``, ``result.json`` and PNG plots to ``out_dir`` and returns
+  the summary (the same dict as ``result.json``).
+
+Experiments use only the public API (``hg.Dynamics``, ``hg.optimize``,
+``hg.online``, ``hg.constraints``, ``hg.datasets``, ``hg.models``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ._common import ExperimentError as ExperimentError
+
+# name -> module (imported on first use, so `hypergradient list` stays fast)
+_MODULES = {
+    "schedules": "schedules",
+    "hyper-cleaning": "hyper_cleaning",
+    "realtime": "realtime",
+    "distill": "distill",
+    "l2-per-weight": "l2_per_weight",
+}
+
+# One-line descriptions, kept here so listing imports no experiment (and no JAX).
+DESCRIPTIONS = {
+    "schedules": "per-step, per-layer learning rates, momenta and init scales of a tanh MLP (Maclaurin §3.1)",
+    "hyper-cleaning": "one weight per training example to discount flipped labels (Franceschi et al. 2017)",
+    "realtime": "Adam's learning rate and an L2 strength of a CNN, tuned during one run (RTHO/TRHO)",
+    "distill": "ten synthetic training images, one per class, for logistic regression (Maclaurin §3.3)",
+    "l2-per-weight": "one L2 strength per input weight of logistic regression (Maclaurin §3.2)",
+}
+
+
+def names() -> tuple[str, ...]:
+    """The experiments, in the order ``hypergradient list`` shows them."""
+    return tuple(_MODULES)
+
+
+def get(name: str) -> ModuleType:
+    """The module of experiment ``name``; ``KeyError`` naming the known ones otherwise."""
+    if name not in _MODULES:
+        raise KeyError(f"unknown experiment {name!r}; known experiments: {', '.join(_MODULES)}")
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}")

@@ -1,0 +1,204 @@
+"""Real-time hyperparameter optimization (Franceschi et al. 2017, §4: RTHO and TRHO).
+
+A small CNN is trained with Adam for T steps. Adam's learning rate and an
+L2 strength,
+
+    lr = exp(log_lr),     L(w) = CE(w) + exp(log_l2) · Σ_l ‖W_l‖²,
+
+are tuned *during that one run*: every Δ steps the hypergradient of the
+validation loss (on a validation minibatch) updates λ, with
+
+- ``rtho``: the forward tangent Z_t = ∂s_t/∂λ carried along the whole run
+  (``hg.online(..., method=hg.Forward(), every=Δ)``);
+- ``trho``: reverse mode through the last K steps of each interval
+  (``hg.online(..., method=hg.Truncated(K), every=Δ)``).
+
+The baseline is the same run with the initial λ held fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hypergradient as hg
+from hypergradient import models
+
+from . import _common as c
+
+NAME = "realtime"
+METHODS = ("rtho", "trho")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the real-time experiment (``None``: the dataset's value).
+
+    Attributes:
+      dataset, data_dir: which data.
+      method: ``rtho`` or ``trho``.
+      hyper_steps: number of hyper-updates in the run; the training run has
+        ``steps = hyper_steps · every`` steps.
+      every: Δ, training steps between hyper-updates.
+      truncation: K ≤ Δ for ``trho``.
+      hyper_lr: Adam's learning rate on (log_lr, log_l2).
+      lr0, l2_0: the initial (and baseline) Adam learning rate and L2 strength.
+      seed: weights, minibatch order.
+      n_train, n_val, n_test: digits 800 / 500 / the rest; otherwise 10,000 each.
+      batch_size, val_batch: training and validation minibatch sizes.
+      channels: convolution channels of the CNN.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    method: str = "rtho"
+    hyper_steps: int | None = None
+    every: int | None = None
+    truncation: int | None = None
+    hyper_lr: float = 0.1
+    lr0: float = 1e-3
+    l2_0: float = 1e-3
+    seed: int = 0
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    batch_size: int | None = None
+    val_batch: int | None = None
+    channels: tuple[int, ...] = (8, 16)
+
+    def resolved(self) -> Config:
+        every = c.by_dataset(self, 10, 20) if self.every is None else self.every
+        return dataclasses.replace(
+            self,
+            hyper_steps=c.by_dataset(self, 60, 100) if self.hyper_steps is None else self.hyper_steps,
+            every=every,
+            truncation=every if self.truncation is None else self.truncation,
+            n_train=c.by_dataset(self, 800, 10_000) if self.n_train is None else self.n_train,
+            n_val=c.by_dataset(self, 500, 10_000) if self.n_val is None else self.n_val,
+            n_test=c.by_dataset(self, None, 10_000) if self.n_test is None else self.n_test,
+            batch_size=c.by_dataset(self, 50, 100) if self.batch_size is None else self.batch_size,
+            val_batch=c.by_dataset(self, 500, 1000) if self.val_batch is None else self.val_batch,
+        )
+
+
+def tiny(dataset: str = "digits") -> Config:
+    return Config(dataset=dataset, hyper_steps=20, every=5, hyper_lr=0.2, n_train=200, n_val=200,
+                  n_test=200, batch_size=25, val_batch=200, channels=(4,))
+
+
+def run(config: Config, out_dir, progress: bool | None = None) -> dict:
+    config = config.resolved()
+    c.check_method(NAME, config.method, METHODS)
+    if config.method == "rtho":
+        method = hg.Forward()
+    else:
+        method = hg.Truncated(int(config.truncation))
+    out_dir = c.prepare(Path(out_dir), config)
+    started = time.perf_counter()
+
+    data = c.load_data(config, config.n_train, config.n_val, config.n_test)
+    train, val, test = data.train, data.val, data.test
+    shape = data.image_shape
+    key = jax.random.PRNGKey(config.seed)
+    w0 = models.cnn_init(jax.random.fold_in(key, 0), shape, data.n_classes, channels=config.channels)
+    val_batches = hg.Batches((jnp.asarray(val.x), jnp.asarray(val.y)), config.val_batch,
+                             key=jax.random.fold_in(key, 2))
+
+    def loss(w, lam, batch):
+        x, y = batch
+        penalty = sum(jnp.sum(layer["W"] ** 2) for layer in w)
+        return models.cross_entropy(models.cnn_apply(w, x, shape), y) + jnp.exp(lam["log_l2"]) * penalty
+
+    def objective(w, lam, k):
+        x, y = val_batches(k)
+        return models.cross_entropy(models.cnn_apply(w, x, shape), y)
+
+    steps = config.hyper_steps * config.every
+    dyn = hg.Dynamics(
+        init=w0,
+        loss=loss,
+        optimizer=hg.optim.adam(),
+        # b1, b2 as float32 arrays: Adam's bias correction b**t (t an int32 count)
+        # would otherwise be float64 when JAX runs with x64 enabled.
+        optimizer_hparams=lambda lam, t: {"lr": jnp.exp(lam["log_lr"]), "b1": jnp.float32(0.9),
+                                          "b2": jnp.float32(0.999)},
+        data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
+                        key=jax.random.fold_in(key, 1)),
+        steps=steps,
+    )
+    lam0 = {"log_lr": jnp.asarray(np.log(config.lr0), jnp.float32),
+            "log_l2": jnp.asarray(np.log(config.l2_0), jnp.float32)}
+
+    evaluate = jax.jit(lambda w, x: models.cnn_apply(w, x, shape))
+
+    def scores(w) -> dict:
+        v, t = c.metrics(evaluate(w, val.x), val.y), c.metrics(evaluate(w, test.x), test.y)
+        return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"]}
+
+    c.say(f"[1/2] baseline: {steps} Adam steps with lr {config.lr0:g}, L2 {config.l2_0:g} held fixed")
+    fixed = scores(dyn.run(lam0))
+    c.say(f"      test error {fixed['test_error']:.4f}")
+
+    label = {"rtho": "RTHO (forward)", "trho": f"TRHO (truncated, K={config.truncation})"}[config.method]
+    c.say(f"[2/2] {label}: one run of {steps} steps, λ updated every {config.every} steps")
+    note = ""
+    try:
+        res = c.online(dyn, objective, lam0, method=method, every=config.every,
+                       hyper_optimizer=optax.adam(config.hyper_lr),
+                       checkpoint_dir=out_dir / "checkpoints" / "online", progress=progress)
+        params, lam, history = res.params, res.hparams, res.history
+        tuned = scores(params)
+    except c.divergence_types() as e:
+        note = f"training diverged at hyper-step {e.hyper_step}; reporting the run with the last good λ fixed"
+        c.say("warning: " + note)
+        lam, history = e.hparams, e.history
+        tuned = scores(dyn.run(lam))
+    c.say(f"      test error {tuned['test_error']:.4f} (fixed: {fixed['test_error']:.4f})")
+
+    traj = history.get("hparams", {})
+    lr_traj = np.exp(np.asarray(traj.get("log_lr", np.zeros(0)), np.float64))
+    l2_traj = np.exp(np.asarray(traj.get("log_l2", np.zeros(0)), np.float64))
+    plots = [_plot(out_dir, config, history, lr_traj, l2_traj)]
+    result = {
+        "experiment": NAME,
+        "dataset": config.dataset,
+        "method": config.method,
+        "training_steps": steps,
+        "hyper_updates": int(len(history["value"])),
+        "lr_start": config.lr0,
+        "lr_end": float(np.exp(lam["log_lr"])),
+        "l2_start": config.l2_0,
+        "l2_end": float(np.exp(lam["log_l2"])),
+        "val_loss_fixed": fixed["val_loss"],
+        "val_loss_online": tuned["val_loss"],
+        "test_error_fixed": fixed["test_error"],
+        "test_error_online": tuned["test_error"],
+        "test_loss_fixed": fixed["test_loss"],
+        "test_loss_online": tuned["test_loss"],
+        "seconds": time.perf_counter() - started,
+        "plots": plots,
+        "note": note,
+    }
+    columns = c.history_columns(history, lr=list(lr_traj), l2=list(l2_traj))
+    return c.finish(out_dir, columns, result)
+
+
+def _plot(out_dir: Path, config: Config, history, lr_traj, l2_traj) -> str:
+    plt = c.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    at = np.arange(len(lr_traj)) * config.every
+    axes[0].plot(at, lr_traj)
+    axes[0].set(xlabel="training step", ylabel="Adam learning rate", yscale="log", title="learning rate")
+    axes[1].plot(at, l2_traj, color="tab:orange")
+    axes[1].set(xlabel="training step", ylabel="L2 strength", yscale="log", title="L2 strength")
+    axes[2].plot(np.arange(len(history["train_loss"])), history["train_loss"], lw=0.5, alpha=0.6, label="train")
+    axes[2].plot((np.arange(len(history["value"])) + 1) * config.every, history["value"], label="validation")
+    axes[2].set(xlabel="training step", ylabel="loss", yscale="log", title="losses during the run")
+    axes[2].legend(fontsize=7)
+    return c.savefig(fig, out_dir / "realtime.png")

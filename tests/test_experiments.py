@@ -1,0 +1,95 @@
+"""Every experiment, in its tiny configuration, through the command line (in-process).
+
+Each test checks that the experiment beats its baseline on the quantity it
+optimizes (and, where that is robust at this size, on held-out data) and
+that it writes its results folder. Seeds are fixed, so the figures are
+deterministic; the margins asserted are far from the measured ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from hypergradient.cli import main
+from hypergradient import experiments
+
+
+def run_tiny(tmp_path, capsys, name, *extra):
+    out = tmp_path / name
+    code = main(["run", name, "--tiny", "--no-progress", "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err
+    for f in ("config.json", "history.csv", "result.json"):
+        assert (out / f).is_file(), f
+    result = json.loads((out / "result.json").read_text())
+    assert result["plots"], "no plot written"
+    for png in result["plots"]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "digits"
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, "history.csv is empty"
+    assert "summary" in captured.out  # the summary table
+    return result, config, rows, captured
+
+
+def test_schedules_beats_the_best_constant_learning_rate(tmp_path, capsys):
+    result, config, rows, out = run_tiny(tmp_path, capsys, "schedules")
+    assert config["method"] == "reverse" and config["hyper_steps"] == len(rows)
+    assert result["val_loss_after"] < 0.9 * result["val_loss_before"]
+    assert result["val_error_after"] <= result["val_error_before"]
+    assert float(rows[-1]["value"]) < float(rows[0]["value"])
+    assert "validation loss" in out.err and "best constant" in out.err
+    assert {"schedules.png", "learning_curve.png"} <= set(result["plots"])
+
+
+def test_hyper_cleaning_beats_the_baseline_and_finds_flipped_labels(tmp_path, capsys):
+    result, _, rows, _ = run_tiny(tmp_path, capsys, "hyper-cleaning")
+    assert result["hyper_cleaning_test_accuracy"] > result["baseline_test_accuracy"] + 0.05
+    assert result["oracle_test_accuracy"] > result["baseline_test_accuracy"]
+    assert result["hyper_cleaning_f1"] > 0.6
+    (row,) = result["per_R"]
+    assert row["val_loss_after"] < row["val_loss_before"]
+    assert "val_loss_R=100" in rows[0]
+
+
+def test_realtime_beats_the_fixed_hyperparameters_in_one_run(tmp_path, capsys):
+    result, config, rows, _ = run_tiny(tmp_path, capsys, "realtime", "--method", "trho")
+    assert config["method"] == "trho"
+    assert result["val_loss_online"] < result["val_loss_fixed"]
+    assert result["test_error_online"] < result["test_error_fixed"]
+    assert result["lr_end"] != pytest.approx(result["lr_start"])
+    assert len(rows) == result["hyper_updates"] == config["hyper_steps"]
+    assert all(float(r["lr"]) > 0 for r in rows)
+
+
+def test_distill_beats_ten_random_real_images(tmp_path, capsys):
+    result, _, rows, _ = run_tiny(tmp_path, capsys, "distill")
+    assert result["val_loss_distilled"] < result["val_loss_random_real"]
+    assert result["test_accuracy_distilled"] > result["test_accuracy_random_real"]
+    assert (tmp_path / "distill" / "distilled_images.npy").is_file()
+
+
+def test_l2_per_weight_improves_on_the_best_shared_strength(tmp_path, capsys):
+    result, _, _, _ = run_tiny(tmp_path, capsys, "l2-per-weight")
+    assert result["val_loss_per_weight"] < result["val_loss_shared"]
+    assert result["hyperparameters"] == 64 * 10
+    assert result["l2_min"] < result["best_shared_l2"] < result["l2_max"]
+
+
+def test_every_experiment_has_a_tiny_config_a_description_and_methods():
+    for name in experiments.names():
+        module = experiments.get(name)
+        assert name in experiments.DESCRIPTIONS
+        assert module.METHODS and module.NAME == name
+        tiny = module.tiny("digits").resolved()
+        full = module.Config().resolved()
+        assert tiny.hyper_steps <= full.hyper_steps
+        assert full.dataset == "digits"
+        paper = module.Config(dataset="fashion-mnist").resolved()
+        assert paper.n_train >= full.n_train  # paper scale on the IDX datasets
