@@ -62,6 +62,9 @@ class Method:
     def value_and_grad(self, dyn: Dynamics, objective: Objective, lam) -> tuple[jax.Array, Any, Outputs]:
         raise NotImplementedError
 
+    def check_result(self, extras: dict) -> None:
+        """Raise if the run's own flags (in ``extras``) show that it failed."""
+
 
 def check_objective(dyn: Dynamics, objective: Objective, lam) -> None:
     """The objective must map (w_T, λ) to a real scalar."""
@@ -141,6 +144,8 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
     start = time.perf_counter()
     value, grad, out = jax.block_until_ready(exe(dyn, lam))
     seconds = time.perf_counter() - start
+    extras = {k: np.asarray(v).item() for k, v in out.extras.items()}
+    method.check_result(extras)
     step = first_nonfinite(out.losses)
     if step is not None:
         raise DivergenceError(
@@ -161,6 +166,6 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
         "state_bytes": _nbytes(jax.eval_shape(dyn.initial_state, lam)),
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
-        **{k: np.asarray(v).item() for k, v in out.extras.items()},
+        **extras,
     }
     return HypergradResult(value, grad, out.params, stats)

@@ -1,0 +1,286 @@
+"""Reversible: exact reverse-mode hypergradients without storing the trajectory.
+
+Maclaurin, Duvenaud & Adams (2015). The training run is carried out on
+integers (fixed point, radix 2^-k), where SGD with momentum is exactly
+invertible once the bits destroyed by v ← μv are kept:
+
+    forward, step t:   g = ∇L_t(w)
+                       v ← μ_t v        (exact: μ_t = n/2^b, "bits back" through the buffer)
+                       v ← v + ⌊c_t g⌉  (c_t = 1, or 1 − μ_t when dampened)
+                       w ← w − ⌊η_t v⌉
+    backward, step t:  w ← w + ⌊η_t v⌉, g = ∇L_t(w), v ← v − ⌊c_t g⌉, v ← v / μ_t,
+
+each ⌊·⌉ computed by the same code on the same integers both ways, so every
+w_t, v_t is re-created bit for bit. On the way back the Reverse-HG recursion
+
+    α_T = ∂E/∂s_T,  g = ∂E/∂λ;  for t = T..1: g += α_t B_t, α_{t-1} = α_t A_t;  g += α_0 ∂s_0/∂λ
+
+runs with the vector-Jacobian products of the (float) step Φ_t at the
+re-created states. The hypergradient is that of the fixed-point training run.
+
+Memory: the weights, the velocity and the information buffer, about
+log2(1/μ) bits per weight per step (0.15 at μ = 0.9) instead of the 2·32
+bits per weight per step of a stored trajectory. Plain SGD has no exact
+inverse (the step's gradient is taken at the point being recovered), so for
+``sgd`` the buffer keeps each step's integer update: exact, but a full word
+per weight per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ..dynamics import State
+from ..optim import broadcast_to
+from . import _fixedpoint as fp
+from .base import Method, MethodError, Outputs
+
+SUPPORTED = ("sgd", "momentum", "momentum_dampened")
+
+
+class ReversalError(MethodError):
+    """Reversible could not reverse this training run exactly (the message says why and what to change)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reversible(Method):
+    """Exact reverse-mode hypergradient by reversing the training run in fixed point.
+
+    Serves ``hg.optim.sgd()``, ``hg.optim.momentum()`` and
+    ``hg.optim.momentum(dampen=True)`` with any hyperparameters (per-step,
+    per-layer or per-weight learning rates and momenta in [2^-b, 1], loss,
+    init and data hyperparameters).
+
+    Args:
+      max_bits_per_step: capacity of the information buffer, in bits per
+        weight per step, averaged over the run. The buffer needs about
+        log2(1/μ) (1 at μ = 0.5, 0.15 at μ = 0.9); the default 1.0 serves
+        every momentum schedule averaging μ >= 0.5. Plain ``sgd`` ignores it
+        (a full word per step). A run that needs more raises
+        :class:`ReversalError` naming the value to give.
+      frac_bits: fractional bits k of the fixed-point weights and velocity
+        (default 22 for float32, in int32: range ±256, resolution 2.4e-7;
+        44 for float64, in int64: range ±2^18, resolution 5.7e-14).
+
+    The run follows the rounded dynamics: momenta become n/2^b (b = 16 for
+    float32, resolution 1.5e-5; b = 28 for float64, 3.7e-9), v ← μv is
+    rounded stochastically to the integer grid, increments to nearest.
+
+    ``stats`` gains ``bits_per_weight_per_step`` (measured from the buffer's
+    fill), ``buffer_bytes`` (allocated), ``buffer_bytes_used``,
+    ``trajectory_bytes_equivalent`` (the T·d states Reverse would keep),
+    ``exact_reversal`` (1.0 when w_0, v_0 and the empty buffer were
+    re-created bit for bit) and the error counts ``reversal_error``,
+    ``range_overflow``, ``buffer_overflow``, ``momentum_out_of_range``
+    (all 0 in a good run; :meth:`check_result` raises otherwise).
+    """
+
+    max_bits_per_step: float = 1.0
+    frac_bits: int | None = None
+
+    def __post_init__(self):
+        b = self.max_bits_per_step
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+            raise ValueError(f"max_bits_per_step must be a positive number, got {b!r}")
+
+    def check(self, dyn) -> None:
+        name = dyn.optimizer.name
+        if name not in SUPPORTED:
+            raise MethodError(
+                f"Reversible needs sgd or momentum (heavy ball or dampened); {name} has no exact "
+                "inverse: use hg.Reverse(checkpoint_every=...), hg.Forward(), hg.Truncated(k) or "
+                "hg.DrMAD() (approximate)"
+            )
+
+    def check_result(self, extras) -> None:
+        """Raise :class:`ReversalError` if the run's flags (``extras`` or ``stats``) show a failure."""
+        get = lambda k: float(extras.get(k, 0))  # noqa: E731
+        if get("range_overflow"):
+            raise ReversalError(
+                f"Reversible: {int(get('range_overflow'))} weight, velocity or update values left the "
+                f"fixed-point range ±{get('fixed_point_range'):g} (frac_bits={int(get('frac_bits'))}); "
+                "give Reversible(frac_bits=...) fewer fractional bits, or rescale the problem"
+            )
+        if get("momentum_out_of_range"):
+            raise ReversalError(
+                f"Reversible: a momentum outside [2^-{int(get('momentum_bits'))}, 1] cannot be reversed "
+                "exactly; keep μ in that range or use hg.Reverse(checkpoint_every=...)"
+            )
+        if get("buffer_overflow"):
+            need = get("bits_needed_per_step")
+            raise ReversalError(
+                f"Reversible: the information buffer overflowed (it holds {self.max_bits_per_step:g} bits "
+                f"per weight per step; this run needs about {need:.3g}, i.e. log2(1/μ)); "
+                f"use Reversible(max_bits_per_step={1.25 * need:.3g}) or more"
+            )
+        if get("reversal_error") or get("buffer_underflow"):
+            raise ReversalError(
+                f"Reversible: the backward pass did not re-create the initial state bit for bit "
+                f"({int(get('reversal_error'))} mismatched integers); the forward and backward gradients "
+                "differ in their last bits, which happens when the loss is not a deterministic function "
+                "of (w, λ, t); use hg.Reverse(checkpoint_every=...)"
+            )
+
+    def value_and_grad(self, dyn, objective, lam):
+        self.check(dyn)
+        name = dyn.optimizer.name
+        has_v = name != "sgd"
+        heavy = name == "momentum"
+        T = dyn.steps
+
+        # Integer state, buffers and hyperparameters are kept per leaf of the weights, each leaf
+        # flattened to 1-D (a free reshape); one concatenated vector would cost a copy per step.
+        s0 = dyn.initial_state(lam)
+        leaves0, treedef = jax.tree.flatten(s0.params)
+        shapes = [jnp.shape(x) for x in leaves0]
+        dtypes = {jnp.result_type(x) for x in leaves0}
+        if len(dtypes) != 1:
+            raise MethodError(f"Reversible needs all weights in one float dtype, got {sorted(map(str, dtypes))}")
+        fmt = fp.format_for(dtypes.pop(), self.frac_bits)
+        sizes = [math.prod(sh) for sh in shapes]
+        total = sum(sizes)
+        nleaves = len(leaves0)
+
+        def flat(tree):
+            return [jnp.reshape(x, -1) for x in treedef.flatten_up_to(tree)]
+
+        def to_tree(ints):
+            return jax.tree.unflatten(treedef, [fp.to_float(fmt, x).reshape(sh) for x, sh in zip(ints, shapes)])
+
+        def per_weight(value, key):
+            # a scalar stays a scalar (per-layer values broadcast for free); arrays become 1-D
+            out = []
+            for v, sh in zip(jax.tree.leaves(broadcast_to(value, s0.params, key)), shapes):
+                v = jnp.asarray(v, fmt.float_dtype)
+                out.append(v if v.ndim == 0 else jnp.reshape(jnp.broadcast_to(v, sh), -1))
+            return out
+
+        def hparams(t):
+            hp = dyn.hparams(lam, t)
+            lr = per_weight(hp["lr"], "lr")
+            if not has_v:
+                return lr, [None] * nleaves, [None] * nleaves, jnp.zeros((), jnp.int32)
+            mu = per_weight(hp["momentum"], "momentum")
+            n_bad = [fp.rational(fmt, m) for m in mu]
+            return lr, mu, [n for n, _ in n_bad], sum(b for _, b in n_bad).astype(jnp.int32)
+
+        def velocity_increment(mu, g):
+            return fp.to_fixed(fmt, g if heavy else (1 - mu) * g)
+
+        def gradient(w, t):
+            loss, g = dyn.loss_and_grad(to_tree(w), lam, t)
+            return loss, [x.astype(fmt.float_dtype) for x in flat(g)]
+
+        d = 1 << fmt.mu_bits
+        words = fp.capacity_words(fmt, T * (self.max_bits_per_step if has_v else fmt.bits))
+        fixed0 = [fp.to_fixed(fmt, x) for x in flat(s0.params)]
+        w0 = [x for x, _ in fixed0]
+        bad0 = sum(b for _, b in fixed0).astype(jnp.int32)
+        v0 = [jnp.zeros_like(x) for x in w0]
+        buf0 = [fp.empty(fmt, n, words) for n in sizes]
+
+        # -- forward: the fixed-point training run ---------------------------------
+        def forward(carry, t):
+            w, v, buf, bad_range, bad_mu = carry
+            loss, g = gradient(w, t)
+            lr, mu, n, bmu = hparams(t)
+            bad = []
+            for i in range(nleaves):
+                if has_v:
+                    buf[i], s = fp.decode(fmt, buf[i], n[i])
+                    v[i], e = fp.mul(fmt, v[i], n[i], s)
+                    buf[i] = fp.encode_pow2(fmt, buf[i], e, fmt.mu_bits)
+                    dv, b1 = velocity_increment(mu[i], g[i])
+                    v[i], b2 = fp.add(fmt, v[i], dv)
+                    u, b3 = fp.to_fixed(fmt, lr[i] * fp.to_float(fmt, v[i]))
+                    bad += [b1, b2]
+                else:
+                    u, b3 = fp.to_fixed(fmt, lr[i] * g[i])
+                    buf[i] = fp.push_raw(fmt, buf[i], u)
+                w[i], b4 = fp.add(fmt, w[i], -u)
+                bad += [b3, b4]
+            bad_range = bad_range + sum(bad).astype(jnp.int32)
+            return (w, v, buf, bad_range, bad_mu + bmu), loss
+
+        zero = jnp.zeros((), jnp.int32)
+        (wT, vT, bufT, bad_range, bad_mu), losses = jax.lax.scan(
+            forward, (w0, v0, buf0, bad0, zero), jnp.arange(T)
+        )
+
+        # -- objective and its gradient at the final weights -----------------------
+        paramsT = to_tree(wT)
+        value, obj_vjp = jax.vjp(objective, paramsT, lam)
+        dE_dw, grad = obj_vjp(jnp.ones_like(value))
+        alpha = State(dE_dw, jax.tree.map(jnp.zeros_like, dE_dw) if has_v else ())
+
+        # -- backward: re-create s_t from s_{t+1}, and take the step's VJP there ----
+        def backward(carry, t):
+            w, v, buf, alpha, grad = carry
+            lr, mu, n, _ = hparams(t)
+            for i in range(nleaves):
+                if has_v:
+                    u, _ = fp.to_fixed(fmt, lr[i] * fp.to_float(fmt, v[i]))
+                else:
+                    buf[i], u = fp.pop_raw(fmt, buf[i])
+                w[i] = w[i] + u
+            params = to_tree(w)
+            # Φ_t = update(∇L_t(w), v, w, λ): linearise the gradient once; its primal value also
+            # re-creates v_t, so the backward pass evaluates ∇L_t once per step.
+            (loss, g_tree), grad_vjp = jax.vjp(lambda p, lam: dyn.loss_and_grad(p, lam, t), params, lam)
+            if has_v:
+                g = [x.astype(fmt.float_dtype) for x in flat(g_tree)]
+                for i in range(nleaves):
+                    dv, _ = velocity_increment(mu[i], g[i])
+                    v[i] = v[i] - dv
+                    buf[i], e = fp.decode_pow2(fmt, buf[i], fmt.mu_bits)
+                    v[i], s = fp.mul_inverse(fmt, v[i], e, n[i])
+                    buf[i] = fp.encode(fmt, buf[i], s, n[i])
+                opt_state = to_tree(v)
+            else:
+                opt_state = ()
+
+            def update(g, opt_state, params, lam):
+                return State(*dyn.optimizer.update(g, opt_state, params, dyn.hparams(lam, t)))
+
+            _, update_vjp = jax.vjp(update, g_tree, opt_state, params, lam)
+            dg, dv_state, dw, dlam = update_vjp(alpha)
+            dw2, dlam2 = grad_vjp((jnp.zeros_like(loss), dg))
+            alpha = State(jax.tree.map(jnp.add, dw, dw2), dv_state)
+            grad = jax.tree.map(lambda a, b, c: a + b + c, grad, dlam, dlam2)
+            return (w, v, buf, alpha, grad), None
+
+        (w_back, v_back, buf_back, alpha, grad), _ = jax.lax.scan(
+            backward, (wT, vT, bufT, alpha, grad), jnp.arange(T), reverse=True
+        )
+        _, init_vjp = jax.vjp(dyn.initial_state, lam)
+        (dlam,) = init_vjp(alpha)
+        grad = jax.tree.map(jnp.add, grad, dlam)
+
+        mismatch = sum(
+            jnp.sum(a != b) + jnp.sum(c != 0) + jnp.sum(~fp.is_empty(fmt, buf))
+            for a, b, c, buf in zip(w_back, w0, v_back, buf_back)
+        ).astype(jnp.int32)
+        bits = jnp.concatenate([fp.stored_bits(fmt, buf) for buf in bufT])
+        state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
+        buffer_bytes = sum(buf.stack.size for buf in buf0) * fmt.word_bytes + total * (fmt.bits // 8 + 4)
+        extras = {
+            "bits_per_weight_per_step": jnp.mean(bits) / T,
+            "bits_needed_per_step": jnp.max(bits) / T,
+            "buffer_bytes": buffer_bytes,
+            "buffer_bytes_used": jnp.sum(jnp.maximum(bits, 0)) / 8,
+            "trajectory_bytes_equivalent": T * state_bytes,
+            "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
+            "reversal_error": mismatch,
+            "range_overflow": bad_range,
+            "buffer_overflow": sum(buf.overflow for buf in bufT),
+            "buffer_underflow": sum(buf.underflow for buf in bufT) + sum(buf.underflow for buf in buf_back),
+            "momentum_out_of_range": bad_mu,
+            "frac_bits": fmt.frac_bits,
+            "momentum_bits": fmt.mu_bits,
+            "fixed_point_range": fmt.value_range,
+        }
+        return value, grad, Outputs(paramsT, losses, extras)
