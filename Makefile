@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-sweeps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/b1_schedules.py
+	$(PY) benchmarks/bench.py
+
+bench-sweeps: $(VENV)/.installed-bench
+	$(PY) benchmarks/sweeps.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

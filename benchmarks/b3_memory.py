@@ -70,7 +70,7 @@ def run_steps(T, data, a):
     }
     grads = {}
     for name, method in methods(a.reversible_bits).items():
-        exe, compile_s = compiled(dyn, objective, method, lam)
+        exe, compile_s, _ = compiled(dyn, objective, method, lam)
         row = {"method": repr(method), "temp_mb": temp_bytes(exe) / 2**20, "compile_seconds": compile_s}
         if row["temp_mb"] > a.max_temp_gb * 1024:
             row["skipped"] = f"temp memory above --max-temp-gb {a.max_temp_gb}: not run"

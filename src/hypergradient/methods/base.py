@@ -90,23 +90,32 @@ def _signature(tree) -> tuple:
 def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     """The compiled ``method.value_and_grad`` for these arguments, cached.
 
-    Returns ``(executable, compile_seconds)``; ``compile_seconds`` is 0 on a hit.
+    Returns ``(executable, compile_seconds, sizes)``; ``compile_seconds`` is 0
+    on a hit; ``sizes`` holds XLA's peak temporary memory (``temp_bytes``, -1
+    if unknown), the bytes of one training state and the number of
+    hyperparameters, all computed once.
     """
     key = (_signature(dyn), objective, method, _signature(lam))
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
-        return hit, 0.0
+        return hit[0], 0.0, hit[1]
     dyn.validate(lam)
     check_objective(dyn, objective, lam)
     method.check(dyn)
     start = time.perf_counter()
     exe = jax.jit(lambda d, l: method.value_and_grad(d, objective, l)).lower(dyn, lam).compile()
     seconds = time.perf_counter() - start
-    _cache[key] = exe
+    memory = exe.memory_analysis()
+    sizes = {
+        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
+        "state_bytes": _nbytes(jax.eval_shape(dyn.initial_state, lam)),
+        "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
+    }
+    _cache[key] = (exe, sizes)
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
-    return exe, seconds
+    return exe, seconds, sizes
 
 
 def _nbytes(tree) -> int:
@@ -140,7 +149,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         raise TypeError(f"method must be a hypergradient method (hg.Reverse(), hg.Forward(), ...), got {method!r}")
     if not isinstance(dyn, Dynamics):
         raise TypeError(f"dyn must be a hypergradient.Dynamics, got {type(dyn).__name__}")
-    exe, compile_seconds = compiled(dyn, objective, method, lam)
+    exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
     start = time.perf_counter()
     value, grad, out = jax.block_until_ready(exe(dyn, lam))
     seconds = time.perf_counter() - start
@@ -156,16 +165,13 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
             f"training stayed finite but the {'objective' if not np.isfinite(value) else 'hypergradient'} "
             f"is not (value {float(value)}); check the objective and the scale of λ"
         )
-    memory = exe.memory_analysis()
     stats = {
         "method": repr(method),
         "seconds": seconds,
         "compile_seconds": compile_seconds,
         "steps": dyn.steps,
         "final_train_loss": float(out.losses[-1]),
-        "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
-        "state_bytes": _nbytes(jax.eval_shape(dyn.initial_state, lam)),
-        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
+        **sizes,
         **extras,
     }
     return HypergradResult(value, grad, out.params, stats)

@@ -1,0 +1,486 @@
+"""B1 side by side: our methods and the PyTorch peers, alternately, in one run.
+
+    python benchmarks/bench.py                 # the full run: 3 rounds x 3 timed calls
+    python benchmarks/bench.py --quick         # 1 round, fewer calls, no float64 check
+
+What it does:
+
+1. Builds the B1 problem once (``b1_schedules.b1_problem``: Fashion-MNIST
+   train[0:10000] / [10000:20000], or digits with a message; its initial
+   weights and λ) and writes it to one .npz that every implementation reads,
+   so that data, w_0 and λ are identical.
+2. Runs each implementation (ours: ``run_ours.py`` per method; the peers:
+   ``peers/run_peer.py``) in a process of its own, pinned to the same CPUs
+   (2 by default) with 2 compute threads, for ``--rounds`` rounds, the order
+   rotated every round (A B C ... then B C ... A), so that the load from
+   other users of the machine falls on every implementation alike. Each
+   process: a warm-up, a cold hypergradient (its peak resident memory above
+   the memory just before: what the hypergradient needs), then
+   ``--repeats`` alternating timed calls of training and hypergradient
+   (wall and CPU seconds).
+3. Aggregates: medians over all timed calls of all rounds; the ratio
+   hypergradient / training within each implementation; our Reverse
+   against the fastest peer, per round and over the run; the relative
+   difference of every hypergradient from our Reverse (max |g - g_ref| /
+   max |g_ref| per hyperparameter, the largest reported); and, unless
+   ``--no-x64``, the same agreement in float64 on a short run.
+4. Writes ``benchmarks/results/b1.json`` (everything, with the load average
+   at start and end) and ``benchmarks/results/b1.md`` (the table).
+
+Threads. JAX's CPU client sizes its compute pool from the CPUs the process
+may run on (its affinity mask), so pinning to 2 CPUs gives XLA 2 threads;
+PyTorch gets ``torch.set_num_threads(2)`` and ``OMP_WAIT_POLICY=PASSIVE``
+(spinning OpenMP threads slow everyone on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from benchmarks.peers import PEERS, common  # noqa: E402
+
+RESULTS = HERE / "results"
+PEER_LABEL = {"torch_plain": "PyTorch (autograd)", "torch_higher": "higher", "torch_torchopt": "TorchOpt"}
+OUR_LABEL = {
+    "reverse": "Reverse",
+    "checkpoint": "Reverse(checkpoint_every={k})",
+    "truncated": "Truncated({tk})",
+    "forward-4lr": "Forward, 4 per-layer lrs (m = 4)",
+    "reversible": "Reversible",
+    "drmad": "DrMAD (approximate)",
+}
+APPROXIMATE = {"truncated": "biased by design", "drmad": "approximate by design"}
+
+
+# ---------------------------------------------------------------- problem
+
+
+def write_problem(path, T: int, seed: int = 0, dtype: str = "float32") -> dict:
+    """Write B1 with ``b1_problem``'s data, initial weights and λ to ``path``, in a child process.
+
+    The runner itself never imports JAX: forking a process whose JAX thread
+    pool is running can deadlock. Returns a summary of the problem.
+    """
+    cmd = [sys.executable, str(HERE / "bench.py"), "--write-problem", str(path), "--T", str(T),
+           "--seed", str(seed), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(2))
+    if proc.returncode != 0:
+        raise SystemExit(f"writing the B1 problem failed:\n{proc.stderr}")
+    sys.stderr.write(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _write_problem_here(path, T: int, seed: int, dtype: str) -> dict:
+    from b1_schedules import b1_problem, load_data
+
+    data = load_data()
+    dyn, _, lam = b1_problem(steps=T, seed=seed, data=data)
+    weights = [(np.asarray(layer["W"]), np.asarray(layer["b"])) for layer in dyn.init]
+    prob = common.make_b1(
+        data.train.x, data.train.y, data.val.x, data.val.y, weights=weights,
+        **{k: np.asarray(v) for k, v in lam.items()}, T=T, batch_size=200, dtype=dtype,
+    )
+    common.save_problem(path, prob)
+    return {
+        "data": data.name if hasattr(data, "name") else "?",
+        "n_train": int(prob.x_train.shape[0]),
+        "n_val": int(prob.x_val.shape[0]),
+        "layer_sizes": [int(prob.weights[0][0].shape[0])] + [int(W.shape[1]) for W, _ in prob.weights],
+        "T": T,
+        "batch_size": prob.batch_size,
+        "dtype": dtype,
+        "log_l2": float(prob.log_l2[0]),
+        "lr": float(prob.lr[0, 0]),
+        "momentum": round(float(prob.momentum[0, 0]), 6),
+    }
+
+
+# ---------------------------------------------------------------- processes
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def pick_cpus(threads: int) -> list[int]:
+    return sorted(os.sched_getaffinity(0))[:threads]
+
+
+def run_impl(impl: str, name: str, problem: str, *, repeats: int, threads: int = 2,
+             extra=(), save_grads=None, cache_dir=None, timeout: float = 900) -> dict:
+    """Run one implementation in a fresh process; its JSON record, or {"error": ...}."""
+    if impl == "ours":
+        cmd = [sys.executable, str(HERE / "run_ours.py"), name]
+        if cache_dir:
+            cmd += ["--cache-dir", cache_dir]
+    else:
+        cmd = [sys.executable, str(HERE / "peers" / "run_peer.py"), name, "--threads", str(threads)]
+    cmd += ["--problem", problem, "--repeats", str(repeats), "--json", *extra]
+    if save_grads:
+        cmd += ["--save-grads", save_grads]
+    cpus = pick_cpus(threads)
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "name": name, "error": f"timed out after {timeout:.0f} s"}
+    elapsed = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    rec = json.loads(lines[-1])
+    rec["process_seconds"] = elapsed
+    rec["cpus"] = cpus
+    return rec
+
+
+def load_grads(path) -> tuple[float, dict]:
+    with np.load(path) as z:
+        return float(z["value"]), {k: z[k] for k in z.files if k != "value"}
+
+
+def agreement(name: str, grads: dict, ref: dict) -> dict:
+    """Relative difference from the reference (our Reverse): per key and the largest."""
+    if "lr_layer" in grads:  # Forward on the per-layer lrs: d/d lr_l = Σ_t d/d lr[t, l]
+        pairs = {"lr_layer": (grads["lr_layer"], ref["lr"].sum(axis=0))}
+    else:
+        pairs = {k: (grads[k], ref[k]) for k in common.HPARAM_KEYS}
+    per = {}
+    for k, (a, b) in pairs.items():
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        per[k] = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    return {"per_key": per, "max": max(per.values())}
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None and np.isfinite(x)]
+    return statistics.median(xs) if xs else None
+
+
+# ---------------------------------------------------------------- main run
+
+
+def our_methods() -> list[str]:
+    """The B1 methods of this checkout (asked in a child: the runner does not import JAX)."""
+    code = "import run_ours, json; print(json.dumps(run_ours.available_methods()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                          env=child_env(2))
+    if proc.returncode != 0:
+        raise SystemExit(f"cannot list our methods:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def jobs_for(args) -> list[tuple[str, str]]:
+    if not hasattr(args, "_our_methods"):
+        args._our_methods = our_methods()
+    ours = [m for m in args._our_methods if args.methods is None or m in args.methods]
+    peers = [p for p in PEERS if args.peers is None or p in args.peers]
+    return [("ours", m) for m in ours] + [("peer", p) for p in peers]
+
+
+def our_extra(name: str, args) -> list[str]:
+    return {"checkpoint": ["--checkpoint-every", str(args.checkpoint_every)],
+            "truncated": ["--truncate", str(args.truncate)]}.get(name, [])
+
+
+def aggregate(records: list[dict]) -> dict:
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return {"error": records[-1]["error"] if records else "not run", "rounds": 0}
+    cat = lambda key: [x for r in ok for x in r.get(key, [])]  # noqa: E731
+    train, hyper = med(cat("train_samples")), med(cat("hypergrad_samples"))
+    out = {
+        "impl": ok[0]["impl"],
+        "name": ok[0]["name"],
+        "method": ok[0]["method"],
+        "rounds": len(ok),
+        "errors": [r["error"] for r in records if "error" in r],
+        "train_s": train,
+        "hypergrad_s": hyper,
+        "ratio": hyper / train if train else None,
+        "ratio_per_round": [r["ratio"] for r in ok],
+        "train_cpu_s": med(cat("train_cpu_samples")),
+        "hypergrad_cpu_s": med(cat("hypergrad_cpu_samples")),
+        "train_min_s": min(cat("train_samples"), default=None),
+        "hypergrad_min_s": min(cat("hypergrad_samples"), default=None),
+        "peak_rss_delta_mb": med([r["peak_rss_delta_mb"] for r in ok]),
+        "peak_rss_delta_mb_max": max(r["peak_rss_delta_mb"] or 0 for r in ok),
+        "peak_rss_mb": med([r["peak_rss_mb"] for r in ok]),
+        "baseline_rss_mb": med([r["baseline_rss_mb"] for r in ok]),
+        "value": ok[-1]["value"],
+        "load_avg_1min": [r["load_avg_1min_start"] for r in ok],
+    }
+    for k in ("xla_temp_mb", "compile_seconds", "method_stats", "m"):
+        if k in ok[-1]:
+            out[k] = ok[-1][k]
+    return out
+
+
+def per_round_speedup(records_by_round: list[dict], key: str) -> list[float]:
+    """Per round: fastest peer's median hypergradient time / our Reverse's (same round)."""
+    out = []
+    for rnd in records_by_round:
+        ours = rnd.get(("ours", "reverse"))
+        peers = [r for (impl, _), r in rnd.items() if impl == "peer" and "error" not in r]
+        if ours and "error" not in ours and peers:
+            out.append(min(r[key] for r in peers) / ours[key])
+    return out
+
+
+def x64_check(args, tmp: Path) -> dict:
+    """Float64 agreement on a short run: every implementation against our Reverse."""
+    path = str(tmp / "b1_f64.npz")
+    write_problem(path, args.x64_steps, dtype="float64")
+    out = {"T": args.x64_steps, "dtype": "float64", "implementations": {}}
+    # Truncated and DrMAD approximate by design: nothing to check at 1e-12.
+    jobs = [("ours", "reverse")] + [j for j in jobs_for(args)
+                                    if j != ("ours", "reverse") and j[1] not in APPROXIMATE]
+    grads = {}
+    for impl, name in jobs:
+        g = str(tmp / f"f64_{name}.npz")
+        rec = run_impl(impl, name, path, repeats=0, extra=our_extra(name, args) if impl == "ours" else [],
+                       save_grads=g, cache_dir=args.cache_dir, timeout=600)
+        if "error" in rec:
+            out["implementations"][name] = {"error": rec["error"]}
+            continue
+        grads[name] = load_grads(g)
+        print(f"  x64 {name}: value {grads[name][0]:.10f}", file=sys.stderr)
+    ref_value, ref = grads.get("reverse", (None, None))
+    for name, (value, g) in grads.items():
+        if ref is None:
+            break
+        a = agreement(name, g, ref)
+        out["implementations"][name] = {"value": value, "value_rel_diff": abs(value - ref_value) / abs(ref_value),
+                                        "rel_diff": a["max"], "rel_diff_per_key": a["per_key"]}
+    return out
+
+
+def fmt(x, spec=".3f", none="—"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    p, s = report["problem"], report["summary"]
+    lines = [
+        f"# B1 benchmark: ours and the PyTorch peers, side by side",
+        "",
+        f"{report['date']} · commit `{report['commit'][:10]}` · {report['machine']['cpu']} "
+        f"({report['machine']['cpus']} CPUs, {report['threads']} threads per implementation) · "
+        f"load average at start {report['load_avg_start'][0]:.2f} / {report['load_avg_start'][1]:.2f} / "
+        f"{report['load_avg_start'][2]:.2f}, at end {report['load_avg_end'][0]:.2f} · "
+        f"{report['rounds']} rounds x {report['repeats']} timed calls, order rotated per round",
+        "",
+        f"B1: {p['data']} {p['n_train']}/{p['n_val']}, MLP {'-'.join(map(str, p['layer_sizes']))}, "
+        f"T = {p['T']}, batch {p['batch_size']}, {p['dtype']}; λ = log_l2 (4) = {p['log_l2']}, "
+        f"lr (T, 4) = {p['lr']}, momentum (T, 4) = {p['momentum']}: {4 + 8 * p['T']} hyperparameters. "
+        "Same data, initial weights and λ for every implementation (one .npz).",
+        "",
+        "| implementation | method | training (s) | hypergradient (s) | ratio | CPU s train / hypergrad "
+        "| peak memory (MB) | rel. diff vs our Reverse (f32) | rel. diff (f64) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    x64 = report.get("x64_check", {}).get("implementations", {})
+    for key, r in report["results"].items():
+        impl, name = key.split(":", 1)
+        label = "ours" if impl == "ours" else PEER_LABEL.get(name, name)
+        if "error" in r:
+            lines.append(f"| {label} | {name} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        method = (OUR_LABEL.get(name, name).format(k=report["checkpoint_every"], tk=report["truncate"])
+                  if impl == "ours" else "unrolled reverse")
+        mem = fmt(r["peak_rss_delta_mb"], ".0f")
+        if r.get("xla_temp_mb") is not None and r.get("xla_temp_mb", -1) >= 0:
+            mem += f" (XLA temp {r['xla_temp_mb']:.0f})"
+        diff = r.get("rel_diff")
+        diff_s = "reference" if key == "ours:reverse" else fmt(diff, ".1e")
+        if name in APPROXIMATE and diff is not None:
+            diff_s += f" ({APPROXIMATE[name]})"
+        if name == "forward-4lr" and diff is not None:
+            diff_s += " (vs Σ_t ∂/∂lr[t])"
+        d64 = x64.get(name, {})
+        d64_s = "reference" if key == "ours:reverse" and x64 else fmt(d64.get("rel_diff"), ".1e")
+        lines.append(
+            f"| {label} | {method} | {fmt(r['train_s'])} | {fmt(r['hypergrad_s'])} | {fmt(r['ratio'], '.2f')} "
+            f"| {fmt(r['train_cpu_s'], '.2f')} / {fmt(r['hypergrad_cpu_s'], '.2f')} | {mem} | {diff_s} | {d64_s} |"
+        )
+    lines += [
+        "",
+        "Times are medians of all timed calls over all rounds (wall seconds; CPU = process CPU seconds, "
+        "all threads). Ratio = hypergradient / training of the same implementation in the same process. "
+        "Peak memory = the peak resident memory of a cold hypergradient call above the resident memory "
+        "just before it (data, libraries and compiled code excluded), median over rounds; for ours, "
+        "XLA's own temporary-buffer figure in brackets. Relative difference = max |g − g_ref| / max |g_ref| "
+        "per hyperparameter (log_l2, lr, momentum), the largest of the three"
+        + (f"; float64 on T = {report['x64_check']['T']}." if x64 else "."),
+        "",
+    ]
+    if s.get("speedup_wall") is not None:
+        lines += [
+            "## Target: our Reverse hypergradient ≥ 2× faster than the fastest peer",
+            "",
+            f"Fastest peer: {PEER_LABEL.get(s['fastest_peer'], s['fastest_peer'])}. "
+            f"Speed-up of our Reverse: **{s['speedup_wall']:.2f}× wall** "
+            f"(per round: {', '.join(f'{x:.2f}' for x in s['speedup_wall_per_round'])}), "
+            f"{s['speedup_cpu']:.2f}× CPU time. Target {'met' if s['speedup_wall'] >= 2 else 'missed'}"
+            f" on wall time, {'met' if s['speedup_cpu'] >= 2 else 'missed'} on CPU time.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = int(fh.readline().split()[1]) / 2**20
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "mem_gib": mem, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=100, help="training steps (B1: 100)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--truncate", type=int, default=10)
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="ours, comma-separated")
+    ap.add_argument("--peers", type=lambda s: s.split(","), default=None, help="comma-separated")
+    ap.add_argument("--no-x64", action="store_true", help="skip the float64 agreement check")
+    ap.add_argument("--x64-steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="1 round, 2 timed calls, no float64 check")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--cache-dir", default=None, help="JAX compilation cache (default: a temporary folder)")
+    ap.add_argument("--write-problem", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.write_problem:
+        print(json.dumps(_write_problem_here(args.write_problem, args.T, args.seed, args.dtype)))
+        return 0
+    if args.quick:
+        args.rounds, args.repeats, args.no_x64 = 1, 2, True
+
+    report = {
+        "benchmark": "B1",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "threads": args.threads,
+        "load_avg_start": list(os.getloadavg()),
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "checkpoint_every": args.checkpoint_every,
+        "truncate": args.truncate,
+    }
+    print(f"B1 bench: load average {report['load_avg_start']}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="hg-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        args.cache_dir = args.cache_dir or str(tmp / "jax-cache")
+        problem = str(tmp / "b1.npz")
+        report["problem"] = write_problem(problem, args.T)
+        jobs = jobs_for(args)
+        records = {job: [] for job in jobs}
+        by_round = []
+        for rnd in range(args.rounds):
+            order = jobs[rnd % len(jobs):] + jobs[: rnd % len(jobs)]
+            this = {}
+            for impl, name in order:
+                g = str(tmp / f"{impl}_{name}.npz")
+                rec = run_impl(impl, name, problem, repeats=args.repeats, threads=args.threads,
+                               extra=our_extra(name, args) if impl == "ours" else [],
+                               save_grads=g if rnd == 0 else None, cache_dir=args.cache_dir)
+                records[(impl, name)].append(rec)
+                this[(impl, name)] = rec
+                msg = rec.get("error") or (f"train {rec['train_s']:.3f}s hypergrad {rec['hypergrad_s']:.3f}s "
+                                           f"(cpu {rec['hypergrad_cpu_s']:.2f}s) peak +{rec['peak_rss_delta_mb']:.0f} MB "
+                                           f"load {rec['load_avg_1min_start']:.1f}")
+                print(f"round {rnd + 1}/{args.rounds} {impl}:{name}: {msg}", file=sys.stderr)
+            by_round.append(this)
+
+        results = {f"{impl}:{name}": aggregate(recs) for (impl, name), recs in records.items()}
+        ref_path = tmp / "ours_reverse.npz"
+        if ref_path.exists():
+            ref_value, ref = load_grads(ref_path)
+            for (impl, name) in jobs:
+                path = tmp / f"{impl}_{name}.npz"
+                r = results[f"{impl}:{name}"]
+                if path.exists() and "error" not in r:
+                    value, g = load_grads(path)
+                    a = agreement(name, g, ref)
+                    r["rel_diff"], r["rel_diff_per_key"] = a["max"], a["per_key"]
+                    r["value_rel_diff"] = abs(value - ref_value) / abs(ref_value)
+        if not args.no_x64:
+            print("float64 agreement check ...", file=sys.stderr)
+            report["x64_check"] = x64_check(args, tmp)
+    report["load_avg_end"] = list(os.getloadavg())
+    report["results"] = results
+    report["raw"] = {f"{impl}:{name}": recs for (impl, name), recs in records.items()}
+
+    ours_rev = results.get("ours:reverse", {})
+    peers = {k.split(":", 1)[1]: r for k, r in results.items() if k.startswith("peer:") and "error" not in r}
+    summary = {}
+    if peers and "error" not in ours_rev and ours_rev:
+        fastest = min(peers, key=lambda n: peers[n]["hypergrad_s"])
+        summary = {
+            "fastest_peer": fastest,
+            "speedup_wall": peers[fastest]["hypergrad_s"] / ours_rev["hypergrad_s"],
+            "speedup_cpu": min(r["hypergrad_cpu_s"] for r in peers.values()) / ours_rev["hypergrad_cpu_s"],
+            "speedup_wall_per_round": per_round_speedup(by_round, "hypergrad_s"),
+            "speedup_cpu_per_round": per_round_speedup(by_round, "hypergrad_cpu_s"),
+            "target_2x_wall_met": peers[fastest]["hypergrad_s"] / ours_rev["hypergrad_s"] >= 2,
+        }
+    report["summary"] = summary
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "b1.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "b1.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
