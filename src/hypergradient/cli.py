@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (by default they are shown when stderr is a terminal)")
+
+    from hypergradient import compare
+
+    compare.add_arguments(sub.add_parser(
+        "compare",
+        help="random search, Optuna TPE and hypergradient descent at an equal wall-clock budget",
+        description="Compare random search, Optuna's TPE and hypergradient descent (offline and real time) "
+        "on one experiment, at the same wall-clock budget; write trace.csv, summary.csv/.md and trace.png.",
+    ))
     return parser
 
 
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     if args.command == "list":
         return _list()
+    if args.command == "compare":
+        from hypergradient import compare
+
+        return compare.main(args)
     return _run(parser, args)
 
 
