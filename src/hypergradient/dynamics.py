@@ -53,6 +53,14 @@ def first_nonfinite(losses) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+def is_function(x: Any) -> bool:
+    """A callable that holds no arrays: ``init`` as a function of λ, not a
+    callable pytree of weights (an Equinox module is both)."""
+    return callable(x) and not any(
+        isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(x)
+    )
+
+
 def check_hparams_dtype(lam: Any) -> None:
     """Raise ``TypeError`` unless every leaf of λ is floating point."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(lam)
@@ -72,7 +80,8 @@ class Dynamics:
     """A training run whose final weights are differentiated in λ.
 
     Args:
-      init: the initial weights, a pytree, or a function ``λ -> w_0`` (init
+      init: the initial weights, a pytree (callable pytrees such as an
+        Equinox module count as weights), or a function ``λ -> w_0`` (init
         scales are hyperparameters too).
       loss: ``(w, λ, batch) -> scalar`` training loss.
       optimizer: a differentiable inner optimizer from :mod:`hypergradient.optim`.
@@ -105,6 +114,7 @@ class Dynamics:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         self.init = init
+        self._init_is_fn = is_function(init)  # decided once: inside jit the leaves are tracers
         self.loss = loss
         self.optimizer = optimizer
         self.optimizer_hparams = optimizer_hparams
@@ -113,11 +123,11 @@ class Dynamics:
 
     # -- pytree: arrays are leaves, functions are static ----------------------
     def tree_flatten(self):
-        init_leaf = None if callable(self.init) else self.init
+        init_leaf = None if self._init_is_fn else self.init
         data_is_fn = callable(self.data) and not isinstance(self.data, Batches)
         data_leaf = None if data_is_fn else self.data
         static = (
-            self.init if callable(self.init) else None,
+            self.init if self._init_is_fn else None,
             self.loss,
             self.optimizer,
             self.optimizer_hparams,
@@ -131,6 +141,7 @@ class Dynamics:
         obj = object.__new__(cls)
         init_fn, obj.loss, obj.optimizer, obj.optimizer_hparams, data_fn, obj.steps = static
         init_leaf, data_leaf = children
+        obj._init_is_fn = init_fn is not None
         obj.init = init_fn if init_fn is not None else init_leaf
         obj.data = data_fn if data_fn is not None else data_leaf
         return obj
@@ -141,7 +152,7 @@ class Dynamics:
     # -- the system ------------------------------------------------------------
     def initial_params(self, lam) -> Params:
         """w_0: ``init(λ)`` or the fixed initial weights."""
-        return self.init(lam) if callable(self.init) else self.init
+        return self.init(lam) if self._init_is_fn else self.init
 
     def initial_state(self, lam) -> State:
         """s_0 = (w_0, optimizer.init(w_0))."""
