@@ -16,6 +16,7 @@ on the way back: memory ~(T/k + k)·d for one extra forward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | No
         return _scan(dyn, state, lam, start, length)
     n_seg, rest = divmod(length, k)
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot merge the recomputation
     def segment(s, lam, seg_start):
         return _scan(dyn, s, lam, seg_start, k)
 
