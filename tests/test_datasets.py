@@ -260,3 +260,9 @@ def test_real_fashion_mnist(monkeypatch):
     assert s.image_shape == (28, 28)
     assert s.train.x.min() == 0 and s.train.x.max() == 1
     assert set(np.unique(s.train.y)) == set(range(10))
+
+
+def test_an_empty_split_is_an_empty_array_not_an_error():
+    d = datasets.load("digits", n_train=100, n_val=0, n_test=50)
+    assert d.val.x.shape == (0, 64) and d.val.y.shape == (0,)
+    assert d.train.x.shape == (100, 64)

@@ -148,7 +148,7 @@ def _check_sizes(**sizes: int) -> None:
 
 def _split(x: np.ndarray, y: np.ndarray, scale: float) -> Split:
     return Split(
-        np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32) / np.float32(scale),
+        np.ascontiguousarray(x.reshape(len(x), int(np.prod(x.shape[1:]))), dtype=np.float32) / np.float32(scale),
         np.ascontiguousarray(y, dtype=np.int32),
     )
 
