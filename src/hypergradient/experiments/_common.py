@@ -45,14 +45,19 @@ def say(message: str) -> None:
 
 # -- hyperparameter-free choices ------------------------------------------------------
 
-def load_data(config, n_train: int, n_val: int, n_test: int | None) -> datasets.Splits:
-    """The dataset of ``config`` with these sizes (``n_test=None``: the loader's default)."""
-    return datasets.load(config.dataset, config.data_dir, n_train=n_train, n_val=n_val, n_test=n_test)
+def load_data(config) -> datasets.Splits:
+    """The dataset of ``config`` with its sizes (``n_test=None``: the loader's default)."""
+    return datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
+                         n_test=config.n_test)
 
 
-def by_dataset(config, digits: Any, other: Any) -> Any:
-    """The value for the small bundled dataset, or the paper-scale one for the IDX datasets."""
-    return digits if config.dataset == "digits" else other
+def fill_defaults(config, **defaults: tuple[Any, Any]):
+    """``config`` with each field left ``None`` set from ``field=(digits value, paper-scale value)``:
+    the first for the small bundled dataset, the second for the IDX datasets."""
+    pick = 0 if config.dataset == "digits" else 1
+    return dataclasses.replace(
+        config, **{k: v[pick] for k, v in defaults.items() if getattr(config, k) is None}
+    )
 
 
 def make_method(name: str, truncation: int | None = None):

@@ -73,13 +73,13 @@ class Config:
     truncation: int = 20
 
     def resolved(self) -> Config:
-        return dataclasses.replace(
+        return c.fill_defaults(
             self,
-            hyper_steps=c.by_dataset(self, 100, 100) if self.hyper_steps is None else self.hyper_steps,
-            n_train=c.by_dataset(self, 450, 5_000) if self.n_train is None else self.n_train,
-            n_val=c.by_dataset(self, 450, 5_000) if self.n_val is None else self.n_val,
-            n_test=c.by_dataset(self, None, 10_000) if self.n_test is None else self.n_test,
-            lr=c.by_dataset(self, 0.5, 0.1) if self.lr is None else self.lr,
+            hyper_steps=(100, 100),
+            n_train=(450, 5_000),
+            n_val=(450, 5_000),
+            n_test=(None, 10_000),
+            lr=(0.5, 0.1),
         )
 
     def radii(self) -> list[float]:
@@ -98,7 +98,7 @@ def run(config: Config, out_dir, progress: bool | None = None) -> dict:
     out_dir = c.prepare(Path(out_dir), config)
     started = time.perf_counter()
 
-    data = c.load_data(config, config.n_train, config.n_val, config.n_test)
+    data = c.load_data(config)
     train, val, test = data.train, data.val, data.test
     n, n_features = train.x.shape
     y_noisy, flipped = datasets.flip_labels(train.y, config.flip_fraction, data.n_classes, seed=config.seed)

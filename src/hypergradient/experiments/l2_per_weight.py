@@ -65,12 +65,12 @@ class Config:
     truncation: int = 20
 
     def resolved(self) -> Config:
-        return dataclasses.replace(
+        return c.fill_defaults(
             self,
-            hyper_steps=c.by_dataset(self, 100, 100) if self.hyper_steps is None else self.hyper_steps,
-            n_train=c.by_dataset(self, 150, 1_000) if self.n_train is None else self.n_train,
-            n_val=c.by_dataset(self, 500, 10_000) if self.n_val is None else self.n_val,
-            n_test=c.by_dataset(self, None, 10_000) if self.n_test is None else self.n_test,
+            hyper_steps=(100, 100),
+            n_train=(150, 1_000),
+            n_val=(500, 10_000),
+            n_test=(None, 10_000),
         )
 
 
@@ -86,7 +86,7 @@ def run(config: Config, out_dir, progress: bool | None = None) -> dict:
     out_dir = c.prepare(Path(out_dir), config)
     started = time.perf_counter()
 
-    data = c.load_data(config, config.n_train, config.n_val, config.n_test)
+    data = c.load_data(config)
     train, val, test = data.train, data.val, data.test
     k, n_features = data.n_classes, train.x.shape[1]
     xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)

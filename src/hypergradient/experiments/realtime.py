@@ -73,17 +73,16 @@ class Config:
     channels: tuple[int, ...] = (8, 16)
 
     def resolved(self) -> Config:
-        every = c.by_dataset(self, 10, 20) if self.every is None else self.every
-        return dataclasses.replace(
-            self,
-            hyper_steps=c.by_dataset(self, 60, 100) if self.hyper_steps is None else self.hyper_steps,
-            every=every,
-            truncation=every if self.truncation is None else self.truncation,
-            n_train=c.by_dataset(self, 800, 10_000) if self.n_train is None else self.n_train,
-            n_val=c.by_dataset(self, 500, 10_000) if self.n_val is None else self.n_val,
-            n_test=c.by_dataset(self, None, 10_000) if self.n_test is None else self.n_test,
-            batch_size=c.by_dataset(self, 50, 100) if self.batch_size is None else self.batch_size,
-            val_batch=c.by_dataset(self, 500, 1000) if self.val_batch is None else self.val_batch,
+        config = c.fill_defaults(self, every=(10, 20))
+        return c.fill_defaults(
+            config,
+            hyper_steps=(60, 100),
+            truncation=(config.every, config.every),
+            n_train=(800, 10_000),
+            n_val=(500, 10_000),
+            n_test=(None, 10_000),
+            batch_size=(50, 100),
+            val_batch=(500, 1000),
         )
 
 
@@ -102,7 +101,7 @@ def run(config: Config, out_dir, progress: bool | None = None) -> dict:
     out_dir = c.prepare(Path(out_dir), config)
     started = time.perf_counter()
 
-    data = c.load_data(config, config.n_train, config.n_val, config.n_test)
+    data = c.load_data(config)
     train, val, test = data.train, data.val, data.test
     shape = data.image_shape
     key = jax.random.PRNGKey(config.seed)
@@ -124,10 +123,7 @@ def run(config: Config, out_dir, progress: bool | None = None) -> dict:
         init=w0,
         loss=loss,
         optimizer=hg.optim.adam(),
-        # b1, b2 as float32 arrays: Adam's bias correction b**t (t an int32 count)
-        # would otherwise be float64 when JAX runs with x64 enabled.
-        optimizer_hparams=lambda lam, t: {"lr": jnp.exp(lam["log_lr"]), "b1": jnp.float32(0.9),
-                                          "b2": jnp.float32(0.999)},
+        optimizer_hparams=lambda lam, t: {"lr": jnp.exp(lam["log_lr"])},
         data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
                         key=jax.random.fold_in(key, 1)),
         steps=steps,
