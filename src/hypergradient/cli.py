@@ -36,16 +36,6 @@ under OUT/checkpoints; the same command resumes from the last hyper-step.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -54,7 +44,7 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypergradient import experiments
+    from hypergradient import compare, experiments
 
     parser = argparse.ArgumentParser(
         prog="hypergradient",
@@ -94,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "with the number of hyperparameters), truncated (reverse through the last steps only), "
                      "reversible (exact reversal of momentum SGD), drmad (approximate reverse pass), "
                      "rtho / trho (real-time, realtime only); see the list below")
-    run.add_argument("--hyper-steps", type=_positive_int, metavar="N",
+    run.add_argument("--hyper-steps", type=compare.positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
     run.add_argument("--seed", type=_int, default=0, metavar="S",
@@ -106,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (by default they are shown when stderr is a terminal)")
-
-    from hypergradient import compare
 
     compare.add_arguments(sub.add_parser(
         "compare",

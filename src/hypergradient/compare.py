@@ -823,7 +823,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (also used by the ``hypergradient`` command)."""
     try:
         value = int(text)
     except ValueError:
@@ -848,7 +849,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the task to tune: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--budget-seconds", type=_positive_float, default=60.0, metavar="S",
                         help="wall-clock seconds per method, regime and seed, compilation excluded (default 60)")
-    parser.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
                         help="repetitions (weights, minibatch order, sampler seed); default 1")
     parser.add_argument("--storage", metavar="URL",
                         help="Optuna storage of the random-search and TPE studies: a URL such as "
