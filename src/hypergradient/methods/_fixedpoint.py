@@ -17,7 +17,9 @@ fixed shapes:
   ``x`` in [L, 2^S) plus a stack of w-bit words, together one big integer
   that symbols are pushed onto (``encode``) and popped from (``decode``) in
   O(1), each the exact inverse of the other. An alphabet of c symbols costs
-  log2(c) bits (up to a quantisation of the frequencies to 2^m).
+  log2(c) bits (up to a quantisation of the frequencies to 2^m). Each push or
+  pop moves at most one stack word (S − w = m), so it is one batched scatter or
+  gather over the D weights.
 - ``mul``: v ← μ v exactly reversibly with μ = n / 2^b ("bits back"): pop
   s ∈ [0, n) from the buffer, z = v·n + s, v' = ⌊z / 2^b⌋, push z mod 2^b.
   v' is μ v stochastically rounded (error < 1 unit), and the buffer grows by
@@ -48,8 +50,8 @@ class Format(NamedTuple):
       mu_bits: b, momenta are rationals n / 2^b with 1 <= n <= 2^b.
       state_bits: S, width of the ANS head (= B).
       word_bits: w, width of a stack word.
-      prob_bits: m, the coder's frequencies sum to 2^m.
-      renorm: the most words one push or pop moves (a static unroll).
+      prob_bits: m, the coder's frequencies sum to 2^m (m = S − w: a push or pop moves
+        at most one word).
     """
 
     float_dtype: Any
@@ -62,7 +64,6 @@ class Format(NamedTuple):
     state_bits: int
     word_bits: int
     prob_bits: int
-    renorm: int
 
     @property
     def limit(self) -> int:
@@ -100,11 +101,13 @@ def format_for(float_dtype, frac_bits: int | None = None) -> Format:
     if float_dtype == np.float64:
         if not jax.config.jax_enable_x64:
             raise ValueError("float64 weights need jax_enable_x64")
-        # S=64, w=32, m=32: alphabets up to 2^28 (>= 2^4 frequency each), one renormalisation word.
-        fmt = Format(jnp.float64, jnp.int64, jnp.uint64, jnp.uint32, 64, 44, 28, 64, 32, 32, 1)
+        # S=64, w=32, m=32: alphabets up to 2^28 (>= 2^4 frequency each).
+        fmt = Format(jnp.float64, jnp.int64, jnp.uint64, jnp.uint32, 64, 44, 28, 64, 32, 32)
     elif float_dtype == np.float32:
-        # S=32, w=8, m=24: alphabets up to 2^16 (>= 2^8 frequency each), at most two words.
-        fmt = Format(jnp.float32, jnp.int32, jnp.uint32, jnp.uint8, 32, 22, 16, 32, 8, 24, 2)
+        # S=32, w=16, m=16; momenta n / 2^12, so alphabets up to 2^12 (>= 2^4 frequency each:
+        # near-uniform, which keeps a pop at ~log2(c) bits even when the buffer's content is
+        # not random, e.g. for a weight whose velocity stays 0).
+        fmt = Format(jnp.float32, jnp.int32, jnp.uint32, jnp.uint16, 32, 22, 12, 32, 16, 16)
     else:
         raise ValueError(f"Reversible runs float32 or float64 weights, got {float_dtype}")
     if frac_bits is not None:
@@ -169,7 +172,7 @@ def mul_inverse(fmt: Format, v, e, n):
 # -- the information buffer: one ANS coder per weight ------------------------------
 
 class Buffer(NamedTuple):
-    """Per-weight big integers: head (D,), stack (rows, D) of words, stack pointer (D,).
+    """Per-weight big integers: head (D,), stack (D, rows) of words, stack pointer (D,).
 
     ``overflow`` / ``underflow`` count words that did not fit / were missing.
     """
@@ -187,61 +190,72 @@ PREFILL = 2  # zero words the buffer starts with, so a first pop never reads bel
 def empty(fmt: Format, size: int, capacity_words: int) -> Buffer:
     return Buffer(
         head=jnp.full((size,), fmt.lower, fmt.uint_dtype),
-        stack=jnp.zeros((PREFILL + capacity_words, size), fmt.word_dtype),
+        stack=jnp.zeros((size, PREFILL + capacity_words), fmt.word_dtype),
         sp=jnp.full((size,), PREFILL, jnp.int32),
         overflow=jnp.zeros((), jnp.int32),
         underflow=jnp.zeros((), jnp.int32),
     )
 
 
-def _frequencies(fmt: Format, c):
-    """Near-uniform frequencies of c symbols summing to 2^m: q+1 for the first r, q for the rest."""
+class Alphabet(NamedTuple):
+    """c symbols with near-uniform frequencies summing to 2^m: q + 1 for the first r, q for the rest.
+
+    Built by :func:`alphabet`; computing (q, r) needs integer divisions, so callers with few
+    distinct alphabets (one per layer) build them small and broadcast the result.
+    """
+
+    c: jax.Array
+    q: jax.Array
+    r: jax.Array
+
+
+def alphabet(fmt: Format, c) -> Alphabet:
+    c = fmt.u(c)
     total = fmt.u(1 << fmt.prob_bits)
-    return total // c, total % c
+    return Alphabet(c, total // c, total % c)
 
 
-def _emit(fmt: Format, buf: Buffer, x, emit):
-    rows = buf.stack.shape[0]
-    cols = jnp.arange(x.shape[0])
-    word = (x & fmt.u((1 << fmt.word_bits) - 1)).astype(fmt.word_dtype)
-    fits = buf.sp < rows
-    where = jnp.where(emit & fits, buf.sp, rows)  # out of range: dropped
-    stack = buf.stack.at[where, cols].set(word, mode="drop")
-    x = jnp.where(emit, jax.lax.shift_right_logical(x, fmt.u(fmt.word_bits)), x)
-    overflow = buf.overflow + jnp.sum(emit & ~fits).astype(jnp.int32)
-    return buf._replace(stack=stack, sp=buf.sp + emit.astype(jnp.int32), overflow=overflow), x
+# stack[j, i[j]] for every weight j, as one batched gather / scatter
+_word_at = jax.vmap(lambda words, i: words[i])
+_set_word_at = jax.vmap(lambda words, i, w: words.at[i].set(w, mode="drop"))
 
 
 def _push(fmt: Format, buf: Buffer, f, cum, divmod_f) -> Buffer:
     """rANS encode of a symbol with frequency f and cumulative frequency cum (out of 2^m)."""
-    m = fmt.prob_bits
+    m, rows = fmt.prob_bits, buf.stack.shape[1]
     x = buf.head
-    for _ in range(fmt.renorm):
-        # emit while x >= x_max = 2^(S-m)·f; the shifted comparison cannot overflow
-        emit = jax.lax.shift_right_logical(x, fmt.u(fmt.state_bits - m)) >= f
-        buf, x = _emit(fmt, buf, x, emit)
+    # renormalise: emit the low word while x >= x_max = 2^(S-m)·f (once is enough as S − w = m)
+    emit = jax.lax.shift_right_logical(x, fmt.u(fmt.state_bits - m)) >= f
+    fits = buf.sp < rows
+    word = (x & fmt.u((1 << fmt.word_bits) - 1)).astype(fmt.word_dtype)
+    stack = _set_word_at(buf.stack, jnp.where(emit & fits, buf.sp, rows), word)  # row `rows`: dropped
+    x = jnp.where(emit, jax.lax.shift_right_logical(x, fmt.u(fmt.word_bits)), x)
     quotient, remainder = divmod_f(x)
-    return buf._replace(head=jax.lax.shift_left(quotient, fmt.u(m)) + cum + remainder)
+    return Buffer(
+        head=jax.lax.shift_left(quotient, fmt.u(m)) + cum + remainder,
+        stack=stack,
+        sp=buf.sp + emit.astype(jnp.int32),
+        overflow=buf.overflow + jnp.sum(emit & ~fits).astype(jnp.int32),
+        underflow=buf.underflow,
+    )
 
 
 def _refill(fmt: Format, buf: Buffer, x) -> Buffer:
-    """Renormalise after a decode: read words while the head is below L."""
-    cols = jnp.arange(x.shape[0])
-    for _ in range(fmt.renorm):
-        read = x < fmt.lower
-        present = buf.sp > 0
-        word = buf.stack[jnp.maximum(buf.sp - 1, 0), cols].astype(fmt.uint_dtype)
-        word = jnp.where(present, word, 0)
-        x = jnp.where(read, jax.lax.shift_left(x, fmt.u(fmt.word_bits)) | word, x)
-        underflow = buf.underflow + jnp.sum(read & ~present).astype(jnp.int32)
-        buf = buf._replace(sp=buf.sp - (read & present).astype(jnp.int32), underflow=underflow)
-    return buf._replace(head=x)
+    """Renormalise after a decode: read a word if the head is below L."""
+    read = x < fmt.lower
+    present = buf.sp > 0
+    word = jnp.where(present, _word_at(buf.stack, jnp.maximum(buf.sp - 1, 0)), 0).astype(fmt.uint_dtype)
+    return buf._replace(
+        head=jnp.where(read, jax.lax.shift_left(x, fmt.u(fmt.word_bits)) | word, x),
+        sp=buf.sp - (read & present).astype(jnp.int32),
+        underflow=buf.underflow + jnp.sum(read & ~present).astype(jnp.int32),
+    )
 
 
 def encode(fmt: Format, buf: Buffer, s, c) -> Buffer:
-    """Push symbol s ∈ [0, c) of an alphabet of c <= 2^b symbols (log2 c bits)."""
-    s, c = fmt.u(s), fmt.u(c)
-    q, r = _frequencies(fmt, c)
+    """Push symbol s ∈ [0, c) of an alphabet of c <= 2^b symbols (log2 c bits); c may be an :class:`Alphabet`."""
+    s = fmt.u(s)
+    _, q, r = c if isinstance(c, Alphabet) else alphabet(fmt, c)
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
     return _push(fmt, buf, f, cum, lambda x: (x // f, x % f))
@@ -250,8 +264,7 @@ def encode(fmt: Format, buf: Buffer, s, c) -> Buffer:
 def decode(fmt: Format, buf: Buffer, c):
     """Pop a symbol of an alphabet of c symbols: the exact inverse of :func:`encode`."""
     m = fmt.prob_bits
-    c = fmt.u(c)
-    q, r = _frequencies(fmt, c)
+    _, q, r = c if isinstance(c, Alphabet) else alphabet(fmt, c)
     x = buf.head
     slot = x & fmt.u((1 << m) - 1)
     # the first r symbols own q+1 slots each, the others q
@@ -282,7 +295,7 @@ def decode_pow2(fmt: Format, buf: Buffer, bits: int):
     return _refill(fmt, buf, x), s
 
 
-_RAW_BITS = 16  # raw integers are pushed in 16-bit symbols (every format's alphabets reach 2^16)
+_RAW_BITS = 16  # raw integers are pushed in 16-bit symbols (m >= 16 in every format)
 
 
 def push_raw(fmt: Format, buf: Buffer, v) -> Buffer:
@@ -316,4 +329,4 @@ def is_empty(fmt: Format, buf: Buffer):
 
 def capacity_words(fmt: Format, bits: float) -> int:
     """Stack words per weight that hold ``bits`` bits, with the transient slack of one push."""
-    return int(math.ceil(bits / fmt.word_bits)) + fmt.renorm + 1
+    return int(math.ceil(bits / fmt.word_bits)) + 2
