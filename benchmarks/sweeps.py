@@ -59,7 +59,8 @@ LABEL = {
 
 def _short(rec: dict) -> dict:
     keep = ("impl", "name", "method", "T", "m", "hypergrad_s", "hypergrad_cpu_s", "cold_hypergrad_s",
-            "peak_rss_delta_mb", "peak_rss_mb", "baseline_rss_mb", "xla_temp_mb", "value", "repeats",
+            "peak_rss_delta_mb", "peak_rss_mb", "baseline_rss_mb", "train_peak_rss_mb", "train_peak_rss_delta_mb",
+            "xla_temp_mb", "value", "repeats",
             "load_avg_1min_start", "process_seconds", "error", "method_stats")
     return {k: rec[k] for k in keep if k in rec}
 
@@ -123,6 +124,14 @@ def memory_targets(points: dict, T: int) -> dict:
             worst = min(peers.values()) / mine
             out[ours] = {"mb": at[ours]["peak_rss_delta_mb"], "xla_temp_mb": at[ours].get("xla_temp_mb"),
                          "lowest_peer_over_ours": worst, "needed": need, "met": worst >= need if need > 1 else worst > 1}
+    if "reversible" in at and at["reversible"].get("train_peak_rss_mb"):
+        r = at["reversible"]
+        out["reversible_vs_training"] = {
+            "peak_rss_mb": r["peak_rss_mb"], "train_peak_rss_mb": r["train_peak_rss_mb"],
+            "ratio": r["peak_rss_mb"] / r["train_peak_rss_mb"],
+            "delta_mb": r["peak_rss_delta_mb"], "train_delta_mb": r["train_peak_rss_delta_mb"],
+            "needed": 1.5, "met": r["peak_rss_mb"] / r["train_peak_rss_mb"] <= 1.5,
+        }
     return out
 
 
@@ -253,6 +262,12 @@ def markdown(T_res, m_res) -> str:
                                  f"that: {'met' if t['met'] else 'missed'}.")
                 else:
                     lines.append(f"- {text}: not measured at this T.")
+        rt = tg.get("reversible_vs_training")
+        if rt:
+            lines.append(f"- Reversible within 1.5x of a plain training run (same process, peak resident memory): "
+                         f"{rt['peak_rss_mb']:.0f} MB against {rt['train_peak_rss_mb']:.0f} MB, "
+                         f"{rt['ratio']:.2f}x: {'met' if rt['met'] else 'missed'}. Above the memory resident "
+                         f"before each call: {rt['delta_mb']:.0f} MB against {rt['train_delta_mb']:.0f} MB.")
         lines.append("")
     if m_res:
         lines += ["### Forward against Reverse as the number of hyperparameters m grows (T = 100)", "",

@@ -377,7 +377,9 @@ def measure(train, hypergrad, repeats: int = 5, with_train: bool = True,
     1. ``train()`` once (warm-up: JIT compilation, lazy imports, allocator),
        then ``prepare()`` if given (ours: compile the hypergradient program
        without running it, so compilation stays out of the memory figure).
-    2. The *cold* hypergradient: resident memory (VmRSS) is read, the peak
+    2. A training run measured the same way (``train_peak_rss_mb``, and
+       ``train_peak_rss_delta_mb`` above the memory just before), then the
+       *cold* hypergradient: resident memory (VmRSS) is read, the peak
        (VmHWM) reset, ``hypergrad()`` called once. ``peak_rss_delta_mb`` is the
        peak less the resident memory just before: what this call needed on top
        of the data, the libraries and compiled code. A cold call is the fair
@@ -410,6 +412,12 @@ def measure(train, hypergrad, repeats: int = 5, with_train: bool = True,
         t0 = time.perf_counter()
         prepare()
         warm["prepare_s"] = time.perf_counter() - t0
+    gc.collect()
+    release_free_memory()
+    train_baseline = rss_mb()["rss"]
+    reset_peak_rss()
+    train()
+    train_peak = rss_mb()["hwm"]
     gc.collect()
     release_free_memory()
     baseline = rss_mb()["rss"]
@@ -450,6 +458,8 @@ def measure(train, hypergrad, repeats: int = 5, with_train: bool = True,
         "peak_rss_mb": peak,
         "peak_rss_delta_mb": peak - baseline if peak_reset else None,
         "baseline_rss_mb": baseline,
+        "train_peak_rss_mb": train_peak,
+        "train_peak_rss_delta_mb": train_peak - train_baseline if peak_reset else None,
         "train_samples": wall["train"],
         "hypergrad_samples": wall["hypergrad"],
         "train_cpu_samples": cpu["train"],
