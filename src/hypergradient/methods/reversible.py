@@ -66,8 +66,8 @@ class Reversible(Method):
         (default 22 for float32, in int32: range ±256, resolution 2.4e-7;
         44 for float64, in int64: range ±2^18, resolution 5.7e-14).
 
-    The run follows the rounded dynamics: momenta become n/2^b (b = 12 for
-    float32, resolution 2.4e-4; b = 28 for float64, 3.7e-9), v ← μv is
+    The run follows the rounded dynamics: momenta become n/2^b (b = 13 for
+    float32, resolution 1.2e-4; b = 28 for float64, 3.7e-9), v ← μv is
     rounded stochastically to the integer grid, increments to nearest.
 
     ``stats`` gains ``bits_per_weight_per_step`` (measured from the buffer's
