@@ -68,10 +68,10 @@ class Reversible(Method):
 
     The run follows the rounded dynamics: momenta become n/2^b (b = 13 for
     float32, resolution 1.2e-4; b = 28 for float64, 3.7e-9), v ← μv is
-    rounded stochastically to the integer grid, increments to nearest. In
-    float32 that rounding is coarse enough for long runs to depart from the
-    float run (on B1 the hypergradient agrees with Reverse at T = 100 and not at
-    T >= 1000); use float64 weights there (B1, T = 1000: cosine 1.000000).
+    rounded stochastically to the integer grid, increments to nearest. Where
+    the hypergradient is chaotic in λ (B1 at T >= 1000, where moving μ by 2e-5
+    changes Reverse's own hypergradient), that rounding matters in float32; use
+    float64 weights there (B1, T = 1000: cosine 1.000000 with Reverse).
 
     ``stats`` gains ``bits_per_weight_per_step`` (measured from the buffer's
     fill), ``buffer_bytes`` (allocated), ``buffer_bytes_used``,
