@@ -185,6 +185,16 @@ def test_buffer_holds_about_log2_one_over_mu_bits_per_weight_per_step(mu):
     assert res.stats["buffer_bytes_used"] < res.stats["trajectory_bytes_equivalent"] / 100
 
 
+@pytest.mark.parametrize("mu, bits", [(0.5, 2.0), (0.9, 0.25), (0.99, 0.125)])
+def test_default_buffer_is_sized_from_the_momentum_schedule(mu, bits):
+    dyn, objective, lam = problem("momentum_dampened", steps=12)
+    lam = {**lam, "momentum": jnp.full_like(lam["momentum"], mu)}
+    assert Reversible().resolve(dyn, lam) == Reversible(max_bits_per_step=bits)
+    res = hypergrad(dyn, objective, lam, Reversible())
+    assert res.stats["method"] == repr(Reversible(max_bits_per_step=bits))
+    assert res.stats["exact_reversal"] == 1.0
+
+
 def test_sgd_keeps_a_full_word_per_step():
     dyn, objective, lam = problem("sgd", steps=5)
     res = hypergrad(dyn, objective, lam, Reversible())

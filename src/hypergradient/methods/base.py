@@ -59,6 +59,14 @@ class Method:
     def check(self, dyn: Dynamics) -> None:
         """Raise ``MethodError`` if this method cannot serve ``dyn``."""
 
+    def resolve(self, dyn: Dynamics, lam) -> Method:
+        """This method with any setting left to be chosen from the concrete λ filled in.
+
+        Called by :func:`hypergrad` before compiling (λ is concrete there); the
+        default has nothing to choose.
+        """
+        return self
+
     def value_and_grad(self, dyn: Dynamics, objective: Objective, lam) -> tuple[jax.Array, Any, Outputs]:
         raise NotImplementedError
 
@@ -149,6 +157,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         raise TypeError(f"method must be a hypergradient method (hg.Reverse(), hg.Forward(), ...), got {method!r}")
     if not isinstance(dyn, Dynamics):
         raise TypeError(f"dyn must be a hypergradient.Dynamics, got {type(dyn).__name__}")
+    method = method.resolve(dyn, lam)
     exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
     start = time.perf_counter()
     value, grad, out = jax.block_until_ready(exe(dyn, lam))

@@ -58,10 +58,12 @@ class Reversible(Method):
     Args:
       max_bits_per_step: capacity of the information buffer, in bits per
         weight per step, averaged over the run. The buffer needs about
-        log2(1/μ) (1 at μ = 0.5, 0.15 at μ = 0.9); the default 1.0 serves
-        every momentum schedule averaging μ >= 0.5. Plain ``sgd`` ignores it
-        (a full word per step). A run that needs more raises
-        :class:`ReversalError` naming the value to give.
+        log2(1/μ) (1 at μ = 0.5, 0.15 at μ = 0.9). ``None`` (default): sized
+        from the momentum schedule at the λ of the call, 1.25·mean_t
+        max_weights log2(1/μ_t) + 0.05 rounded up to a power of two (0.25
+        at μ = 0.9), so that a new λ rarely needs a new program. Plain
+        ``sgd`` ignores it (a full word per step). A run that needs more
+        raises :class:`ReversalError` naming the value to give.
       frac_bits: fractional bits k of the fixed-point weights and velocity
         (default 22 for float32, in int32: range ±256, resolution 2.4e-7;
         44 for float64, in int64: range ±2^18, resolution 5.7e-14).
@@ -82,13 +84,25 @@ class Reversible(Method):
     (all 0 in a good run; :meth:`check_result` raises otherwise).
     """
 
-    max_bits_per_step: float = 1.0
+    max_bits_per_step: float | None = None
     frac_bits: int | None = None
 
     def __post_init__(self):
         b = self.max_bits_per_step
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
-            raise ValueError(f"max_bits_per_step must be a positive number, got {b!r}")
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise ValueError(f"max_bits_per_step must be a positive number or None, got {b!r}")
+
+    def resolve(self, dyn, lam) -> Reversible:
+        """Size the buffer from the concrete momentum schedule (when ``max_bits_per_step`` is None)."""
+        if self.max_bits_per_step is not None:
+            return self
+        self.check(dyn)
+        if dyn.optimizer.name == "sgd":
+            return dataclasses.replace(self, max_bits_per_step=1.0)  # unused: sgd stores full words
+        if "momentum" not in jax.eval_shape(lambda: dyn.hparams(lam, 0)):
+            dyn.validate(lam)  # raises the error naming the missing hyperparameter
+        needed = 1.25 * float(_mean_max_momentum_bits(dyn, lam)) + 0.05
+        return dataclasses.replace(self, max_bits_per_step=2.0 ** math.ceil(math.log2(needed)))
 
     def check(self, dyn) -> None:
         name = dyn.optimizer.name
@@ -130,6 +144,8 @@ class Reversible(Method):
 
     def value_and_grad(self, dyn, objective, lam):
         self.check(dyn)
+        if self.max_bits_per_step is None:
+            raise MethodError("Reversible.value_and_grad needs max_bits_per_step; hg.hypergrad sets it (resolve)")
         name = dyn.optimizer.name
         has_v = name != "sgd"
         heavy = name == "momentum"
@@ -289,3 +305,14 @@ class Reversible(Method):
             "fixed_point_range": fmt.value_range,
         }
         return value, grad, Outputs(paramsT, losses, extras)
+
+
+@jax.jit
+def _mean_max_momentum_bits(dyn, lam):
+    """mean over steps of max over weights of log2(1/μ_t): the buffer's growth per weight per step, at most."""
+
+    def bits(t):
+        mu = jax.tree.leaves(dyn.hparams(lam, t)["momentum"])
+        return jnp.max(jnp.stack([jnp.max(-jnp.log2(jnp.clip(jnp.asarray(m, jnp.float32), 2.0**-13, 1.0))) for m in mu]))
+
+    return jnp.mean(jax.vmap(bits)(jnp.arange(dyn.steps)))
