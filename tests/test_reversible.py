@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import hypergradient as hg
 from hypergradient.methods import _fixedpoint as fp
-from hypergradient.methods.base import MethodError
+from hypergradient.methods.base import MethodError, compiled
 from hypergradient.methods.reversible import ReversalError, Reversible
 from problems import mlp_problem
 
@@ -190,8 +190,10 @@ def test_default_buffer_is_sized_from_the_momentum_schedule(mu, bits):
     dyn, objective, lam = problem("momentum_dampened", steps=12)
     lam = {**lam, "momentum": jnp.full_like(lam["momentum"], mu)}
     assert Reversible().resolve(dyn, lam) == Reversible(max_bits_per_step=bits)
+    compiled(dyn, objective, Reversible(), lam)  # compiling ahead resolves too, and hypergrad then reuses it
     res = hypergrad(dyn, objective, lam, Reversible())
     assert res.stats["method"] == repr(Reversible(max_bits_per_step=bits))
+    assert res.stats["compile_seconds"] == 0.0
     assert res.stats["exact_reversal"] == 1.0
 
 

@@ -96,13 +96,14 @@ def _signature(tree) -> tuple:
 
 
 def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
-    """The compiled ``method.value_and_grad`` for these arguments, cached.
+    """The compiled ``method.value_and_grad`` for these arguments (method resolved first), cached.
 
     Returns ``(executable, compile_seconds, sizes)``; ``compile_seconds`` is 0
     on a hit; ``sizes`` holds XLA's peak temporary memory (``temp_bytes``, -1
     if unknown), the bytes of one training state and the number of
     hyperparameters, all computed once.
     """
+    method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
     key = (_signature(dyn), objective, method, _signature(lam))
     hit = _cache.get(key)
     if hit is not None:
