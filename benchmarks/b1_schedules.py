@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import hypergradient as hg
 from hypergradient import datasets, models

@@ -289,7 +289,7 @@ def fmt(x, spec=".3f", none="—"):
 def markdown(report: dict) -> str:
     p, s = report["problem"], report["summary"]
     lines = [
-        f"# B1 benchmark: ours and the PyTorch peers, side by side",
+        "# B1 benchmark: ours and the PyTorch peers, side by side",
         "",
         f"{report['date']} · commit `{report['commit'][:10]}` · {report['machine']['cpu']} "
         f"({report['machine']['cpus']} CPUs, {report['threads']} threads per implementation) · "

@@ -223,7 +223,7 @@ def markdown(T_res, m_res) -> str:
     lines = []
     if T_res:
         Ts = T_res["Ts"]
-        lines += [f"### Hypergradient time (s, wall) and peak memory (MB) against T",
+        lines += ["### Hypergradient time (s, wall) and peak memory (MB) against T",
                   "",
                   f"{T_res['date']} · load average at start {T_res['load']} · one process per point",
                   "",
