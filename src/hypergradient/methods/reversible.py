@@ -99,9 +99,12 @@ class Reversible(Method):
         self.check(dyn)
         if dyn.optimizer.name == "sgd":
             return dataclasses.replace(self, max_bits_per_step=1.0)  # unused: sgd stores full words
-        if "momentum" not in jax.eval_shape(lambda: dyn.hparams(lam, 0)):
-            dyn.validate(lam)  # raises the error naming the missing hyperparameter
-        needed = 1.25 * float(_mean_max_momentum_bits(dyn, lam)) + 0.05
+        try:
+            bits = float(_mean_max_momentum_bits(dyn, lam))
+        except KeyError:  # traced once per dynamics: name the missing hyperparameter, as compiling would
+            dyn.validate(lam)
+            raise
+        needed = 1.25 * bits + 0.05
         return dataclasses.replace(self, max_bits_per_step=2.0 ** math.ceil(math.log2(needed)))
 
     def check(self, dyn) -> None:
@@ -172,8 +175,9 @@ class Reversible(Method):
             x = fp.to_float(fmt, ints)
             return jax.tree.unflatten(treedef, [x[o : o + n].reshape(sh) for o, n, sh in zip(offsets, sizes, shapes)])
 
-        def per_weight(value, key, derive=lambda x: x):
-            """``derive(value)`` per layer (once for a scalar), laid out over the flat weights.
+        def per_weight(value, key, derive=lambda x: (x, 0)):
+            """``derive(value) = (arrays, count)`` per layer (once for a scalar): the arrays laid out
+            over the flat weights, the counts summed.
 
             Deriving before broadcasting keeps the integer divisions of a per-layer momentum's
             coder alphabet at one per layer instead of one per weight.
@@ -185,20 +189,20 @@ class Reversible(Method):
             lay_out = lambda *xs: jnp.concatenate(  # noqa: E731
                 [jnp.broadcast_to(x, sh).reshape(-1) for x, sh in zip(xs, shapes)]
             )
-            return jax.tree.map(lay_out, *parts)
+            return jax.tree.map(lay_out, *[arrays for arrays, _ in parts]), sum(count for _, count in parts)
 
         def momentum_terms(mu):
             n, bad = fp.rational(fmt, mu)
-            return mu, fp.alphabet(fmt, n), jnp.broadcast_to(bad.astype(fmt.float_dtype), jnp.shape(mu))
+            return (mu, fp.alphabet(fmt, n)), bad
 
         def hparams(t):
             """(lr, μ, μ's coder alphabet, count of μ out of range) at step t, laid out over the flat weights."""
             hp = dyn.hparams(lam, t)
-            lr = per_weight(hp["lr"], "lr")
+            lr, _ = per_weight(hp["lr"], "lr")
             if not has_v:
                 return lr, None, None, jnp.zeros((), jnp.int32)
-            mu, n, bad = per_weight(hp["momentum"], "momentum", momentum_terms)
-            return lr, mu, n, (jnp.sum(bad) > 0).astype(jnp.int32)
+            (mu, n), bad = per_weight(hp["momentum"], "momentum", momentum_terms)
+            return lr, mu, n, jnp.asarray(bad, jnp.int32)
 
         def velocity_increment(mu, g):
             return fp.to_fixed(fmt, g if heavy else (1 - mu) * g)
@@ -310,9 +314,11 @@ class Reversible(Method):
 @jax.jit
 def _mean_max_momentum_bits(dyn, lam):
     """mean over steps of max over weights of log2(1/μ_t): the buffer's growth per weight per step, at most."""
+    dtype = jax.tree.leaves(jax.eval_shape(dyn.initial_params, lam))[0].dtype
+    floor = 2.0 ** -fp.format_for(dtype).mu_bits  # the smallest μ the run can represent (below: out of range)
 
     def bits(t):
         mu = jax.tree.leaves(dyn.hparams(lam, t)["momentum"])
-        return jnp.max(jnp.stack([jnp.max(-jnp.log2(jnp.clip(jnp.asarray(m, jnp.float32), 2.0**-13, 1.0))) for m in mu]))
+        return jnp.max(jnp.stack([jnp.max(-jnp.log2(jnp.clip(jnp.asarray(m, jnp.float32), floor, 1.0))) for m in mu]))
 
     return jnp.mean(jax.vmap(bits)(jnp.arange(dyn.steps)))
