@@ -189,3 +189,32 @@ def test_progress_bar(capsys):
     dyn, objective = lr_problem(steps=20)
     online(dyn, objective, TOO_SMALL, every=5, progress=True)
     assert "objective=" in capsys.readouterr().err
+
+
+def test_a_second_call_on_the_same_problem_compiles_nothing():
+    dyn, objective = lr_problem(steps=40)
+    traces = []
+
+    def counted(w, lam):
+        traces.append(1)  # runs once per trace, never in a compiled call
+        return objective(w, lam)
+
+    opt = optax.adam(0.2)
+    for method in (hg.Forward(), hg.Truncated(5)):
+        first = online(dyn, counted, TOO_SMALL, method=method, every=10, hyper_optimizer=opt)
+        n = len(traces)
+        assert n > 0
+        second = online(dyn, counted, TOO_SMALL, method=method, every=10, hyper_optimizer=opt)
+        assert len(traces) == n, f"{method!r}: the second call traced the objective again"
+        assert float(second.value) == float(first.value)
+        np.testing.assert_array_equal(second.history["value"], first.history["value"])
+    online(dyn, counted, TOO_SMALL, method=hg.Truncated(5), every=5, hyper_optimizer=opt)
+    assert len(traces) > n  # another Δ is another program
+
+
+def test_progress_bar_of_a_cached_run_counts_its_own_hyper_steps(capsys):
+    dyn, objective = lr_problem(steps=20)
+    for _ in range(2):
+        online(dyn, objective, TOO_SMALL, every=5, progress=True)
+        err = capsys.readouterr().err
+        assert "4/4" in err and "objective=" in err

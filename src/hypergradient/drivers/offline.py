@@ -36,6 +36,9 @@ MAX_RECORDED_HPARAMS = 4096
 
 CHECKPOINT_FILE = "optimize.npz"
 
+#: The hyper-optimizer when none is given; one object, so compiled programs keyed on it are reused.
+DEFAULT_HYPER_OPTIMIZER = optax.adam(1e-2)
+
 
 class OptimizeResult(NamedTuple):
     """Result of :func:`optimize` and :func:`~hypergradient.drivers.online.online`.
@@ -118,11 +121,14 @@ def tree_norm(tree: Any) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x)))) for x in jax.tree.leaves(tree))))
 
 
+def progress_on(progress: bool | None) -> bool:
+    """Whether to show a progress bar: ``None`` means only when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
 def make_progress(progress: bool | None, total: int, initial: int, desc: str):
-    """A tqdm bar on stderr, or ``None``. ``progress=None``: on only when stderr is a terminal."""
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
+    """A tqdm bar on stderr, or ``None`` (see :func:`progress_on`)."""
+    if not progress_on(progress):
         return None
     from tqdm.auto import tqdm
 
@@ -238,7 +244,7 @@ def optimize(
       CheckpointMismatchError: ``checkpoint_dir`` holds another problem's checkpoint.
     """
     method = Reverse() if method is None else method
-    hyper_optimizer = optax.adam(1e-2) if hyper_optimizer is None else hyper_optimizer
+    hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
     if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, (int, np.integer)) or hyper_steps < 0:
         raise ValueError(f"hyper_steps must be a non-negative int, got {hyper_steps!r}")
     lam = check_common(dyn, lam0, hyper_optimizer, constraint, callback)

@@ -20,10 +20,14 @@ Both are one ``lax.scan`` over hyper-steps (each a ``lax.scan`` over its Δ
 training steps), with the optax update and the projection P inside it. The
 tangent Z holds m copies of the state (m = number of hyperparameters): RTHO
 costs ~(1 + c·m)× a training run and m·d memory; TRHO ~(1 + 2k/Δ)× and k·d.
+The compiled loop is cached: calling ``online`` again on the same problem
+(the same functions, method, Δ, hyper-optimizer and constraint objects, and
+shapes) compiles nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import os
@@ -38,11 +42,12 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ..dynamics import Dynamics, first_nonfinite
-from ..methods.base import Method, MethodError
+from ..methods.base import Method, MethodError, signature
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from . import checkpoint as ckpt
 from .offline import (
+    DEFAULT_HYPER_OPTIMIZER,
     MAX_RECORDED_HPARAMS,
     HyperDivergenceError,
     OptimizeResult,
@@ -51,6 +56,7 @@ from .offline import (
     hparam_size,
     hyper_update_fn,
     make_progress,
+    progress_on,
 )
 
 CHECKPOINT_FILE = "online.npz"
@@ -153,7 +159,7 @@ def online(
       MethodError: a method other than Forward or Truncated.
     """
     method = Forward() if method is None else method
-    hyper_optimizer = optax.adam(1e-2) if hyper_optimizer is None else hyper_optimizer
+    hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
     if not isinstance(method, (Forward, Truncated)):
         raise MethodError(
             f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO) or "
@@ -184,6 +190,117 @@ def online(
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     chunk = int(min(chunk, n_updates))
 
+    record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
+    programs = _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record,
+                         progress_on(progress))
+    body, run_chunk, finish = programs.body, programs.run_chunk, programs.finish
+    state_shape = jax.eval_shape(dyn.initial_state, lam)
+    carry = programs.initial_carry(dyn, lam)
+    rows: list[dict] = []
+    seconds: list[float] = []
+    done = 0
+
+    path = None
+    header = {
+        "driver": "online",
+        "method": repr(method),
+        "every": every,
+        "train_steps": dyn.steps,
+        "weights": ckpt.spec(state_shape),
+    }
+    if checkpoint_dir is not None:
+        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
+        saved = ckpt.load(path)
+        if saved is not None:
+            ckpt.check_header(saved, header)
+            carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
+            done = int(saved.header["step"])
+            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k), carry,
+                                                           jnp.arange(done))[1])
+            if done:
+                rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
+                seconds = list(saved.restore_dict("seconds").get("seconds", np.zeros(done)))
+
+    def stacked_rows():
+        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows) if rows else None
+
+    bar = make_progress(progress, n_updates, done, "hyper-steps")
+    if bar is not None:
+        _bars.append(bar)
+    try:
+        while done < n_updates:
+            ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
+            t0 = time.perf_counter()
+            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks))
+            dt = time.perf_counter() - t0
+            rows.append(jax.tree.map(np.asarray, out_rows))
+            seconds.extend([dt / len(ks)] * len(ks))
+            if not bool(new_carry.ok):
+                _raise_divergence(stacked_rows(), new_carry, lam, every, dyn.steps, seconds, path)
+            carry = new_carry
+            done += len(ks)
+            if path is not None:
+                ckpt.save(path, {"carry": carry, "rows": stacked_rows(), "seconds": {"seconds": np.asarray(seconds)}},
+                          {**header, "step": done})
+    finally:
+        if bar is not None:
+            _bars.remove(bar)
+            bar.close()
+
+    state, tail_losses, value = finish(dyn, carry)
+    all_rows = stacked_rows()
+    train_loss = np.concatenate([all_rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
+    step = first_nonfinite(train_loss)
+    if step is not None or not np.isfinite(float(value)):
+        raise HyperDivergenceError(
+            divergence_message("online", n_updates, step, dyn.steps,
+                               "the steps after the last update (or the final objective) are not finite",
+                               n_updates - 1),
+            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
+        )
+    return OptimizeResult(carry.hparams, state.params, float(value),
+                          _history(all_rows, seconds, train_loss), n_updates, False)
+
+
+class _Programs(NamedTuple):
+    """The compiled pieces of one online run; reused by later calls on the same problem."""
+
+    initial_carry: Callable  # (dyn, λ) -> Carry
+    body: Callable  # (dyn, carry, k) -> (carry, row): one hyper-step (traceable, for checkpoint templates)
+    run_chunk: Callable  # (dyn, carry, ks) -> (carry, rows): jitted scan of body over ks
+    finish: Callable  # (dyn, carry) -> (state, losses, value): the steps after the last update
+
+
+_CACHE_SIZE = 16
+_cache: collections.OrderedDict = collections.OrderedDict()
+_bars: list = []  # progress bars of the runs in progress; the compiled loop ticks the innermost
+
+
+def _tick(k, value):
+    if _bars:
+        _bars[-1].set_postfix(objective=f"{float(value):.6g}")
+        _bars[-1].update(1)
+
+
+def _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
+    """The jitted loop of an online run, cached per (dynamics, λ shapes, objective, method, Δ,
+    hyper-optimizer, constraint, what is recorded, progress on/off): a second call on the same problem
+    compiles nothing. Functions are compared by identity, as ``jax.jit`` does."""
+    key = (signature(dyn), signature(lam), objective, method, every, hyper_optimizer, constraint, record, ticking)
+    try:
+        hit = _cache.get(key)
+    except TypeError:  # an unhashable optimizer or constraint: build, do not cache
+        return _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking)
+    if hit is None:
+        hit = _cache[key] = _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking)
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    _cache.move_to_end(key)
+    return hit
+
+
+def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
+    n_updates, remainder = divmod(dyn.steps, every)
     with_k = _takes_step_index(objective)
 
     def outer(w, lam, k):
@@ -200,13 +317,13 @@ def online(
     mask = _float_mask(state_shape)
     treedef = jax.tree.structure(state_shape)
     flat_lam, unravel = ravel_pytree(lam)
-    m = flat_lam.size
+    m, dtype = flat_lam.size, flat_lam.dtype  # the cached closures hold λ's shapes, not its values
 
     def floats(state):
         return _split(state, mask)[0]
 
     def basis():
-        return jax.vmap(unravel)(jnp.eye(m, dtype=flat_lam.dtype))
+        return jax.vmap(unravel)(jnp.eye(m, dtype=dtype))
 
     def initial_carry(dyn, lam):
         state = dyn.initial_state(lam)
@@ -237,7 +354,7 @@ def online(
         value, (g_state, g_lam) = jax.value_and_grad(energy, argnums=(0, 1))(fl2, lam)
         # ∂E/∂s_t · Z_t: contract each state leaf's gradient with its m tangents.
         through_state = sum(
-            (jnp.tensordot(zl, gl, axes=gl.ndim) for zl, gl in zip(z2, g_state)), jnp.zeros(m, flat_lam.dtype)
+            (jnp.tensordot(zl, gl, axes=gl.ndim) for zl, gl in zip(z2, g_state)), jnp.zeros(m, dtype)
         )
         g = jax.tree.map(jnp.add, g_lam, unravel(through_state))
         return _merge(fl2, others2, mask, treedef), z2, value, g, losses
@@ -283,7 +400,7 @@ def online(
         row = {"value": value, "grad_norm": gnorm, "train_loss": losses}
         if record:
             row["hparams"] = carry.hparams
-        if bar is not None:
+        if ticking:
             jax.debug.callback(_tick, k, value, ordered=True)
         return carry2, row
 
@@ -294,78 +411,10 @@ def online(
     @jax.jit
     def finish(dyn, carry):
         state, losses = (dyn.rollout(carry.state, carry.hparams, n_updates * every, remainder)
-                         if remainder else (carry.state, jnp.zeros(0, flat_lam.dtype)))
+                         if remainder else (carry.state, jnp.zeros(0, dtype)))
         return state, losses, outer(state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
 
-    record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
-    bar = None  # set below, once the number of steps already done is known
-    carry = jax.jit(initial_carry)(dyn, lam)
-    rows: list[dict] = []
-    seconds: list[float] = []
-    done = 0
-
-    path = None
-    header = {
-        "driver": "online",
-        "method": repr(method),
-        "every": every,
-        "train_steps": dyn.steps,
-        "weights": ckpt.spec(state_shape),
-    }
-    if checkpoint_dir is not None:
-        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
-        saved = ckpt.load(path)
-        if saved is not None:
-            ckpt.check_header(saved, header)
-            carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
-            done = int(saved.header["step"])
-            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k), carry,
-                                                           jnp.arange(done))[1])
-            if done:
-                rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
-                seconds = list(saved.restore_dict("seconds").get("seconds", np.zeros(done)))
-
-    def stacked_rows():
-        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows) if rows else None
-
-    bar = make_progress(progress, n_updates, done, "hyper-steps")
-
-    def _tick(k, value):
-        bar.set_postfix(objective=f"{float(value):.6g}")
-        bar.update(1)
-
-    try:
-        while done < n_updates:
-            ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
-            t0 = time.perf_counter()
-            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks))
-            dt = time.perf_counter() - t0
-            rows.append(jax.tree.map(np.asarray, out_rows))
-            seconds.extend([dt / len(ks)] * len(ks))
-            if not bool(new_carry.ok):
-                _raise_divergence(stacked_rows(), new_carry, lam, every, dyn.steps, seconds, path)
-            carry = new_carry
-            done += len(ks)
-            if path is not None:
-                ckpt.save(path, {"carry": carry, "rows": stacked_rows(), "seconds": {"seconds": np.asarray(seconds)}},
-                          {**header, "step": done})
-    finally:
-        if bar is not None:
-            bar.close()
-
-    state, tail_losses, value = finish(dyn, carry)
-    all_rows = stacked_rows()
-    train_loss = np.concatenate([all_rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
-    step = first_nonfinite(train_loss)
-    if step is not None or not np.isfinite(float(value)):
-        raise HyperDivergenceError(
-            divergence_message("online", n_updates, step, dyn.steps,
-                               "the steps after the last update (or the final objective) are not finite",
-                               n_updates - 1),
-            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
-        )
-    return OptimizeResult(carry.hparams, state.params, float(value),
-                          _history(all_rows, seconds, train_loss), n_updates, False)
+    return _Programs(jax.jit(initial_carry), body, run_chunk, finish)
 
 
 def _history(rows: dict, seconds: list[float], train_loss: np.ndarray) -> dict:

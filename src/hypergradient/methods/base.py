@@ -90,7 +90,8 @@ _CACHE_SIZE = 64
 _cache: collections.OrderedDict = collections.OrderedDict()
 
 
-def _signature(tree) -> tuple:
+def signature(tree) -> tuple:
+    """What a compiled program depends on in a pytree: its structure (static fields included) and avals."""
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(jax.typeof(x) for x in leaves)
 
@@ -104,7 +105,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     hyperparameters, all computed once.
     """
     method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
-    key = (_signature(dyn), objective, method, _signature(lam))
+    key = (signature(dyn), objective, method, signature(lam))
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
