@@ -4,12 +4,15 @@ XLA counts the flops of a compiled program (``cost_analysis``) but counts a
 loop body once, so the run is costed per step: a training step Φ_t; Reverse's
 forward-and-backward of one step (``jax.vjp`` of Φ_t, which is what the
 backward loop does with the saved products plus the forward loop's step);
+Reversible's step (a training step forward, then on the way back the step's
+gradient again and its ``jax.vjp``, since re-creating v_{t-1} needs g_t);
 Forward's step carrying m = 4 tangents (``jax.jvp`` vectorised over the 4
 per-layer learning rates); and the validation objective with its gradient,
 which every method pays once. The floor of a method is its flops over a
 training run's, T·Φ:
 
-    Reverse  ≥ (T·vjp(Φ) + ∇E) / (T·Φ),     Forward ≥ (T·jvp₄(Φ) + ∇E) / (T·Φ)
+    Reverse  ≥ (T·vjp(Φ) + ∇E) / (T·Φ),     Forward ≥ (T·jvp₄(Φ) + ∇E) / (T·Φ),
+    Reversible ≥ (T·(Φ + vjp(∇L)) + ∇E) / (T·Φ)
 
 These are what the timed ratios of ``b1_schedules.py`` can be compared with:
 a measured ratio above the floor is overhead (dispatch, layout, memory), one
@@ -60,6 +63,10 @@ def main(argv=None):
     per_step = {
         "train_step": flops(step, state, lam),
         "reverse_step": flops(lambda s, l, ct: jax.vjp(step, s, l)[1](ct), state, lam, state),
+        "reversible_backward_step": flops(
+            lambda w, l, ct: jax.vjp(lambda w, l: dyn.loss_and_grad(w, l, t), w, l)[1](ct),
+            state.params, lam, (jnp.zeros(()), state.params),
+        ),
         "forward_step_m4": flops(forward_step, state, lr4, tangents),
         "objective_value_and_grad": flops(lambda w, l: jax.value_and_grad(objective)(w, l), state.params, lam),
     }
@@ -71,6 +78,8 @@ def main(argv=None):
         "floor_vs_train": {
             "reverse": (a.steps * per_step["reverse_step"] + per_step["objective_value_and_grad"]) / train,
             "forward-4lr": (a.steps * per_step["forward_step_m4"] + per_step["objective_value_and_grad"]) / train,
+            "reversible": (a.steps * (per_step["train_step"] + per_step["reversible_backward_step"])
+                           + per_step["objective_value_and_grad"]) / train,
             "objective_alone": per_step["objective_value_and_grad"] / train,
         },
     }
