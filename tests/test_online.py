@@ -218,3 +218,25 @@ def test_progress_bar_of_a_cached_run_counts_its_own_hyper_steps(capsys):
         online(dyn, objective, TOO_SMALL, every=5, progress=True)
         err = capsys.readouterr().err
         assert "4/4" in err and "objective=" in err
+
+
+def test_an_unhashable_hyper_optimizer_still_runs():
+    import dataclasses
+
+    @dataclasses.dataclass  # eq=True without frozen: instances are unhashable
+    class Wrapped:
+        inner: optax.GradientTransformation
+
+        def init(self, params):
+            return self.inner.init(params)
+
+        def update(self, updates, state, params=None):
+            return self.inner.update(updates, state, params)
+
+    dyn, objective = lr_problem(steps=20)
+    opt = Wrapped(optax.adam(0.2))
+    with pytest.raises(TypeError):
+        hash(opt)
+    res = online(dyn, objective, TOO_SMALL, every=5, hyper_optimizer=opt)
+    ref = online(dyn, objective, TOO_SMALL, every=5, hyper_optimizer=optax.adam(0.2))
+    np.testing.assert_allclose(res.history["value"], ref.history["value"], rtol=1e-12)
