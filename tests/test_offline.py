@@ -237,3 +237,27 @@ def test_rejects_bad_arguments():
         optimize(dyn, objective, lam, hyper_optimizer=0.1, hyper_steps=1)
     zero = optimize(dyn, objective, lam, hyper_steps=0)
     assert zero.steps == 0 and zero.history["value"].shape == (0,)
+
+
+def test_a_second_call_with_the_same_objects_traces_nothing():
+    dyn, objective, _ = ridge_l2_problem(steps=20)
+    traces = []
+
+    def counted(w, lam):
+        traces.append("objective")
+        return objective(w, lam)
+
+    def box(lam):
+        traces.append("constraint")
+        return {"log_l2": jnp.clip(lam["log_l2"], -10.0, 2.0)}
+
+    lam = {"log_l2": jnp.asarray(-3.0)}
+    opt = optax.adam(0.1)
+    first = optimize(dyn, counted, lam, hyper_optimizer=opt, hyper_steps=3, constraint=box)
+    n = len(traces)
+    traces.clear()
+    second = optimize(dyn, counted, lam, hyper_optimizer=opt, hyper_steps=3, constraint=box)
+    assert traces == ["constraint"]  # check_common projects λ once, eagerly; nothing is traced again
+    assert n > 1
+    assert second.value == first.value
+    np.testing.assert_array_equal(second.history["value"], first.history["value"])

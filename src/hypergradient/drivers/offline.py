@@ -5,7 +5,8 @@
         λ_{k+1} = constraint(λ_k + hyper_optimizer.update(∇f(λ_k)))
 
 The hypergradient program is compiled once (``hypergrad``'s cache) and
-reused at every hyper-step; so is the hyper-update (optax step + constraint).
+reused at every hyper-step; so is the hyper-update (optax step + constraint),
+and both are reused by later calls with the same objects.
 With ``checkpoint_dir`` the driver's whole state is written atomically after
 every hyper-step and a later call with the same directory resumes from it;
 everything the run computes is a deterministic function of that state (the
@@ -15,6 +16,7 @@ exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -150,6 +152,20 @@ def hyper_update_fn(hyper_optimizer: optax.GradientTransformation, constraint: C
         return new, opt_state
 
     return update
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_update(hyper_optimizer, constraint):
+    return jax.jit(hyper_update_fn(hyper_optimizer, constraint))
+
+
+def jitted_update(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None):
+    """The jitted hyper-update, one per (optimizer, constraint) object pair, so that a later
+    ``optimize`` with the same pair compiles nothing (unhashable ones get a fresh one)."""
+    try:
+        return _cached_update(hyper_optimizer, constraint)
+    except TypeError:
+        return jax.jit(hyper_update_fn(hyper_optimizer, constraint))
 
 
 def check_common(dyn, lam0, hyper_optimizer, constraint, callback):
@@ -291,7 +307,7 @@ def optimize(
             trees["hparams_trajectory"] = finish_history({"hparams": history["hparams"]}, lam_template)["hparams"]
         ckpt.save(path, trees, {**header, "step": step, "good_step": good_step})
 
-    update = jax.jit(hyper_update_fn(hyper_optimizer, constraint))
+    update = jitted_update(hyper_optimizer, constraint)
     bar = make_progress(progress, hyper_steps, min(start, hyper_steps), "hyper-steps")
     stopped = False
     try:
