@@ -115,6 +115,34 @@ def test_rational_multiplication_rounds_to_within_one_unit():
     assert all(abs(float(int(a) - b)) < 1 for a, b in zip(np.asarray(scaled[0]), exact))
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_float_divmod_is_exact_for_quotients_in_range(dtype):
+    """divmod_small replaces the coder's integer divisions; it must agree with // and % exactly."""
+    fmt = fp.format_for(dtype)
+    bound = 2**22 if dtype == "float32" else 2**51  # the quotient bound divmod_small promises
+    top = 2**fmt.bits - 1
+    rng = np.random.default_rng(1)
+    # small divisors with quotients up to the bound, and any x with divisors up to 2^(B/2)
+    d1 = rng.integers(1, 2**12, 100_000, dtype=np.uint64)
+    x1 = rng.integers(0, bound, 100_000, dtype=np.uint64) * d1 + rng.integers(0, 2**12, 100_000, dtype=np.uint64) % d1
+    x2 = rng.integers(0, top, 100_000, dtype=np.uint64, endpoint=True)
+    d2 = rng.integers(1, 2 ** (fmt.bits // 2), 100_000, dtype=np.uint64, endpoint=True)
+    edges = [(0, 1), (1, 1), (top, 2 ** (fmt.bits // 2)), (top - 1, 2 ** (fmt.bits // 2) - 1),
+             (bound * 3 - 1, 3), (bound - 1, 1)]
+    # x = k·d − 1 just below a multiple of d whose float rounds up to k·d: the float quotient overshoots
+    d3 = np.full(1000, 2**8 if dtype == "float32" else 2**13, np.uint64)
+    k = rng.integers(bound // 2, bound, 1000, dtype=np.uint64)
+    x3 = k * d3 - np.uint64(1)
+    x = np.concatenate([x1, x2, x3, np.array([e[0] for e in edges], np.uint64)])
+    d = np.concatenate([d1, d2, d3, np.array([e[1] for e in edges], np.uint64)])
+    keep = (x <= top) & (x // d < bound)
+    x, d = x[keep].astype(fmt.uint_dtype), d[keep].astype(fmt.uint_dtype)
+    assert len(x) > 150_000
+    q, r = jax.jit(functools.partial(fp.divmod_small, fmt))(jnp.asarray(x), jnp.asarray(d))
+    np.testing.assert_array_equal(np.asarray(q), x // d)
+    np.testing.assert_array_equal(np.asarray(r), x % d)
+
 # -- the method ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

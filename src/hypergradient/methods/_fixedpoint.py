@@ -145,6 +145,22 @@ def rational(fmt: Format, mu):
     return jnp.where(ok, y, 1).astype(fmt.uint_dtype), jnp.sum(~ok)
 
 
+def divmod_small(fmt: Format, x, d):
+    """(x // d, x % d) for unsigned x and d >= 1 whose quotient is below 2^22 (float32
+    formats) or 2^51 (float64 formats).
+
+    x86 has no vector integer division. Here x/d is a float division, within ±1 of the
+    quotient in that range, followed by one correction. The remainder is computed
+    modulo 2^B and lies in (−d, 2d), so a wrapped value is >= 2^(B−1).
+    """
+    q = jnp.floor(x.astype(fmt.float_dtype) / d.astype(fmt.float_dtype)).astype(fmt.uint_dtype)
+    r = x - q * d
+    low = r >= fmt.u(1 << (fmt.bits - 1))
+    q, r = jnp.where(low, q - 1, q), jnp.where(low, r + d, r)
+    high = r >= d
+    return jnp.where(high, q + 1, q), jnp.where(high, r - d, r)
+
+
 def mul(fmt: Format, v, n, s):
     """Forward v ← (v·n + s) // 2^b, returning the remainder e = (v·n + s) mod 2^b to push.
 
@@ -166,8 +182,8 @@ def mul_inverse(fmt: Format, v, e, n):
     q = jnp.floor_divide(v, ni)
     k = (v - q * ni).astype(fmt.uint_dtype)  # in [0, n)
     z = jax.lax.shift_left(k, fmt.u(b)) | e  # < n·2^b <= 2^(2b)
-    v = q * fmt.i(1 << b) + (z // n).astype(fmt.int_dtype)
-    return v, z % n
+    zq, zr = divmod_small(fmt, z, n)  # quotient < 2^b
+    return q * fmt.i(1 << b) + zq.astype(fmt.int_dtype), zr
 
 
 # -- the information buffer: one ANS coder per weight ------------------------------
@@ -259,7 +275,7 @@ def encode(fmt: Format, buf: Buffer, s, c) -> Buffer:
     _, q, r = c if isinstance(c, Alphabet) else alphabet(fmt, c)
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
-    return _push(fmt, buf, f, cum, lambda x: (x // f, x % f))
+    return _push(fmt, buf, f, cum, lambda x: divmod_small(fmt, x, f))  # x < 2^w·f: quotient < 2^w
 
 
 def decode(fmt: Format, buf: Buffer, c):
@@ -269,7 +285,8 @@ def decode(fmt: Format, buf: Buffer, c):
     x = buf.head
     slot = x & fmt.u((1 << m) - 1)
     # the first r symbols own q+1 slots each, the others q
-    s = jnp.where(slot < r * (q + 1), slot // (q + 1), (slot - r) // q)
+    # (slot − r wraps when slot < r, but that branch is then not taken)
+    s = jnp.where(slot < r * (q + 1), divmod_small(fmt, slot, q + 1)[0], divmod_small(fmt, slot - r, q)[0])
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
     x = f * jax.lax.shift_right_logical(x, fmt.u(m)) + slot - cum
