@@ -178,9 +178,15 @@ def mul(fmt: Format, v, n, s):
 def mul_inverse(fmt: Format, v, e, n):
     """Inverse of :func:`mul`: from v' and the popped e recover v and the symbol s to push back."""
     b = fmt.mu_bits
-    ni = n.astype(fmt.int_dtype)
-    q = jnp.floor_divide(v, ni)
-    k = (v - q * ni).astype(fmt.uint_dtype)  # in [0, n)
+    # q = v // n, k = v mod n without a wide integer division: with v = a·2^b + l, a // n is a
+    # float division exact for |a| < 2^(B−2−b), far inside the mantissa (the error of a/n is below
+    # its distance 1/n to the next integer), and (a mod n)·2^b + l < n·2^b has a quotient < 2^b.
+    a = jax.lax.shift_right_arithmetic(v, fmt.i(b))
+    l = (v & fmt.i((1 << b) - 1)).astype(fmt.uint_dtype)
+    qa = jnp.floor(a.astype(fmt.float_dtype) / n.astype(fmt.float_dtype)).astype(fmt.int_dtype)
+    ra = (a - qa * n.astype(fmt.int_dtype)).astype(fmt.uint_dtype)  # in [0, n)
+    ql, k = divmod_small(fmt, jax.lax.shift_left(ra, fmt.u(b)) | l, n)
+    q = qa * fmt.i(1 << b) + ql.astype(fmt.int_dtype)
     z = jax.lax.shift_left(k, fmt.u(b)) | e  # < n·2^b <= 2^(2b)
     zq, zr = divmod_small(fmt, z, n)  # quotient < 2^b
     return q * fmt.i(1 << b) + zq.astype(fmt.int_dtype), zr
@@ -284,9 +290,9 @@ def decode(fmt: Format, buf: Buffer, c):
     _, q, r = c if isinstance(c, Alphabet) else alphabet(fmt, c)
     x = buf.head
     slot = x & fmt.u((1 << m) - 1)
-    # the first r symbols own q+1 slots each, the others q
-    # (slot − r wraps when slot < r, but that branch is then not taken)
-    s = jnp.where(slot < r * (q + 1), divmod_small(fmt, slot, q + 1)[0], divmod_small(fmt, slot - r, q)[0])
+    # the first r symbols own q+1 slots each (from 0), the others q (from r·(q+1))
+    first = slot < r * (q + 1)
+    s, _ = divmod_small(fmt, jnp.where(first, slot, slot - r), jnp.where(first, q + 1, q))
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
     x = f * jax.lax.shift_right_logical(x, fmt.u(m)) + slot - cum
