@@ -27,7 +27,6 @@ shapes) compiles nothing.
 
 from __future__ import annotations
 
-import collections
 import inspect
 import math
 import os
@@ -42,7 +41,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ..dynamics import Dynamics, first_nonfinite
-from ..methods.base import Method, MethodError, signature
+from ..methods.base import Method, MethodError, ProgramCache, signature
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from . import checkpoint as ckpt
@@ -271,8 +270,7 @@ class _Programs(NamedTuple):
     finish: Callable  # (dyn, carry) -> (state, losses, value): the steps after the last update
 
 
-_CACHE_SIZE = 16
-_cache: collections.OrderedDict = collections.OrderedDict()
+_cache = ProgramCache(16)
 _bars: list = []  # progress bars of the runs in progress; the compiled loop ticks the innermost
 
 
@@ -291,12 +289,9 @@ def _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, r
         hit = _cache.get(key)
     except TypeError:  # an unhashable optimizer or constraint: build, do not cache
         return _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking)
-    if hit is None:
-        hit = _cache[key] = _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking)
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    _cache.move_to_end(key)
-    return hit
+    if hit is not None:
+        return hit
+    return _cache.put(key, _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking))
 
 
 def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:

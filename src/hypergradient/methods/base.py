@@ -86,8 +86,30 @@ def check_objective(dyn: Dynamics, objective: Objective, lam) -> None:
         raise ValueError(f"objective must return a floating-point scalar, it returned {out.dtype}")
 
 
-_CACHE_SIZE = 64
-_cache: collections.OrderedDict = collections.OrderedDict()
+class ProgramCache:
+    """A least-recently-used store of compiled programs, keyed by what they were built from."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        """The program stored under ``key``, now the most recent, or ``None`` (``TypeError`` if
+        ``key`` cannot be hashed)."""
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key, program):
+        """Store ``program`` under ``key``, dropping the least recent beyond ``size``; returns it."""
+        self._items[key] = program
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return program
+
+
+_programs = ProgramCache(64)
 
 
 def signature(tree) -> tuple:
@@ -106,9 +128,8 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     """
     method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
     key = (signature(dyn), objective, method, signature(lam))
-    hit = _cache.get(key)
+    hit = _programs.get(key)
     if hit is not None:
-        _cache.move_to_end(key)
         return hit[0], 0.0, hit[1]
     dyn.validate(lam)
     check_objective(dyn, objective, lam)
@@ -122,9 +143,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
         "state_bytes": _nbytes(jax.eval_shape(dyn.initial_state, lam)),
         "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
     }
-    _cache[key] = (exe, sizes)
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    _programs.put(key, (exe, sizes))
     return exe, seconds, sizes
 
 
