@@ -24,12 +24,11 @@ below it means the method's products ran faster per flop than training's.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
-from b1_schedules import b1_problem, per_layer_lr_problem
+from b1_schedules import b1_problem, emit, per_layer_lr_problem
 
 
 def flops(fn, *args) -> float:
@@ -83,11 +82,7 @@ def main(argv=None):
             "objective_alone": per_step["objective_value_and_grad"] / train,
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, a.out)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,15 @@ def per_layer_lr_problem(dyn, lam):
     return small, {"lr_layer": lam["lr"][0]}
 
 
+def emit(report: dict, out: str | None) -> None:
+    """Print the report as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def median_seconds(fn, repeats):
     jax.block_until_ready(fn())  # warm-up: compile
     times = []
@@ -169,11 +178,7 @@ def main(argv=None):
     for row in report["methods"].values():
         if rev:
             row["time_vs_reverse"] = row["hypergrad_seconds"] / rev["hypergrad_seconds"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, a.out)
 
 
 if __name__ == "__main__":

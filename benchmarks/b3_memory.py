@@ -21,7 +21,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hypergradient as hg  # noqa: E402
-from b1_schedules import b1_problem, load_data, median_seconds  # noqa: E402
+from b1_schedules import b1_problem, emit, load_data, median_seconds  # noqa: E402
 from hypergradient import dynamics  # noqa: E402
 from hypergradient.methods.base import compiled  # noqa: E402
 from hypergradient.methods.drmad import DrMAD  # noqa: E402
@@ -156,11 +155,7 @@ def main(argv=None):
         "bits_vs_momentum": bits_vs_mu(data, a),
     }
     report["wall_seconds"] = time.perf_counter() - start
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, a.out)
 
 
 if __name__ == "__main__":
