@@ -138,8 +138,7 @@ def _error(message: str, code: int = EXIT_USAGE) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from hypergradient import datasets, experiments
-    from hypergradient.dynamics import DivergenceError
-    from hypergradient.methods import MethodError
+    from hypergradient.errors import DivergenceError, MethodError
 
     module = experiments.get(args.experiment)
     method = args.method or module.METHODS[0]

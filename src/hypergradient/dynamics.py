@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import Batches
+from .errors import DivergenceError
 from .optim import Optimizer
 
 Params = Any
@@ -32,19 +33,6 @@ class State(NamedTuple):
 
     params: Params
     opt_state: Any
-
-
-class DivergenceError(FloatingPointError):
-    """A training run (or its hypergradient) produced NaN or inf.
-
-    Attributes:
-      step: the first training step whose loss was not finite, or ``None``
-        when training stayed finite but the objective or its gradient did not.
-    """
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
 
 
 def first_nonfinite(losses) -> int | None:

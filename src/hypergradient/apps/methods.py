@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 
 import hypergradient as hg
+from hypergradient.errors import UnknownMethodError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +49,6 @@ METHODS: dict[str, Entry] = {
     "trho": Entry("real-time truncated reverse (TRHO): λ updated every Δ steps from the last K steps",
                   lambda k, c: hg.Truncated(k), realtime=True),
 }
-
-
-class UnknownMethodError(KeyError):
-    """A method name that :data:`METHODS` does not hold."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def make(name: str, truncation: int = 20, checkpoint_every: int = 50) -> hg.Method:

@@ -22,11 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..errors import CheckpointMismatchError
+
 FORMAT = 1
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint belongs to another problem (other structure, shapes or settings)."""
 
 
 def spec(tree: Any) -> dict:

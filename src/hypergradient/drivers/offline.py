@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..dynamics import DivergenceError, Dynamics, check_hparams_dtype
+from ..dynamics import Dynamics, check_hparams_dtype
+from ..errors import DivergenceError, HyperDivergenceError
 from ..methods.base import Method, hypergrad
 from ..methods.reverse import Reverse
 from . import checkpoint as ckpt
@@ -67,25 +68,6 @@ class OptimizeResult(NamedTuple):
     history: dict
     steps: int
     stopped: bool = False
-
-
-class HyperDivergenceError(DivergenceError):
-    """Training diverged at some hyper-step of a driver.
-
-    Attributes:
-      hyper_step: the hyper-step whose training run (or hypergradient) was not finite.
-      step: the first non-finite training step (``None``: the objective or its
-        gradient, not training, went non-finite).
-      hparams: the last good hyperparameters (those of the last hyper-step
-        whose run was finite; λ_0 if the very first one diverged).
-      history: the history up to the last good hyper-step.
-    """
-
-    def __init__(self, message: str, hyper_step: int, step: int | None, hparams: Any, history: dict):
-        super().__init__(message, step)
-        self.hyper_step = hyper_step
-        self.hparams = hparams
-        self.history = history
 
 
 def divergence_message(driver: str, hyper_step: int, step: int | None, total_steps: int, cause: str,

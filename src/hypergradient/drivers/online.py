@@ -41,14 +41,14 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ..dynamics import Dynamics, first_nonfinite
-from ..methods.base import Method, MethodError, ProgramCache, signature
+from ..errors import HyperDivergenceError, MethodError
+from ..methods.base import Method, ProgramCache, signature
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from . import checkpoint as ckpt
 from .offline import (
     DEFAULT_HYPER_OPTIMIZER,
     MAX_RECORDED_HPARAMS,
-    HyperDivergenceError,
     OptimizeResult,
     check_common,
     divergence_message,

@@ -21,6 +21,7 @@ import numpy as np
 
 import hypergradient as hg
 from hypergradient import datasets
+from hypergradient.errors import ExperimentError
 
 # Every method name an experiment may accept, and how to build it.
 METHOD_HELP = {
@@ -32,10 +33,6 @@ METHOD_HELP = {
     "rtho": "real-time forward (RTHO): λ updated every Δ steps of one run, tangent carried",
     "trho": "real-time truncated reverse (TRHO): λ updated every Δ steps from the last K steps",
 }
-
-
-class ExperimentError(ValueError):
-    """A configuration the experiment cannot run (the message says why)."""
 
 
 def say(message: str) -> None:

@@ -2,12 +2,10 @@
 
 from .base import HypergradResult as HypergradResult
 from .base import Method as Method
-from .base import MethodError as MethodError
 from .drmad import DrMAD as DrMAD
 from .base import hypergrad as hypergrad
 from .forward import Forward as Forward
 from .implicit import Implicit as Implicit
 from .reverse import Reverse as Reverse
-from .reversible import ReversalError as ReversalError
 from .reversible import Reversible as Reversible
 from .truncated import Truncated as Truncated

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..dynamics import DivergenceError, Dynamics, first_nonfinite
+from ..dynamics import Dynamics, first_nonfinite
+from ..errors import DivergenceError, MethodError
 
 Objective = Callable[[Any, Any], jax.Array]
 
@@ -47,10 +48,6 @@ class HypergradResult(NamedTuple):
     grad: Any
     params: Any
     stats: dict
-
-
-class MethodError(ValueError):
-    """A method cannot serve the given dynamics (and the message says which can)."""
 
 
 class Method:

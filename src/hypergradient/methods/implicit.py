@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from ..data import Batches
-from .base import Method, MethodError, Outputs
+from ..errors import MethodError
+from .base import Method, Outputs
 
 SOLVERS = ("cg", "neumann")
 

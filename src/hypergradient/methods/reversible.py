@@ -36,14 +36,11 @@ import jax.numpy as jnp
 
 from ..dynamics import State
 from ..optim import broadcast_to
+from ..errors import MethodError, ReversalError
 from . import _fixedpoint as fp
-from .base import Method, MethodError, Outputs
+from .base import Method, Outputs
 
 SUPPORTED = ("sgd", "momentum", "momentum_dampened")
-
-
-class ReversalError(MethodError):
-    """Reversible could not reverse this training run exactly (the message says why and what to change)."""
 
 
 @dataclasses.dataclass(frozen=True)
