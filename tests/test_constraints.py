@@ -1,4 +1,4 @@
-"""Tests of hypergradient.drivers.constraints: exact Euclidean projections.
+"""Tests of hypergradient.constraints: exact Euclidean projections.
 
 Every coupling projection (simplex, l1_ball, box_l1) is checked against two
 references: the projection QP solved by scipy's SLSQP, and an exact
@@ -20,7 +20,7 @@ import scipy.optimize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypergradient.drivers import constraints as hc
+from hypergradient import constraints as hc
 
 jax.config.update("jax_enable_x64", True)
 

@@ -211,7 +211,7 @@ def test_constraint_is_applied_after_every_step():
 
 
 def test_constraints_module_projection():
-    constraints = pytest.importorskip("hypergradient.drivers.constraints")
+    constraints = pytest.importorskip("hypergradient.constraints")
     dyn, objective, lam = ridge_problem(steps=10)
     res = optimize(dyn, objective, lam, hyper_optimizer=push_lr(0.01), hyper_steps=4,
                    constraint=constraints.box(0.0, 0.115, on="lr"))
@@ -223,8 +223,11 @@ def test_progress_bar_shows_the_objective(capsys):
     dyn, objective, lam = ridge_problem(steps=10)
     optimize(dyn, objective, lam, hyper_steps=2, progress=True)
     assert "objective=" in capsys.readouterr().err
-    optimize(dyn, objective, lam, hyper_steps=2)  # auto: stderr is not a terminal under pytest
+    optimize(dyn, objective, lam, hyper_steps=2)  # auto: not a terminal, so a line every 10 s at most
     assert capsys.readouterr().err == ""
+    optimize(dyn, objective, lam, hyper_steps=3, progress=hg.TextProgressMeter(every_seconds=0))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("hyper-steps 3/3: objective ") and "s left" in lines[-1]
 
 
 def test_rejects_bad_arguments():

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import hypergradient as hg
 from hypergradient.methods import _fixedpoint as fp
-from hypergradient.methods.base import MethodError, compiled
+from hypergradient.errors import Failure, MethodError
+from hypergradient.hypergrad import compiled
 from hypergradient.methods.reversible import ReversalError, Reversible
 from problems import mlp_problem
 
@@ -273,7 +274,7 @@ def test_momentum_outside_zero_one_raises():
 
 def test_a_failed_reversal_raises():
     with pytest.raises(ReversalError, match="bit for bit"):
-        Reversible().check_result({"reversal_error": 3, "exact_reversal": 0.0})
+        raise Reversible().failure(Failure.REVERSAL_MISMATCH, {"reversal_error": 3, "exact_reversal": 0.0})
 
 
 def test_bad_arguments():

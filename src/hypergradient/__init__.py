@@ -1,28 +1,41 @@
-"""hypergradient: tune hyperparameters by gradient descent through the training run."""
+"""hypergradient: tune hyperparameters by gradient descent through the training run.
 
+Layers, each importing only those above it in this list: ``dynamics``, ``data``, ``optim`` (the
+training run); ``methods`` (how to differentiate it); ``hypergrad`` (the entry points);
+``drivers`` and ``constraints`` (tuning λ); ``apps`` (datasets, experiments, the CLI), which the
+rest never imports.
+"""
+
+from . import constraints as constraints
 from . import data as data
 from . import optim as optim
 from .data import Batches as Batches
+from .drivers.offline import OptimizeResult as OptimizeResult
+from .drivers.offline import optimize as optimize
+from .drivers.online import online as online
+from .drivers.progress import NoProgressMeter as NoProgressMeter
+from .drivers.progress import ProgressMeter as ProgressMeter
+from .drivers.progress import TextProgressMeter as TextProgressMeter
+from .drivers.progress import TqdmProgressMeter as TqdmProgressMeter
+from .dynamics import Dynamics as Dynamics
+from .dynamics import State as State
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import DivergenceError as DivergenceError
 from .errors import Failure as Failure
 from .errors import HyperDivergenceError as HyperDivergenceError
 from .errors import MethodError as MethodError
 from .errors import ReversalError as ReversalError
-from .dynamics import Dynamics as Dynamics
-from .dynamics import State as State
+from .hypergrad import HypergradResult as HypergradResult
+from .hypergrad import hypergrad as hypergrad
+from .hypergrad import value_and_grad as value_and_grad
 from .methods import DrMAD as DrMAD
 from .methods import Forward as Forward
-from .methods import HypergradResult as HypergradResult
 from .methods import Implicit as Implicit
 from .methods import Method as Method
 from .methods import Reverse as Reverse
 from .methods import Reversible as Reversible
+from .methods import Segmented as Segmented
+from .methods import Solution as Solution
 from .methods import Truncated as Truncated
-from .methods import hypergrad as hypergrad
-from .drivers import constraints as constraints
-from .drivers.offline import OptimizeResult as OptimizeResult
-from .drivers.offline import optimize as optimize
-from .drivers.online import online as online
 
 __version__ = "0.1.0"

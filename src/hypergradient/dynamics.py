@@ -9,7 +9,10 @@ a per-step schedule is indexed as ``lam["lr"][t]``.
 
 ``Dynamics`` is a pytree: its arrays (fixed initial weights, the data) are
 leaves and its functions are static, so one compiled program serves every
-call with the same functions and shapes.
+call with the same functions and shapes, and ``jax.vmap`` can map over the
+arrays it holds. The initial weights may be any callable pytree (an Equinox
+module): its array leaves are the weights that are trained, the rest is
+static, and ``loss`` and the objective receive the whole model again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._pytree import Skeleton, has_only_arrays, is_array, partition
 from .data import Batches
 from .errors import DivergenceError
 from .optim import Optimizer
@@ -44,9 +48,7 @@ def first_nonfinite(losses) -> int | None:
 def is_function(x: Any) -> bool:
     """A callable that holds no arrays: ``init`` as a function of λ, not a
     callable pytree of weights (an Equinox module is both)."""
-    return callable(x) and not any(
-        isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(x)
-    )
+    return callable(x) and not any(is_array(leaf) for leaf in jax.tree.leaves(x))
 
 
 def check_hparams_dtype(lam: Any) -> None:
@@ -68,10 +70,12 @@ class Dynamics:
     """A training run whose final weights are differentiated in λ.
 
     Args:
-      init: the initial weights, a pytree (callable pytrees such as an
-        Equinox module count as weights), or a function ``λ -> w_0`` (init
-        scales are hyperparameters too).
-      loss: ``(w, λ, batch) -> scalar`` training loss.
+      init: the initial weights, a pytree (a callable pytree such as an
+        Equinox or Flax nnx module counts as weights: its array leaves are
+        trained, the rest is static), or a function ``λ -> w_0`` (init scales
+        are hyperparameters too).
+      loss: ``(w, λ, batch) -> scalar`` training loss (``w`` is the whole
+        model again when ``init`` is a module).
       optimizer: a differentiable inner optimizer from :mod:`hypergradient.optim`.
       optimizer_hparams: ``(λ, t) -> dict`` of the optimizer's hyperparameters
         at step ``t`` (for example ``{"lr": lam["lr"][t], "momentum": 0.9}``).
@@ -101,8 +105,11 @@ class Dynamics:
             raise TypeError("optimizer_hparams must be a function (λ, t) -> dict of optimizer hyperparameters")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-        self.init = init
         self._init_is_fn = is_function(init)  # decided once: inside jit the leaves are tracers
+        self.skeleton: Skeleton | None = None  # the non-array part of a model given as init
+        if not self._init_is_fn and not has_only_arrays(init):
+            init, self.skeleton = partition(init)
+        self.init = init
         self.loss = loss
         self.optimizer = optimizer
         self.optimizer_hparams = optimizer_hparams
@@ -116,6 +123,7 @@ class Dynamics:
         data_leaf = None if data_is_fn else self.data
         static = (
             self.init if self._init_is_fn else None,
+            self.skeleton,
             self.loss,
             self.optimizer,
             self.optimizer_hparams,
@@ -127,7 +135,7 @@ class Dynamics:
     @classmethod
     def tree_unflatten(cls, static, children):
         obj = object.__new__(cls)
-        init_fn, obj.loss, obj.optimizer, obj.optimizer_hparams, data_fn, obj.steps = static
+        init_fn, obj.skeleton, obj.loss, obj.optimizer, obj.optimizer_hparams, data_fn, obj.steps = static
         init_leaf, data_leaf = children
         obj._init_is_fn = init_fn is not None
         obj.init = init_fn if init_fn is not None else init_leaf
@@ -139,8 +147,16 @@ class Dynamics:
 
     # -- the system ------------------------------------------------------------
     def initial_params(self, lam) -> Params:
-        """w_0: ``init(λ)`` or the fixed initial weights."""
+        """w_0: ``init(λ)`` or the fixed initial weights (a model's array leaves)."""
         return self.init(lam) if self._init_is_fn else self.init
+
+    def model(self, params: Params) -> Params:
+        """The weights as ``loss`` and the objective see them: the whole model when ``init`` was one."""
+        return params if self.skeleton is None else self.skeleton.combine(params)
+
+    def train_loss(self, params, lam, batch) -> jax.Array:
+        """``loss`` at the weights ``params`` (the trained arrays) on ``batch``."""
+        return self.loss(self.model(params), lam, batch)
 
     def initial_state(self, lam) -> State:
         """s_0 = (w_0, optimizer.init(w_0))."""
@@ -157,7 +173,7 @@ class Dynamics:
 
     def loss_and_grad(self, params, lam, t):
         """Training loss of step ``t`` and its gradient in the weights."""
-        return jax.value_and_grad(self.loss)(params, lam, self.batch(t))
+        return jax.value_and_grad(self.train_loss)(params, lam, self.batch(t))
 
     def step(self, state: State, lam, t) -> tuple[State, jax.Array]:
         """Φ_t: one training step; returns the new state and the step's training loss."""
@@ -177,17 +193,21 @@ class Dynamics:
         return jax.lax.scan(body, state, start + jnp.arange(length))
 
     def run(self, lam) -> Params:
-        """Plain training: the final weights w_T, jit-compiled.
+        """Plain training: the final weights w_T (the whole model when ``init`` was one), jit-compiled.
+
+        Traceable: under ``jax.jit`` or ``jax.vmap`` it returns the traced weights and checks
+        nothing (use :func:`train` for the per-step losses).
 
         Raises:
-          DivergenceError: if a training loss became NaN or inf.
+          DivergenceError: outside a transformation, if a training loss became NaN or inf.
         """
         check_hparams_dtype(lam)
-        state, losses = _run(self, lam)
-        step = first_nonfinite(losses)
-        if step is not None:
-            raise DivergenceError(f"training diverged: the training loss is not finite at step {step}", step)
-        return state.params
+        state, losses = train(self, lam)
+        if not isinstance(losses, jax.core.Tracer):
+            step = first_nonfinite(losses)
+            if step is not None:
+                raise DivergenceError(f"training diverged: the training loss is not finite at step {step}", step)
+        return self.model(state.params)
 
     def validate(self, lam) -> None:
         """Trace one step abstractly; raise a ``ValueError`` naming what cannot run."""
@@ -201,7 +221,7 @@ class Dynamics:
         self.optimizer.check_hparams(hp)
         batch = jax.eval_shape(self.batch, t0)
         try:
-            loss = jax.eval_shape(lambda p: self.loss(p, lam, self.batch(t0)), state.params)
+            loss = jax.eval_shape(lambda p: self.train_loss(p, lam, self.batch(t0)), state.params)
         except Exception as e:
             raise ValueError(
                 f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
@@ -225,5 +245,7 @@ def _shapes(tree):
 
 
 @jax.jit
-def _run(dyn: Dynamics, lam):
+def train(dyn: Dynamics, lam) -> tuple[State, jax.Array]:
+    """The training run: the final state s_T and the training loss of every step (compiled once
+    per dynamics functions and shapes)."""
     return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)

@@ -42,6 +42,10 @@ class Optimizer:
       broadcast: whether hyperparameters are broadcast to the weights'
         structure before ``rule`` sees them (``from_optax`` passes them on as
         they are).
+      reversal: which exact fixed-point inverse the rule admits, if any:
+        ``"sgd"`` (w ← w − η g), ``"heavy_ball"`` (v ← μv + g) or
+        ``"dampened"`` (v ← μv + (1−μ)g), each followed by w ← w − ηv.
+        ``hg.Reversible`` serves exactly the optimizers that declare one.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Optimizer:
     required: tuple[str, ...]
     defaults: tuple[tuple[str, float], ...] = ()
     broadcast: bool = True
+    reversal: str | None = None
 
     @property
     def hparam_names(self) -> tuple[str, ...]:
@@ -129,7 +134,7 @@ def sgd() -> Optimizer:
     def rule(g, state, w, h):
         return jax.tree.map(lambda w, g, lr: w - lr * g, w, g, h["lr"]), state
 
-    return Optimizer("sgd", lambda params: (), rule, ("lr",))
+    return Optimizer("sgd", lambda params: (), rule, ("lr",), reversal="sgd")
 
 
 def momentum(dampen: bool = False) -> Optimizer:
@@ -149,7 +154,8 @@ def momentum(dampen: bool = False) -> Optimizer:
         w = jax.tree.map(lambda w, v, lr: w - lr * v, w, v, h["lr"])
         return w, v
 
-    return Optimizer("momentum_dampened" if dampen else "momentum", _zeros_like, rule, ("lr", "momentum"))
+    return Optimizer("momentum_dampened" if dampen else "momentum", _zeros_like, rule, ("lr", "momentum"),
+                     reversal="dampened" if dampen else "heavy_ball")
 
 
 def nesterov() -> Optimizer:

@@ -1,1 +1,1 @@
-"""Hyperparameter optimization drivers: offline, online (real time) and constraints."""
+"""Hyperparameter optimization drivers: offline, online (real time), progress and checkpoints."""

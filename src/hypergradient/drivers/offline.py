@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -28,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..dynamics import Dynamics, check_hparams_dtype
+from ..dynamics import Dynamics, check_hparams_dtype, first_nonfinite
 from ..errors import DivergenceError, HyperDivergenceError
-from ..methods.base import Method, hypergrad
+from ..hypergrad import evaluate, hypergrad
+from ..methods.base import Method
 from ..methods.reverse import Reverse
 from . import checkpoint as ckpt
+from .progress import ProgressMeter, meter_for, tick
 
 #: The hyperparameter trajectory is kept in the history only up to this many numbers per λ.
 MAX_RECORDED_HPARAMS = 4096
@@ -103,20 +104,6 @@ def hparam_size(lam: Any) -> int:
 
 def tree_norm(tree: Any) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x)))) for x in jax.tree.leaves(tree))))
-
-
-def progress_on(progress: bool | None) -> bool:
-    """Whether to show a progress bar: ``None`` means only when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)
-
-
-def make_progress(progress: bool | None, total: int, initial: int, desc: str):
-    """A tqdm bar on stderr, or ``None`` (see :func:`progress_on`)."""
-    if not progress_on(progress):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
 def hyper_update_fn(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None):
@@ -201,7 +188,7 @@ def optimize(
     constraint: Callable[[Any], Any] | None = None,
     callback: Callable[[int, Any, float, Any], bool | None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool | None = None,
+    progress: bool | ProgressMeter | None = None,
 ) -> OptimizeResult:
     """Tune λ by gradient descent on f(λ) = objective(w_T(λ), λ), training from scratch each hyper-step.
 
@@ -227,8 +214,9 @@ def optimize(
         number of training steps) is refused with ``CheckpointMismatchError``.
         The history's ``seconds`` of the steps before a resume are those of
         the first process.
-      progress: show a tqdm progress bar with the objective; ``None`` (default)
-        shows it only when stderr is a terminal.
+      progress: a :class:`~hypergradient.drivers.progress.ProgressMeter`, or ``True``
+        (a tqdm bar with the objective), ``False`` (nothing), ``None`` (default: a bar
+        when stderr is a terminal, a line every 10 s otherwise).
 
     Returns:
       An :class:`OptimizeResult`. ``params`` and ``value`` come from one
@@ -290,7 +278,8 @@ def optimize(
         ckpt.save(path, trees, {**header, "step": step, "good_step": good_step})
 
     update = jitted_update(hyper_optimizer, constraint)
-    bar = make_progress(progress, hyper_steps, min(start, hyper_steps), "hyper-steps")
+    meter = meter_for(progress)
+    run = meter.open(hyper_steps, min(start, hyper_steps))
     stopped = False
     try:
         for k in range(start, hyper_steps):
@@ -314,9 +303,7 @@ def optimize(
             history["seconds"].append(time.perf_counter() - t0)
             if record:
                 history["hparams"].append(jax.tree.map(np.asarray, lam))
-            if bar is not None:
-                bar.set_postfix(objective=f"{value:.6g}", grad_norm=f"{history['grad_norm'][-1]:.3g}")
-                bar.update(1)
+            tick(run, value)
             if stop:
                 stopped = True
                 break
@@ -324,19 +311,18 @@ def optimize(
             if path is not None:
                 write_checkpoint(k + 1)
     finally:
-        if bar is not None:
-            bar.close()
+        meter.close(run)
 
-    try:
-        params = dyn.run(lam)
-    except DivergenceError as e:
+    params, value, losses = evaluate(dyn, objective, lam)
+    step = first_nonfinite(losses)
+    if step is not None:
         k = len(history["value"])
         raise HyperDivergenceError(
-            divergence_message("optimize", k, e.step, dyn.steps, "training at the final hyperparameters "
-                               f"(after the last update) diverged: {e}", good_step),
-            k, e.step, good, finish_history(history, lam_template),
-        ) from e
-    value = float(jax.jit(objective)(params, lam))
+            divergence_message("optimize", k, step, dyn.steps, "training at the final hyperparameters "
+                               f"(after the last update) diverged at step {step}", good_step),
+            k, step, good, finish_history(history, lam_template),
+        )
+    value = float(value)
     return OptimizeResult(lam, params, value, finish_history(history, lam_template), len(history["value"]), stopped)
 
 

@@ -1,28 +1,21 @@
 """Real-time hyperparameter optimization: λ updated every Δ steps of one training run.
 
-Franceschi, Donini, Frasconi, Pontil (ICML 2017), section 4.
+Franceschi, Donini, Frasconi, Pontil (ICML 2017), section 4. One protocol for both algorithms:
+every Δ steps the method runs its own ``segment`` (the code a whole-run hypergradient runs once,
+with Δ = T), and λ takes one hyper-step from the segment's hypergradient::
 
-RTHO (Algorithm 1, ``method=Forward()``): carry the tangent of the state
-along the run and update λ from it every Δ steps, never resetting it::
-
-    Z_0 = ∂s_0/∂λ
-    for t = 1..T:   s_t = Φ_t(s_{t-1}, λ),   Z_t = A_t Z_{t-1} + B_t
-                    if t mod Δ = 0:  g = ∂E/∂s_t · Z_t + ∂E/∂λ,   λ ← P(λ + optimizer(g))
-
-TRHO (Algorithm 2, ``method=Truncated(k)``): every Δ steps, backpropagate
-through the last k ≤ Δ steps only, from the state k steps back held fixed::
-
-    for j = 0..T/Δ-1:   s_{(j+1)Δ-k} = Φ…(s_{jΔ}, λ)                    (not differentiated)
-                        g = ∇_λ E(Φ_{(j+1)Δ}∘…∘Φ_{(j+1)Δ-k+1}(s_{(j+1)Δ-k}, λ), λ)
+    carry = method.start(s_0, λ)
+    for j = 0..T/Δ-1:   carry, E, g = method.segment(carry, λ, steps jΔ..(j+1)Δ-1)
                         λ ← P(λ + optimizer(g))
 
-Both are one ``lax.scan`` over hyper-steps (each a ``lax.scan`` over its Δ
-training steps), with the optax update and the projection P inside it. The
-tangent Z holds m copies of the state (m = number of hyperparameters): RTHO
-costs ~(1 + c·m)× a training run and m·d memory; TRHO ~(1 + 2k/Δ)× and k·d.
-The compiled loop is cached: calling ``online`` again on the same problem
-(the same functions, method, Δ, hyper-optimizer and constraint objects, and
-shapes) compiles nothing.
+RTHO (Algorithm 1, ``method=Forward()``): the carry holds the tangent Z_t = ∂s_t/∂λ, never reset,
+so g = ∂E/∂s_t · Z_t + ∂E/∂λ. TRHO (Algorithm 2, ``method=Truncated(k)``): each segment
+backpropagates through its last k ≤ Δ steps from the state k steps back, held fixed.
+
+The run is one ``lax.scan`` over hyper-steps, with the optax update and the projection P inside
+it. RTHO costs ~(1 + c·m)× a training run and m·d memory (m hyperparameters); TRHO ~(1 + 2k/Δ)×
+and k·d. The compiled loop is cached: calling ``online`` again on the same problem (the same
+functions, method, Δ, hyper-optimizer and constraint objects, and shapes) compiles nothing.
 """
 
 from __future__ import annotations
@@ -38,14 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
+from .._pytree import signature
 from ..dynamics import Dynamics, first_nonfinite
 from ..errors import HyperDivergenceError, MethodError
-from ..methods.base import Method, ProgramCache, signature
+from ..hypergrad import ProgramCache
+from ..methods.base import Method, Segmented
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from . import checkpoint as ckpt
+from .progress import NoProgressMeter, ProgressMeter, meter_for, tick
 from .offline import (
     DEFAULT_HYPER_OPTIMIZER,
     MAX_RECORDED_HPARAMS,
@@ -54,8 +49,6 @@ from .offline import (
     divergence_message,
     hparam_size,
     hyper_update_fn,
-    make_progress,
-    progress_on,
 )
 
 CHECKPOINT_FILE = "online.npz"
@@ -64,8 +57,7 @@ CHECKPOINT_FILE = "online.npz"
 class Carry(NamedTuple):
     """What the run carries from one hyper-step to the next."""
 
-    state: Any  # s_t
-    tangent: Any  # Z_t: ∂s_t/∂λ for the float leaves of s, leading axis m (RTHO); () for TRHO
+    inner: Any  # the method's carry: s_t, and Z_t = ∂s_t/∂λ for RTHO
     hparams: Any  # λ
     good_hparams: Any  # λ of the last hyper-step whose segment was finite
     opt_state: Any  # the hyper-optimizer's state
@@ -85,20 +77,6 @@ def _takes_step_index(objective: Callable) -> bool:
     return len(required) >= 3
 
 
-def _float_mask(tree) -> list[bool]:
-    return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)]
-
-
-def _split(tree, mask):
-    leaves = jax.tree.leaves(tree)
-    return [x for x, m in zip(leaves, mask) if m], [x for x, m in zip(leaves, mask) if not m]
-
-
-def _merge(floats, others, mask, treedef):
-    fi, oi = iter(floats), iter(others)
-    return jax.tree.unflatten(treedef, [next(fi) if m else next(oi) for m in mask])
-
-
 def online(
     dyn: Dynamics,
     objective: Callable[..., jax.Array],
@@ -109,7 +87,7 @@ def online(
     constraint: Callable[[Any], Any] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     chunk: int | None = None,
-    progress: bool | None = None,
+    progress: bool | ProgressMeter | None = None,
 ) -> OptimizeResult:
     """Tune λ during one training run, updating it every ``every`` steps (RTHO / TRHO).
 
@@ -140,8 +118,9 @@ def online(
         ``lax.scan``, or ⌈n/10⌉ with a ``checkpoint_dir``). Divergence is
         detected, and checkpoints written, between chunks. Runs with different
         chunks agree to rounding, not bitwise.
-      progress: a tqdm bar (per hyper-step) with the objective; ``None``: only
-        when stderr is a terminal.
+      progress: a :class:`~hypergradient.drivers.progress.ProgressMeter`, or ``True``
+        (a tqdm bar per hyper-step with the objective), ``False`` (nothing), ``None``
+        (a bar when stderr is a terminal, a line every 10 s otherwise).
 
     Returns:
       An :class:`~hypergradient.drivers.offline.OptimizeResult`: ``params``
@@ -159,7 +138,7 @@ def online(
     """
     method = Forward() if method is None else method
     hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
-    if not isinstance(method, (Forward, Truncated)):
+    if not isinstance(method, Segmented):
         raise MethodError(
             f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO) or "
             f"hg.Truncated(k) (TRHO); {method!r} differentiates a whole run and cannot update λ "
@@ -190,8 +169,9 @@ def online(
     chunk = int(min(chunk, n_updates))
 
     record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
+    meter = meter_for(progress)
     programs = _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record,
-                         progress_on(progress))
+                         not isinstance(meter, NoProgressMeter))
     body, run_chunk, finish = programs.body, programs.run_chunk, programs.finish
     state_shape = jax.eval_shape(dyn.initial_state, lam)
     carry = programs.initial_carry(dyn, lam)
@@ -214,7 +194,7 @@ def online(
             ckpt.check_header(saved, header)
             carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
             done = int(saved.header["step"])
-            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k), carry,
+            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k, 0), carry,
                                                            jnp.arange(done))[1])
             if done:
                 rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
@@ -223,14 +203,12 @@ def online(
     def stacked_rows():
         return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows) if rows else None
 
-    bar = make_progress(progress, n_updates, done, "hyper-steps")
-    if bar is not None:
-        _bars.append(bar)
+    run = meter.open(n_updates, done)
     try:
         while done < n_updates:
             ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
             t0 = time.perf_counter()
-            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks))
+            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks, jnp.int32(run)))
             dt = time.perf_counter() - t0
             rows.append(jax.tree.map(np.asarray, out_rows))
             seconds.extend([dt / len(ks)] * len(ks))
@@ -242,9 +220,7 @@ def online(
                 ckpt.save(path, {"carry": carry, "rows": stacked_rows(), "seconds": {"seconds": np.asarray(seconds)}},
                           {**header, "step": done})
     finally:
-        if bar is not None:
-            _bars.remove(bar)
-            bar.close()
+        meter.close(run)
 
     state, tail_losses, value = finish(dyn, carry)
     all_rows = stacked_rows()
@@ -257,7 +233,7 @@ def online(
                                n_updates - 1),
             n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
         )
-    return OptimizeResult(carry.hparams, state.params, float(value),
+    return OptimizeResult(carry.hparams, dyn.model(state.params), float(value),
                           _history(all_rows, seconds, train_loss), n_updates, False)
 
 
@@ -265,19 +241,12 @@ class _Programs(NamedTuple):
     """The compiled pieces of one online run; reused by later calls on the same problem."""
 
     initial_carry: Callable  # (dyn, λ) -> Carry
-    body: Callable  # (dyn, carry, k) -> (carry, row): one hyper-step (traceable, for checkpoint templates)
-    run_chunk: Callable  # (dyn, carry, ks) -> (carry, rows): jitted scan of body over ks
+    body: Callable  # (dyn, carry, k, meter index) -> (carry, row): one hyper-step (traceable)
+    run_chunk: Callable  # (dyn, carry, ks, meter index) -> (carry, rows): jitted scan of body over ks
     finish: Callable  # (dyn, carry) -> (state, losses, value): the steps after the last update
 
 
 _cache = ProgramCache(16)
-_bars: list = []  # progress bars of the runs in progress; the compiled loop ticks the innermost
-
-
-def _tick(k, value):
-    if _bars:
-        _bars[-1].set_postfix(objective=f"{float(value):.6g}")
-        _bars[-1].update(1)
 
 
 def _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
@@ -298,83 +267,22 @@ def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, reco
     n_updates, remainder = divmod(dyn.steps, every)
     with_k = _takes_step_index(objective)
 
-    def outer(w, lam, k):
-        return objective(w, lam, k) if with_k else objective(w, lam)
+    def outer(dyn, w, lam, k):
+        model = dyn.model(w)
+        return objective(model, lam, k) if with_k else objective(model, lam)
 
-    out = jax.eval_shape(outer, jax.eval_shape(dyn.initial_params, lam), lam, jnp.zeros((), jnp.int32))
+    w0 = jax.eval_shape(dyn.initial_params, lam)
+    out = jax.eval_shape(lambda w, lam: outer(dyn, w, lam, jnp.zeros((), jnp.int32)), w0, lam)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
-
-    forward = isinstance(method, Forward)
-    horizon = every if forward else method.k
     update = hyper_update_fn(hyper_optimizer, constraint)
-    state_shape = jax.eval_shape(dyn.initial_state, lam)
-    mask = _float_mask(state_shape)
-    treedef = jax.tree.structure(state_shape)
-    flat_lam, unravel = ravel_pytree(lam)
-    m, dtype = flat_lam.size, flat_lam.dtype  # the cached closures hold λ's shapes, not its values
-
-    def floats(state):
-        return _split(state, mask)[0]
-
-    def basis():
-        return jax.vmap(unravel)(jnp.eye(m, dtype=dtype))
 
     def initial_carry(dyn, lam):
-        state = dyn.initial_state(lam)
-        if forward:  # Z_0 = ∂s_0/∂λ, one row per basis direction of λ
-            z0 = jax.vmap(lambda e: jax.jvp(lambda l: floats(dyn.initial_state(l)), (lam,), (e,))[1])(basis())
-        else:
-            z0 = ()
-        opt_state = hyper_optimizer.init(lam)
-        return Carry(state, z0, lam, lam, opt_state, jnp.asarray(True))
+        return Carry(method.start(dyn, lam), lam, lam, hyper_optimizer.init(lam), jnp.asarray(True))
 
-    def rtho_segment(dyn, state, z, lam, start, k):
-        fl, others = _split(state, mask)
-
-        def segment(fl, lam):
-            s, losses = dyn.rollout(_merge(fl, others, mask, treedef), lam, start, every)
-            f2, o2 = _split(s, mask)
-            return f2, (o2, losses)
-
-        def push(z, e):  # one column of Z_t = A Z + B, through the whole interval
-            f2, dz, aux = jax.jvp(segment, (fl, lam), (z, e), has_aux=True)
-            return f2, dz, aux
-
-        fl2, z2, (others2, losses) = jax.vmap(push, out_axes=(None, 0, None))(z, basis())
-
-        def energy(fl, lam):
-            return outer(_merge(fl, others2, mask, treedef).params, lam, k)
-
-        value, (g_state, g_lam) = jax.value_and_grad(energy, argnums=(0, 1))(fl2, lam)
-        # ∂E/∂s_t · Z_t: contract each state leaf's gradient with its m tangents.
-        through_state = sum(
-            (jnp.tensordot(zl, gl, axes=gl.ndim) for zl, gl in zip(z2, g_state)), jnp.zeros(m, dtype)
-        )
-        g = jax.tree.map(jnp.add, g_lam, unravel(through_state))
-        return _merge(fl2, others2, mask, treedef), z2, value, g, losses
-
-    def trho_segment(dyn, state, lam, start, k):
-        head = every - horizon
-        if head:
-            state, head_losses = dyn.rollout(state, lam, start, head)
-
-        def f(lam):
-            s, losses = dyn.rollout(state, lam, start + head, horizon)
-            return outer(s.params, lam, k), (s, losses)
-
-        (value, (state, losses)), g = jax.value_and_grad(f, has_aux=True)(lam)
-        if head:
-            losses = jnp.concatenate([head_losses, losses])
-        return state, value, g, losses
-
-    def body(dyn, carry: Carry, k):
-        start = k * every
-        if forward:
-            state, z, value, g, losses = rtho_segment(dyn, carry.state, carry.tangent, carry.hparams, start, k)
-        else:
-            state, value, g, losses = trho_segment(dyn, carry.state, carry.hparams, start, k)
-            z = ()
+    def body(dyn, carry: Carry, k, meter_index):
+        energy = lambda w, lam: outer(dyn, w, lam, k)  # noqa: E731
+        inner, value, g, losses = method.segment(dyn, energy, carry.inner, carry.hparams, k * every, every)
         finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(losses))
         for leaf in jax.tree.leaves(g):
             finite &= jnp.all(jnp.isfinite(leaf))
@@ -385,7 +293,7 @@ def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, reco
             return jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)
 
         carry2 = Carry(
-            state, z,
+            inner,
             pick(new_lam, carry.hparams),
             pick(carry.hparams, carry.good_hparams),
             pick(new_opt, carry.opt_state),
@@ -396,18 +304,19 @@ def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, reco
         if record:
             row["hparams"] = carry.hparams
         if ticking:
-            jax.debug.callback(_tick, k, value, ordered=True)
+            jax.debug.callback(tick, meter_index, value, ordered=True)
         return carry2, row
 
     @jax.jit
-    def run_chunk(dyn, carry, ks):
-        return jax.lax.scan(lambda c, k: body(dyn, c, k), carry, ks)
+    def run_chunk(dyn, carry, ks, meter_index):
+        return jax.lax.scan(lambda c, k: body(dyn, c, k, meter_index), carry, ks)
 
     @jax.jit
     def finish(dyn, carry):
-        state, losses = (dyn.rollout(carry.state, carry.hparams, n_updates * every, remainder)
-                         if remainder else (carry.state, jnp.zeros(0, dtype)))
-        return state, losses, outer(state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
+        state = method.state(carry.inner)
+        state, losses = (dyn.rollout(state, carry.hparams, n_updates * every, remainder)
+                         if remainder else (state, jnp.zeros(0, jax.tree.leaves(lam)[0].dtype)))
+        return state, losses, outer(dyn, state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
 
     return _Programs(jax.jit(initial_carry), body, run_chunk, finish)
 

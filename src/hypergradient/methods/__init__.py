@@ -1,9 +1,9 @@
-"""Hypergradient methods: one file per method, one entry point."""
+"""Hypergradient methods: the protocol in ``base``, one file per method."""
 
-from .base import HypergradResult as HypergradResult
 from .base import Method as Method
+from .base import Segmented as Segmented
+from .base import Solution as Solution
 from .drmad import DrMAD as DrMAD
-from .base import hypergrad as hypergrad
 from .forward import Forward as Forward
 from .implicit import Implicit as Implicit
 from .reverse import Reverse as Reverse

@@ -36,7 +36,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .base import Method, Outputs
+from .base import Method, solution
 
 
 def _is_float(x) -> bool:
@@ -97,4 +97,4 @@ class DrMAD(Method):
         (dlam,) = init_vjp(alpha)
         grad = jax.tree.map(jnp.add, grad, dlam)
         state_bytes = sum(x.size * x.dtype.itemsize for x in leaves0)
-        return value, grad, Outputs(sT.params, losses, {"stored_state_bytes": 2 * state_bytes})
+        return solution(value, grad, sT.params, losses, {"stored_state_bytes": jnp.asarray(2 * state_bytes)})

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from ..data import Batches
 from ..errors import MethodError
-from .base import Method, Outputs
+from .base import Method, solution
 
 SOLVERS = ("cg", "neumann")
 
@@ -79,7 +79,7 @@ class Implicit(Method):
         value, (dE_dw, dE_dlam) = jax.value_and_grad(objective, argnums=(0, 1))(w, lam)
 
         def grad_w(w, lam):
-            return jax.grad(dyn.loss)(w, lam, batch)
+            return jax.grad(dyn.train_loss)(w, lam, batch)
 
         def hvp(v):
             return jax.jvp(lambda w: grad_w(w, lam), (w,), (v,))[1]
@@ -99,4 +99,4 @@ class Implicit(Method):
         (mixed,) = cross(v)
         grad = jax.tree.map(lambda a, b: a - b, dE_dlam, mixed)
         stationarity = jnp.sqrt(_tree_vdot(grad_w(w, lam), grad_w(w, lam)))
-        return value, grad, Outputs(w, losses, {"grad_norm_at_wT": stationarity})
+        return solution(value, grad, w, losses, {"grad_norm_at_wT": stationarity})

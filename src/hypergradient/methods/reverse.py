@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .base import Method, Outputs
+from .base import Method, solution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Reverse(Method):
             return objective(state.params, lam), (state.params, losses)
 
         (value, (params, losses)), grad = jax.value_and_grad(f, has_aux=True)(lam)
-        return value, grad, Outputs(params, losses, {})
+        return solution(value, grad, params, losses)
 
 
 def _scan(dyn, state, lam, start, length: int):

@@ -36,19 +36,22 @@ import jax.numpy as jnp
 
 from ..dynamics import State
 from ..optim import broadcast_to
-from ..errors import MethodError, ReversalError
+from ..errors import Failure, MethodError, ReversalError
 from . import _fixedpoint as fp
-from .base import Method, Outputs
+from .base import Method, solution
 
-SUPPORTED = ("sgd", "momentum", "momentum_dampened")
+#: The buffer's capacity when λ is traced (under ``jit`` / ``vmap``) and cannot size it: enough for
+#: momenta down to 0.5.
+TRACED_BITS_PER_STEP = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Reversible(Method):
     """Exact reverse-mode hypergradient by reversing the training run in fixed point.
 
-    Serves ``hg.optim.sgd()``, ``hg.optim.momentum()`` and
-    ``hg.optim.momentum(dampen=True)`` with any hyperparameters (per-step,
+    Serves the optimizers that declare an exact inverse (``Optimizer.reversal``):
+    ``hg.optim.sgd()``, ``hg.optim.momentum()`` and
+    ``hg.optim.momentum(dampen=True)``, with any hyperparameters (per-step,
     per-layer or per-weight learning rates and momenta in [2^-b, 1], loss,
     init and data hyperparameters).
 
@@ -58,7 +61,8 @@ class Reversible(Method):
         log2(1/μ) (1 at μ = 0.5, 0.15 at μ = 0.9). ``None`` (default): sized
         from the momentum schedule at the λ of the call, 1.25·mean_t
         max_weights log2(1/μ_t) + 0.05 rounded up to a power of two (0.25
-        at μ = 0.9), so that a new λ rarely needs a new program. Plain
+        at μ = 0.9), so that a new λ rarely needs a new program; under
+        ``jit`` or ``vmap``, where λ is traced, 1.0 (momenta down to 0.5). Plain
         ``sgd`` ignores it (a full word per step). A run that needs more
         raises :class:`ReversalError` naming the value to give.
       frac_bits: fractional bits k of the fixed-point weights and velocity
@@ -78,7 +82,8 @@ class Reversible(Method):
     ``exact_reversal`` (1.0 when w_0, v_0 and the empty buffer were
     re-created bit for bit) and the error counts ``reversal_error``,
     ``range_overflow``, ``buffer_overflow``, ``momentum_out_of_range``
-    (all 0 in a good run; :meth:`check_result` raises otherwise).
+    (all 0 in a good run; ``Solution.result`` holds the failure otherwise, and
+    :func:`hypergradient.hypergrad` raises :class:`ReversalError`).
     """
 
     max_bits_per_step: float | None = None
@@ -94,7 +99,7 @@ class Reversible(Method):
         if self.max_bits_per_step is not None:
             return self
         self.check(dyn)
-        if dyn.optimizer.name == "sgd":
+        if dyn.optimizer.reversal == "sgd":
             return dataclasses.replace(self, max_bits_per_step=1.0)  # unused: sgd stores full words
         try:
             bits = float(_mean_max_momentum_bits(dyn, lam))
@@ -105,50 +110,48 @@ class Reversible(Method):
         return dataclasses.replace(self, max_bits_per_step=2.0 ** math.ceil(math.log2(needed)))
 
     def check(self, dyn) -> None:
-        name = dyn.optimizer.name
-        if name not in SUPPORTED:
+        if dyn.optimizer.reversal is None:
             raise MethodError(
-                f"Reversible needs sgd or momentum (heavy ball or dampened); {name} has no exact "
+                f"Reversible needs sgd or momentum (heavy ball or dampened); {dyn.optimizer.name} has no exact "
                 "inverse: use hg.Reverse(checkpoint_every=...), hg.Forward(), hg.Truncated(k) or "
                 "hg.DrMAD() (approximate)"
             )
 
-    def check_result(self, extras) -> None:
-        """Raise :class:`ReversalError` if the run's flags (``extras`` or ``stats``) show a failure."""
-        get = lambda k: float(extras.get(k, 0))  # noqa: E731
-        if get("range_overflow"):
-            raise ReversalError(
+    def failure(self, result, stats) -> ReversalError | None:
+        """The :class:`ReversalError` that explains ``result``, with the run's ``stats``."""
+        get = lambda k: float(stats.get(k, 0))  # noqa: E731
+        if result == Failure.RANGE_OVERFLOW:
+            return ReversalError(
                 f"Reversible: {int(get('range_overflow'))} weight, velocity or update values left the "
                 f"fixed-point range ±{get('fixed_point_range'):g} (frac_bits={int(get('frac_bits'))}); "
                 "give Reversible(frac_bits=...) fewer fractional bits, or rescale the problem"
             )
-        if get("momentum_out_of_range"):
-            raise ReversalError(
+        if result == Failure.MOMENTUM_OUT_OF_RANGE:
+            return ReversalError(
                 f"Reversible: a momentum outside [2^-{int(get('momentum_bits'))}, 1] cannot be reversed "
                 "exactly; keep μ in that range or use hg.Reverse(checkpoint_every=...)"
             )
-        if get("buffer_overflow"):
+        if result == Failure.BUFFER_OVERFLOW:
             need = get("bits_needed_per_step")
-            raise ReversalError(
-                f"Reversible: the information buffer overflowed (it holds {self.max_bits_per_step:g} bits "
+            return ReversalError(
+                f"Reversible: the information buffer overflowed (it holds {self.max_bits_per_step or TRACED_BITS_PER_STEP:g} bits "
                 f"per weight per step; this run needs about {need:.3g}, i.e. log2(1/μ)); "
                 f"use Reversible(max_bits_per_step={1.25 * need:.3g}) or more"
             )
-        if get("reversal_error") or get("buffer_underflow"):
-            raise ReversalError(
+        if result == Failure.REVERSAL_MISMATCH:
+            return ReversalError(
                 f"Reversible: the backward pass did not re-create the initial state bit for bit "
                 f"({int(get('reversal_error'))} mismatched integers); the forward and backward gradients "
                 "differ in their last bits, which happens when the loss is not a deterministic function "
                 "of (w, λ, t); use hg.Reverse(checkpoint_every=...)"
             )
+        return None
 
     def value_and_grad(self, dyn, objective, lam):
         self.check(dyn)
-        if self.max_bits_per_step is None:
-            raise MethodError("Reversible.value_and_grad needs max_bits_per_step; hg.hypergrad sets it (resolve)")
-        name = dyn.optimizer.name
-        has_v = name != "sgd"
-        heavy = name == "momentum"
+        max_bits = TRACED_BITS_PER_STEP if self.max_bits_per_step is None else self.max_bits_per_step
+        has_v = dyn.optimizer.reversal != "sgd"
+        heavy = dyn.optimizer.reversal == "heavy_ball"
         T = dyn.steps
 
         # The integer state, the buffer and per-weight hyperparameters are one flat vector over all
@@ -216,7 +219,7 @@ class Reversible(Method):
             loss, g = dyn.loss_and_grad(to_tree(w), lam, t)
             return loss, flat(g).astype(fmt.float_dtype)
 
-        words = fp.capacity_words(fmt, T * (self.max_bits_per_step if has_v else fmt.bits))
+        words = fp.capacity_words(fmt, T * (max_bits if has_v else fmt.bits))
         w0, bad0 = fp.to_fixed(fmt, flat(s0.params))
         bad0 = bad0.astype(jnp.int32)
         v0 = jnp.zeros_like(w0)
@@ -297,7 +300,7 @@ class Reversible(Method):
         bits = fp.stored_bits(fmt, bufT)
         state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
         buffer_bytes = buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4)
-        extras = {
+        stats = {
             "bits_per_weight_per_step": jnp.mean(bits) / T,
             "bits_needed_per_step": jnp.max(bits) / T,
             "buffer_bytes": buffer_bytes,
@@ -313,7 +316,17 @@ class Reversible(Method):
             "momentum_bits": fmt.mu_bits,
             "fixed_point_range": fmt.value_range,
         }
-        return value, grad, Outputs(paramsT, losses, extras)
+        stats = {k: jnp.asarray(v) for k, v in stats.items()}
+        failures = [  # the first that applies names the run's failure
+            (bad_range, Failure.RANGE_OVERFLOW),
+            (bad_mu, Failure.MOMENTUM_OUT_OF_RANGE),
+            (bufT.overflow, Failure.BUFFER_OVERFLOW),
+            (mismatch + bufT.underflow + buf_back.underflow, Failure.REVERSAL_MISMATCH),
+        ]
+        result = jnp.asarray(Failure.OK, jnp.int32)
+        for count, code in reversed(failures):
+            result = jnp.where(count != 0, jnp.int32(code), result)
+        return solution(value, grad, paramsT, losses, stats, result)
 
 
 @jax.jit

@@ -1,0 +1,234 @@
+"""The two entry points: :func:`value_and_grad`, pure and traceable, and :func:`hypergrad`, the
+host-side convenience on top of it (compile cache, timings, XLA's memory figures, errors raised).
+
+    sol = hg.value_and_grad(dyn, objective, λ, method)          # inside jit / vmap / your code
+    res = hg.hypergrad(dyn, objective, λ, method)               # on the host: raises on failure
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._pytree import nbytes, partition, signature
+from .dynamics import Dynamics, first_nonfinite, train
+from .errors import DivergenceError, Failure
+from .methods.base import Method, Objective, Solution
+from .methods.reverse import Reverse
+
+
+def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | None = None) -> Solution:
+    """f(λ) = objective(w_T(λ), λ) and its hypergradient ∇f(λ), as a pure function.
+
+    Composes with ``jax.jit``, ``jax.vmap`` (over λ, or over the arrays a Dynamics or a
+    callable-pytree objective holds) and sharding. Nothing is raised for a run that fails:
+    ``Solution.diverged`` and ``Solution.result`` say what went wrong (see :func:`hypergrad`
+    for the raising host version).
+
+    Args:
+      dyn: the training run.
+      objective: ``(w, λ) -> scalar`` at the final weights; any callable pytree (a
+        ``jax.tree_util.Partial`` holding the validation arrays, an Equinox module).
+      lam: the hyperparameters, a pytree of floating-point arrays.
+      method: how to differentiate (default ``hg.Reverse()``); see :class:`~hypergradient.Method`.
+
+    Returns:
+      A :class:`~hypergradient.Solution` (``value``, ``grad``, ``params``, ``losses``,
+      ``diverged``, ``result``, ``stats``).
+    """
+    method = Reverse() if method is None else method
+    _check_types(dyn, method)
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
+        method = method.resolve(dyn, lam)
+    sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
+    train_ok = jnp.all(jnp.isfinite(sol.losses))
+    value_ok = jnp.isfinite(sol.value)
+    grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(sol.grad)]))
+    result = jnp.where(
+        sol.result != Failure.OK, sol.result,
+        jnp.where(~train_ok, Failure.TRAINING_DIVERGED,
+                  jnp.where(~value_ok, Failure.OBJECTIVE_NONFINITE,
+                            jnp.where(~grad_ok, Failure.GRAD_NONFINITE, Failure.OK))),
+    ).astype(jnp.int32)
+    return sol._replace(diverged=~(train_ok & value_ok & grad_ok), result=result)
+
+
+class HypergradResult(NamedTuple):
+    """Result of :func:`hypergrad`.
+
+    Attributes:
+      value: f(λ), the objective at the final weights.
+      grad: ∇f(λ), with λ's structure.
+      params: the final weights w_T of the training run (the whole model when ``init`` was one).
+      stats: host numbers: ``method`` (what ran), ``seconds``, ``compile_seconds``, ``steps``,
+        ``final_train_loss``, ``temp_bytes`` (XLA's peak temporary memory), ``state_bytes``,
+        ``hparam_numbers`` and the method's own figures.
+      losses: the training loss of every step.
+    """
+
+    value: jax.Array
+    grad: Any
+    params: Any
+    stats: dict
+    losses: jax.Array
+
+
+def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = None) -> HypergradResult:
+    """The hypergradient ∇f(λ) of f(λ) = objective(w_T(λ), λ), computed on the host.
+
+    Args:
+      dyn: the training run.
+      objective: ``(w, λ) -> scalar``, evaluated at the final weights; a callable pytree's arrays
+        are arguments of the compiled program, never constants baked into it.
+      lam: the hyperparameters, a pytree of floating-point arrays.
+      method: how to differentiate: ``hg.Reverse()`` (default, optionally with
+        ``checkpoint_every``), ``hg.Forward()``, ``hg.Truncated(k)``, ``hg.Reversible()``,
+        ``hg.DrMAD()`` or ``hg.Implicit()``.
+
+    Returns:
+      A :class:`HypergradResult`. The compiled program is reused by later calls with the same
+      dynamics functions, objective functions, method and shapes.
+
+    Raises:
+      DivergenceError: the training loss, the objective or the hypergradient is NaN or inf
+        (the error names the first non-finite training step).
+      MethodError: the method cannot serve this dynamics (``ReversalError``: Reversible could not
+        reverse this run exactly).
+    """
+    method = Reverse() if method is None else method
+    _check_types(dyn, method)
+    method = method.resolve(dyn, lam)
+    exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
+    arrays, _ = partition(objective)
+    start = time.perf_counter()
+    sol = jax.block_until_ready(exe(dyn, arrays, lam))
+    seconds = time.perf_counter() - start
+    stats = {k: np.asarray(v).item() for k, v in sol.stats.items()}
+    raise_failure(method, Failure(int(sol.result)), stats, sol, dyn.steps)
+    stats = {
+        "method": repr(method),
+        "seconds": seconds,
+        "compile_seconds": compile_seconds,
+        "steps": dyn.steps,
+        "final_train_loss": float(sol.losses[-1]),
+        **sizes,
+        **stats,
+    }
+    return HypergradResult(sol.value, sol.grad, dyn.model(sol.params), stats, sol.losses)
+
+
+def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, steps: int) -> None:
+    """Raise the exception that names ``result`` (nothing for ``Failure.OK``)."""
+    if result == Failure.OK:
+        return
+    error = method.failure(result, stats)
+    if error is not None:
+        raise error
+    if result == Failure.TRAINING_DIVERGED:
+        step = first_nonfinite(sol.losses)
+        raise DivergenceError(f"training diverged: the training loss is not finite at step {step} of {steps}", step)
+    what = "objective" if result == Failure.OBJECTIVE_NONFINITE else "hypergradient"
+    raise DivergenceError(
+        f"training stayed finite but the {what} is not (value {float(sol.value)}); "
+        "check the objective and the scale of λ"
+    )
+
+
+def _check_types(dyn, method) -> None:
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a hypergradient method (hg.Reverse(), hg.Forward(), ...), got {method!r}")
+    if not isinstance(dyn, Dynamics):
+        raise TypeError(f"dyn must be a hypergradient.Dynamics, got {type(dyn).__name__}")
+
+
+def check_objective(dyn: Dynamics, objective: Objective, lam) -> None:
+    """The objective must map (w_T, λ) to a real scalar."""
+    if not callable(objective):
+        raise TypeError("objective must be a function (w, λ) -> scalar")
+    out = jax.eval_shape(lambda lam: objective(dyn.model(dyn.initial_params(lam)), lam), lam)
+    if not hasattr(out, "shape") or out.shape != ():
+        raise ValueError(f"objective must return a scalar, it returned {getattr(out, 'shape', type(out).__name__)}")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"objective must return a floating-point scalar, it returned {out.dtype}")
+
+
+class ProgramCache:
+    """A least-recently-used store of compiled programs, keyed by what they were built from."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        """The program stored under ``key``, now the most recent, or ``None`` (``TypeError`` if
+        ``key`` cannot be hashed)."""
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key, program):
+        """Store ``program`` under ``key``, dropping the least recent beyond ``size``; returns it."""
+        self._items[key] = program
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return program
+
+
+_programs = ProgramCache(64)
+
+
+def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
+    """The compiled :func:`value_and_grad` for these arguments (method resolved first), cached.
+
+    Returns ``(executable, compile_seconds, sizes)``; call the executable as
+    ``exe(dyn, arrays, lam)`` with ``arrays, _ = partition(objective)``. ``compile_seconds`` is 0
+    on a hit; ``sizes`` holds XLA's peak temporary memory (``temp_bytes``, -1 if unknown), the
+    bytes of one training state and the number of hyperparameters.
+    """
+    method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
+    arrays, skeleton = partition(objective)
+    key = (signature(dyn), skeleton, signature(arrays), method, signature(lam))
+    hit = _programs.get(key)
+    if hit is not None:
+        return hit[0], 0.0, hit[1]
+    dyn.validate(lam)
+    check_objective(dyn, objective, lam)
+    method.check(dyn)
+    start = time.perf_counter()
+    program = jax.jit(lambda d, a, l: value_and_grad(d, skeleton.combine(a), l, method))
+    exe = program.lower(dyn, arrays, lam).compile()
+    seconds = time.perf_counter() - start
+    memory = exe.memory_analysis()
+    sizes = {
+        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
+        "state_bytes": nbytes(jax.eval_shape(dyn.initial_state, lam)),
+        "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
+    }
+    _programs.put(key, (exe, sizes))
+    return exe, seconds, sizes
+
+
+_evaluations = ProgramCache(64)
+
+
+def evaluate(dyn: Dynamics, objective: Objective, lam):
+    """Plain training at λ and the objective there: ``(w_T, f(λ), losses)``, nothing
+    differentiated; compiled once per problem like :func:`compiled`, nothing raised."""
+    arrays, skeleton = partition(objective)
+    key = (signature(dyn), skeleton, signature(arrays), signature(lam))
+    program = _evaluations.get(key)
+    if program is None:
+
+        def run(dyn, arrays, lam):
+            state, losses = train(dyn, lam)
+            return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
+
+        program = _evaluations.put(key, jax.jit(run))
+    params, value, losses = program(dyn, arrays, lam)
+    return dyn.model(params), value, losses
