@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import hypergradient as hg
-from hypergradient import models
+from hypergradient.apps import models
 
 from . import _common as c
 
@@ -38,7 +38,7 @@ class Config:
     """Settings of the schedules experiment (``None``: the paper-scale value for the dataset).
 
     Attributes:
-      dataset, data_dir: which data (``hypergradient.datasets.load``).
+      dataset, data_dir: which data (``hypergradient.apps.datasets.load``).
       method: how to take the hypergradient, one of :data:`METHODS`.
       hyper_steps: Adam steps on the hyperparameters.
       hyper_lr: Adam's learning rate on the (log / logit) hyperparameters.

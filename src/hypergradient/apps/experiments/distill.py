@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import hypergradient as hg
-from hypergradient import models
+from hypergradient.apps import models
 
 from . import _common as c
 

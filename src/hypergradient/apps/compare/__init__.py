@@ -185,7 +185,7 @@ def schedules_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: 
     """The ``schedules`` experiment's task (its Config and sizes) with two parametrizations.
 
     The tanh MLP, data sizes, batch size and T are those of
-    ``hypergradient.experiments.schedules`` (``tiny()`` with ``--tiny``);
+    ``hypergradient.apps.experiments.schedules`` (``tiny()`` with ``--tiny``);
     momentum SGD in Maclaurin et al.'s form (v ← μv + (1−μ)g, w ← w − ηv)
     with an L2 penalty Σ_l ρ_l ||W_l||² in the training loss.
 
@@ -196,8 +196,8 @@ def schedules_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: 
     import jax.numpy as jnp
 
     import hypergradient as hg
-    from hypergradient import datasets, models
-    from hypergradient.experiments import schedules
+    from hypergradient.apps import datasets, models
+    from hypergradient.apps.experiments import schedules
 
     config = (schedules.tiny(dataset) if tiny else schedules.Config(dataset=dataset))
     config = dataclasses.replace(config, data_dir=data_dir).resolved()
@@ -881,7 +881,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / (
         f"compare-{args.experiment}-{args.dataset}" + ("-tiny" if args.tiny else ""))
     try:
-        from hypergradient import datasets
+        from hypergradient.apps import datasets
 
         datasets.load(args.dataset, args.data_dir, n_train=1, n_val=1, n_test=1)
     except (FileNotFoundError, ValueError) as e:

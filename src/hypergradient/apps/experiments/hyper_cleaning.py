@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import hypergradient as hg
-from hypergradient import datasets, models
+from hypergradient.apps import datasets, models
 
 from . import _common as c
 

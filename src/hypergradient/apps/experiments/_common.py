@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 import hypergradient as hg
-from hypergradient import datasets
+from hypergradient.apps import datasets
 from hypergradient.errors import ExperimentError
 
 # Every method name an experiment may accept, and how to build it.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-_DATASETS = ("digits", "fashion-mnist", "mnist")  # hypergradient.datasets.DATASETS, without importing JAX
+_DATASETS = ("digits", "fashion-mnist", "mnist")  # hypergradient.apps.datasets.DATASETS, without importing JAX
 
 _EPILOG = """\
 examples:
@@ -44,7 +44,7 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypergradient import compare, experiments
+    from hypergradient.apps import compare, experiments
 
     parser = argparse.ArgumentParser(
         prog="hypergradient",
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "compare":
-        from hypergradient import compare
+        from hypergradient.apps import compare
 
         return compare.main(args)
     return _run(parser, args)
 
 
 def _list() -> int:
-    from hypergradient import experiments
+    from hypergradient.apps import experiments
 
     rows = [(name, experiments.DESCRIPTIONS[name]) for name in experiments.names()]
     print(_table(("experiment", "what it tunes"), rows))
@@ -137,7 +137,7 @@ def _error(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from hypergradient import datasets, experiments
+    from hypergradient.apps import datasets, experiments
     from hypergradient.errors import DivergenceError, MethodError
 
     module = experiments.get(args.experiment)
