@@ -11,17 +11,17 @@ random real training images (one per class), which are also the baseline.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hypergradient as hg
-from hypergradient.apps import models
 
-from . import _common as c
+from .. import models
+from . import plots, runner
+from .folder import history_columns
+from .scoring import linear_logits
 
 NAME = "distill"
 METHODS = ("reverse", "forward", "truncated")
@@ -57,7 +57,7 @@ class Config:
     truncation: int = 20
 
     def resolved(self) -> Config:
-        return c.fill_defaults(
+        return runner.fill_defaults(
             self,
             hyper_steps=(200, 200),
             n_train=(800, 10_000),
@@ -71,85 +71,90 @@ def tiny(dataset: str = "digits") -> Config:
                   steps=20, truncation=5)
 
 
+class Distill(runner.Experiment):
+    name, methods = NAME, METHODS
+
+    def __init__(self, config: Config, data):
+        super().__init__(config, data)
+        train, val = data.train, data.val
+        k, n_features = data.n_classes, train.x.shape[1]
+        labels = jnp.arange(k)
+        xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
+
+        def loss(w, lam, batch):
+            return models.cross_entropy(models.softmax_regression_apply(w, lam["images"]), labels)
+
+        def objective(w, lam):
+            return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
+
+        self.objective, self.logits = objective, linear_logits
+        self.dynamics = hg.Dynamics(
+            init=models.softmax_regression_init(n_features, k),
+            loss=loss,
+            optimizer=hg.optim.sgd(),
+            optimizer_hparams=lambda lam, t: {"lr": config.lr},
+            steps=config.steps,
+        )
+        rng = np.random.default_rng(config.seed)
+        self.real = np.stack([train.x[rng.choice(np.flatnonzero(train.y == j))] for j in range(k)])
+        self.means = np.stack([train.x[train.y == j].mean(axis=0) for j in range(k)])
+
+    def score(self, tuned: runner.Tuned) -> dict:
+        return _accuracy(self.scores(tuned.params))
+
+    def score_images(self, images) -> dict:
+        """The figures of softmax regression trained on ``images``."""
+        return _accuracy(self.scores(self.train({"images": jnp.asarray(images, jnp.float32)})))
+
+    def baseline(self) -> tuple[dict, dict]:
+        """Ten random real images (one per class), and the ten class means."""
+        random_real, class_means = self.score_images(self.real), self.score_images(self.means)
+        runner.detail(f"test accuracy: 10 random real images {random_real['test_accuracy']:.4f}, "
+                      f"the 10 class means of {len(self.data.train.x)} training images "
+                      f"{class_means['test_accuracy']:.4f}")
+        return random_real, class_means
+
+    def searches(self, baseline) -> list[runner.Search]:
+        return [runner.Search("optimize", {"images": jnp.asarray(self.real, jnp.float32)},
+                              hg.constraints.box(0.0, 1.0))]
+
+    def report(self, out_dir, baseline, tuned, scores) -> runner.Report:
+        (random_real, class_means), (t,), (distilled,) = baseline, tuned, scores
+        runner.detail(f"test accuracy: distilled {distilled['test_accuracy']:.4f} "
+                      f"(random real {random_real['test_accuracy']:.4f})")
+        learned = np.asarray(t.hparams["images"])
+        np.save(out_dir / "distilled_images.npy", learned)
+        fields = {
+            "hyper_steps": int(len(t.history["value"])),
+            "val_loss_random_real": random_real["val_loss"],
+            "val_loss_distilled": distilled["val_loss"],
+            "test_accuracy_random_real": random_real["test_accuracy"],
+            "test_accuracy_distilled": distilled["test_accuracy"],
+            "test_accuracy_class_means": class_means["test_accuracy"],
+            "selected_hyper_step": t.selected_step,
+            "note": t.note,
+        }
+        figure = _plot(out_dir, self.data, self.real, learned, self.means)
+        return runner.Report(fields, [figure], history_columns(t.history))
+
+
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:
-    config = config.resolved()
-    c.check_method(NAME, config.method, METHODS)
-    method = c.make_method(config.method, config.truncation)
-    out_dir = c.prepare(Path(out_dir), config)
-    started = time.perf_counter()
+    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
+    return runner.run(Distill, config, out_dir, progress)
 
-    data = c.load_data(config)
-    train, val, test = data.train, data.val, data.test
-    k, n_features = data.n_classes, train.x.shape[1]
-    labels = jnp.arange(k)
-    xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
 
-    def loss(w, lam, batch):
-        return models.cross_entropy(models.softmax_regression_apply(w, lam["images"]), labels)
-
-    def objective(w, lam):
-        return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
-
-    dyn = hg.Dynamics(
-        init=models.softmax_regression_init(n_features, k),
-        loss=loss,
-        optimizer=hg.optim.sgd(),
-        optimizer_hparams=lambda lam, t: {"lr": config.lr},
-        steps=config.steps,
-    )
-
-    def scores(images) -> dict:
-        w = dyn.run({"images": jnp.asarray(images, jnp.float32)})
-        v, t = c.metrics(c.linear_logits(w, val.x), val.y), c.metrics(c.linear_logits(w, test.x), test.y)
-        return {"val_loss": v["loss"], "test_accuracy": 1.0 - t["error"], "test_loss": t["loss"]}
-
-    rng = np.random.default_rng(config.seed)
-    real = np.stack([train.x[rng.choice(np.flatnonzero(train.y == j))] for j in range(k)])
-    means = np.stack([train.x[train.y == j].mean(axis=0) for j in range(k)])
-    c.say(f"[1/2] baselines: 10 random real images, and the 10 class means of {len(train.x)} training images")
-    random_real, class_means = scores(real), scores(means)
-    c.say(f"      test accuracy: random real {random_real['test_accuracy']:.4f}, "
-          f"class means {class_means['test_accuracy']:.4f}")
-
-    c.say(f"[2/2] {config.hyper_steps} hyper-steps of Adam ({config.method}) on {k}×{n_features} pixels")
-    lam0 = {"images": jnp.asarray(real, jnp.float32)}
-    lam, history, info = c.tune(
-        "optimize", out_dir, dyn, objective, lam0, method=method,
-        hyper_optimizer=optax.adam(config.hyper_lr), hyper_steps=config.hyper_steps,
-        constraint=hg.constraints.box(0.0, 1.0), progress=progress,
-    )
-    learned = np.asarray(lam["images"])
-    distilled = scores(learned)
-    c.say(f"      test accuracy: distilled {distilled['test_accuracy']:.4f} "
-          f"(random real {random_real['test_accuracy']:.4f})")
-
-    plots = [_plot(out_dir, data, real, learned, means)]
-    np.save(out_dir / "distilled_images.npy", learned)
-    result = {
-        "experiment": NAME,
-        "dataset": config.dataset,
-        "method": config.method,
-        "hyper_steps": int(len(history["value"])),
-        "val_loss_random_real": random_real["val_loss"],
-        "val_loss_distilled": distilled["val_loss"],
-        "test_accuracy_random_real": random_real["test_accuracy"],
-        "test_accuracy_distilled": distilled["test_accuracy"],
-        "test_accuracy_class_means": class_means["test_accuracy"],
-        "seconds": time.perf_counter() - started,
-        "plots": plots,
-        "selected_hyper_step": info["selected_step"],
-        "note": info["note"],
-    }
-    return c.finish(out_dir, c.history_columns(history), result)
+def _accuracy(scores: dict) -> dict:
+    return {"val_loss": scores["val_loss"], "test_accuracy": 1.0 - scores["test_error"],
+            "test_loss": scores["test_loss"]}
 
 
 def _plot(out_dir: Path, data, real, learned, means) -> str:
-    plt = c.pyplot()
+    plt = plots.pyplot()
     k = len(real)
-    names = c.class_names(data.name, k)
+    names = plots.class_names(data.name, k)
     fig, axes = plt.subplots(3, k, figsize=(1.3 * k, 4.4))
-    c.image_grid(axes[0], real, [f"{n}\n(random real)" if i == 0 else n for i, n in enumerate(names)],
+    plots.image_grid(axes[0], real, [f"{n}\n(random real)" if i == 0 else n for i, n in enumerate(names)],
                  data.image_shape)
-    c.image_grid(axes[1], learned, ["distilled" if i == 0 else "" for i in range(k)], data.image_shape)
-    c.image_grid(axes[2], means, ["class mean" if i == 0 else "" for i in range(k)], data.image_shape)
-    return c.savefig(fig, out_dir / "distilled_images.png")
+    plots.image_grid(axes[1], learned, ["distilled" if i == 0 else "" for i in range(k)], data.image_shape)
+    plots.image_grid(axes[2], means, ["class mean" if i == 0 else "" for i in range(k)], data.image_shape)
+    return plots.savefig(fig, out_dir / "distilled_images.png")

@@ -14,17 +14,17 @@ seen as one image per class, show which pixels the model is allowed to use.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hypergradient as hg
-from hypergradient.apps import models
 
-from . import _common as c
+from .. import models
+from . import plots, runner
+from .folder import history_columns
+from .scoring import linear_logits
 
 NAME = "l2-per-weight"
 METHODS = ("reverse", "forward", "truncated")
@@ -65,7 +65,7 @@ class Config:
     truncation: int = 20
 
     def resolved(self) -> Config:
-        return c.fill_defaults(
+        return runner.fill_defaults(
             self,
             hyper_steps=(100, 100),
             n_train=(150, 1_000),
@@ -79,103 +79,105 @@ def tiny(dataset: str = "digits") -> Config:
                   steps=30, grid=(1e-3, 1e-2), truncation=10)
 
 
+class L2PerWeight(runner.Experiment):
+    name, methods = NAME, METHODS
+
+    def __init__(self, config: Config, data):
+        super().__init__(config, data)
+        train, val = data.train, data.val
+        k, self.n_features = data.n_classes, train.x.shape[1]
+        xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
+
+        def loss(w, lam, batch):
+            x, y = batch
+            ce = models.cross_entropy(models.softmax_regression_apply(w, x), y)
+            return ce + jnp.sum(jnp.exp(lam["log_l2"]) * w[0]["W"] ** 2)
+
+        def objective(w, lam):
+            return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
+
+        self.objective, self.logits = objective, linear_logits
+        self.dynamics = hg.Dynamics(
+            init=models.softmax_regression_init(self.n_features, k),
+            loss=loss,
+            optimizer=hg.optim.momentum(),
+            optimizer_hparams=lambda lam, t: {"lr": config.lr, "momentum": config.momentum},
+            data=(jnp.asarray(train.x), jnp.asarray(train.y)),
+            steps=config.steps,
+        )
+
+    def shared(self, strength: float) -> dict:
+        """λ of one L2 strength for every weight."""
+        return {"log_l2": jnp.full((self.n_features, self.data.n_classes), np.log(strength), jnp.float32)}
+
+    def score(self, tuned: runner.Tuned) -> dict:
+        return self.scores_and_weights(tuned.params)
+
+    def scores_and_weights(self, params) -> dict:
+        """:meth:`scores`, and the weight matrix under ``"weights"`` (for the plot)."""
+        return {**self.scores(params), "weights": np.asarray(params[0]["W"])}
+
+    def baseline(self) -> tuple[float, dict]:
+        """The best shared strength of the grid, and every grid point's scores (with its weights)."""
+        grid = {s: self.scores_and_weights(self.train(self.shared(s))) for s in self.config.grid}
+        best = min(grid, key=lambda s: grid[s]["val_loss"])
+        runner.detail(f"grid search over {len(grid)} shared L2 strengths ({len(self.data.train.x)} training "
+                      f"examples): best {best:g}, validation loss {grid[best]['val_loss']:.4f}")
+        return best, grid
+
+    def searches(self, baseline) -> list[runner.Search]:
+        best, _ = baseline
+        return [runner.Search("optimize", self.shared(best))]
+
+    def report(self, out_dir, baseline, tuned, scores) -> runner.Report:
+        (best, grid), (t,), (learned,) = baseline, tuned, scores
+        shared = grid[best]
+        runner.detail(f"validation loss {shared['val_loss']:.4f} (shared) -> {learned['val_loss']:.4f} (per weight)")
+        strengths = np.exp(np.asarray(t.hparams["log_l2"], np.float64))
+        np.save(out_dir / "l2_strengths.npy", strengths)
+        fields = {
+            "hyper_steps": int(len(t.history["value"])),
+            "hyperparameters": int(strengths.size),
+            "best_shared_l2": best,
+            "val_loss_shared": shared["val_loss"],
+            "val_loss_per_weight": learned["val_loss"],
+            "val_error_shared": shared["val_error"],
+            "val_error_per_weight": learned["val_error"],
+            "test_error_shared": shared["test_error"],
+            "test_error_per_weight": learned["test_error"],
+            "test_loss_shared": shared["test_loss"],
+            "test_loss_per_weight": learned["test_loss"],
+            "l2_min": float(strengths.min()),
+            "l2_median": float(np.median(strengths)),
+            "l2_max": float(strengths.max()),
+            "grid": {f"{s:g}": {m: v for m, v in r.items() if m != "weights"} for s, r in grid.items()},
+            "selected_hyper_step": t.selected_step,
+            "note": t.note,
+        }
+        figures = [_plot(out_dir, self.data, strengths, learned["weights"], shared["weights"]),
+                   plots.learning_curve(out_dir, t.history, shared["val_loss"], "per-weight L2", "best shared L2")]
+        return runner.Report(fields, figures, history_columns(t.history))
+
+
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:
-    config = config.resolved()
-    c.check_method(NAME, config.method, METHODS)
-    method = c.make_method(config.method, config.truncation)
-    out_dir = c.prepare(Path(out_dir), config)
-    started = time.perf_counter()
-
-    data = c.load_data(config)
-    train, val, test = data.train, data.val, data.test
-    k, n_features = data.n_classes, train.x.shape[1]
-    xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
-
-    def loss(w, lam, batch):
-        x, y = batch
-        ce = models.cross_entropy(models.softmax_regression_apply(w, x), y)
-        return ce + jnp.sum(jnp.exp(lam["log_l2"]) * w[0]["W"] ** 2)
-
-    def objective(w, lam):
-        return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
-
-    dyn = hg.Dynamics(
-        init=models.softmax_regression_init(n_features, k),
-        loss=loss,
-        optimizer=hg.optim.momentum(),
-        optimizer_hparams=lambda lam, t: {"lr": config.lr, "momentum": config.momentum},
-        data=(jnp.asarray(train.x), jnp.asarray(train.y)),
-        steps=config.steps,
-    )
-
-    def shared(strength: float) -> dict:
-        return {"log_l2": jnp.full((n_features, k), np.log(strength), jnp.float32)}
-
-    def scores(lam) -> dict:
-        w = dyn.run(lam)
-        v, t = c.metrics(c.linear_logits(w, val.x), val.y), c.metrics(c.linear_logits(w, test.x), test.y)
-        return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"],
-                "weights": np.asarray(w[0]["W"])}
-
-    c.say(f"[1/2] grid search over {len(config.grid)} shared L2 strengths ({len(train.x)} training examples)")
-    grid = {s: scores(shared(s)) for s in config.grid}
-    best = min(config.grid, key=lambda s: grid[s]["val_loss"])
-    baseline = grid[best]
-    c.say(f"      best shared strength {best:g}: validation loss {baseline['val_loss']:.4f}")
-
-    c.say(f"[2/2] {config.hyper_steps} hyper-steps of Adam ({config.method}) on {n_features}×{k} strengths")
-    lam, history, info = c.tune(
-        "optimize", out_dir, dyn, objective, shared(best), method=method,
-        hyper_optimizer=optax.adam(config.hyper_lr), hyper_steps=config.hyper_steps, progress=progress,
-    )
-    learned = scores(lam)
-    c.say(f"      validation loss {baseline['val_loss']:.4f} (shared) -> {learned['val_loss']:.4f} (per weight)")
-
-    strengths = np.exp(np.asarray(lam["log_l2"], np.float64))
-    np.save(out_dir / "l2_strengths.npy", strengths)
-    plots = [_plot(out_dir, data, strengths, learned["weights"], baseline["weights"]),
-             _plot_curve(out_dir, history, baseline["val_loss"])]
-    result = {
-        "experiment": NAME,
-        "dataset": config.dataset,
-        "method": config.method,
-        "hyper_steps": int(len(history["value"])),
-        "hyperparameters": int(strengths.size),
-        "best_shared_l2": best,
-        "val_loss_shared": baseline["val_loss"],
-        "val_loss_per_weight": learned["val_loss"],
-        "val_error_shared": baseline["val_error"],
-        "val_error_per_weight": learned["val_error"],
-        "test_error_shared": baseline["test_error"],
-        "test_error_per_weight": learned["test_error"],
-        "test_loss_shared": baseline["test_loss"],
-        "test_loss_per_weight": learned["test_loss"],
-        "l2_min": float(strengths.min()),
-        "l2_median": float(np.median(strengths)),
-        "l2_max": float(strengths.max()),
-        "grid": {f"{s:g}": {m: v for m, v in r.items() if m != "weights"} for s, r in grid.items()},
-        "seconds": time.perf_counter() - started,
-        "plots": plots,
-        "selected_hyper_step": info["selected_step"],
-        "note": info["note"],
-    }
-    return c.finish(out_dir, c.history_columns(history), result)
+    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
+    return runner.run(L2PerWeight, config, out_dir, progress)
 
 
 def _plot(out_dir: Path, data, strengths, weights, baseline_weights) -> str:
-    plt = c.pyplot()
+    plt = plots.pyplot()
     from matplotlib.colors import LogNorm
 
     k = strengths.shape[1]
-    names = c.class_names(data.name, k)
+    names = plots.class_names(data.name, k)
     fig, axes = plt.subplots(3, k, figsize=(1.3 * k + 0.8, 4.6))
     norm = LogNorm(vmin=max(strengths.min(), 1e-12), vmax=strengths.max())
     for j in range(k):
         im = axes[0, j].imshow(strengths[:, j].reshape(data.image_shape), cmap="magma", norm=norm)
         axes[0, j].set_title(names[j] + ("\nL2 strength" if j == 0 else ""), fontsize=8)
-    c.image_grid(axes[1], weights.T, ["weights (learned L2)"] + [""] * (k - 1), data.image_shape,
+    plots.image_grid(axes[1], weights.T, ["weights (learned L2)"] + [""] * (k - 1), data.image_shape,
                  cmap="RdBu", symmetric=True)
-    c.image_grid(axes[2], baseline_weights.T, ["weights (shared L2)"] + [""] * (k - 1), data.image_shape,
+    plots.image_grid(axes[2], baseline_weights.T, ["weights (shared L2)"] + [""] * (k - 1), data.image_shape,
                  cmap="RdBu", symmetric=True)
     for ax in axes[0]:
         ax.set_xticks([])
@@ -184,13 +186,3 @@ def _plot(out_dir: Path, data, strengths, weights, baseline_weights) -> str:
     fig.savefig(out_dir / "l2_strengths.png", dpi=110)
     plt.close(fig)
     return "l2_strengths.png"
-
-
-def _plot_curve(out_dir: Path, history, baseline: float) -> str:
-    plt = c.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(history["value"], label="per-weight L2")
-    ax.axhline(baseline, color="gray", ls="--", label="best shared L2")
-    ax.set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
-    ax.legend()
-    return c.savefig(fig, out_dir / "learning_curve.png")

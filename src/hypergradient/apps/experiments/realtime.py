@@ -19,18 +19,17 @@ The baseline is the same run with the initial λ held fixed.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hypergradient as hg
-from hypergradient.apps import models
 
-from . import _common as c
+from .. import models
+from . import plots, runner
+from .folder import history_columns
 
 NAME = "realtime"
 METHODS = ("rtho", "trho")
@@ -73,8 +72,8 @@ class Config:
     channels: tuple[int, ...] = (8, 16)
 
     def resolved(self) -> Config:
-        config = c.fill_defaults(self, every=(10, 20))
-        return c.fill_defaults(
+        config = runner.fill_defaults(self, every=(10, 20))
+        return runner.fill_defaults(
             config,
             hyper_steps=(60, 100),
             truncation=(config.every, config.every),
@@ -91,102 +90,85 @@ def tiny(dataset: str = "digits") -> Config:
                   n_test=200, batch_size=25, val_batch=200, channels=(4,))
 
 
+class Realtime(runner.Experiment):
+    name, methods = NAME, METHODS
+
+    def __init__(self, config: Config, data):
+        super().__init__(config, data)
+        train, val = data.train, data.val
+        shape = data.image_shape
+        key = jax.random.PRNGKey(config.seed)
+        w0 = models.cnn_init(jax.random.fold_in(key, 0), shape, data.n_classes, channels=config.channels)
+        val_batches = hg.Batches((jnp.asarray(val.x), jnp.asarray(val.y)), config.val_batch,
+                                 key=jax.random.fold_in(key, 2))
+
+        def loss(w, lam, batch):
+            x, y = batch
+            penalty = sum(jnp.sum(layer["W"] ** 2) for layer in w)
+            return models.cross_entropy(models.cnn_apply(w, x, shape), y) + jnp.exp(lam["log_l2"]) * penalty
+
+        def objective(w, lam, k):
+            x, y = val_batches(k)
+            return models.cross_entropy(models.cnn_apply(w, x, shape), y)
+
+        self.objective = objective
+        self.logits = jax.jit(lambda w, x: models.cnn_apply(w, x, shape))
+        self.dynamics = hg.Dynamics(
+            init=w0,
+            loss=loss,
+            optimizer=hg.optim.adam(),
+            optimizer_hparams=lambda lam, t: {"lr": jnp.exp(lam["log_lr"])},
+            data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
+                            key=jax.random.fold_in(key, 1)),
+            steps=config.hyper_steps * config.every,
+        )
+        self.lam0 = {"log_lr": jnp.asarray(np.log(config.lr0), jnp.float32),
+                     "log_l2": jnp.asarray(np.log(config.l2_0), jnp.float32)}
+
+    def baseline(self) -> dict:
+        """The scores of the run with the initial λ held fixed."""
+        config = self.config
+        fixed = self.scores(self.train(self.lam0))
+        runner.detail(f"{self.dynamics.steps} Adam steps with lr {config.lr0:g}, L2 {config.l2_0:g} held fixed: "
+                      f"test error {fixed['test_error']:.4f}")
+        return fixed
+
+    def searches(self, baseline) -> list[runner.Search]:
+        return [runner.Search("online", self.lam0)]
+
+    def report(self, out_dir, baseline, tuned, scores) -> runner.Report:
+        config, fixed, (t,), (online,) = self.config, baseline, tuned, scores
+        runner.detail(f"test error {online['test_error']:.4f} (fixed: {fixed['test_error']:.4f})")
+        lam, history = t.hparams, t.history
+        traj = history.get("hparams", {})
+        lr_traj = np.exp(np.asarray(traj.get("log_lr", np.zeros(0)), np.float64))
+        l2_traj = np.exp(np.asarray(traj.get("log_l2", np.zeros(0)), np.float64))
+        fields = {
+            "training_steps": self.dynamics.steps,
+            "hyper_updates": int(len(history["value"])),
+            "lr_start": config.lr0,
+            "lr_end": float(np.exp(lam["log_lr"])),
+            "l2_start": config.l2_0,
+            "l2_end": float(np.exp(lam["log_l2"])),
+            "val_loss_fixed": fixed["val_loss"],
+            "val_loss_online": online["val_loss"],
+            "test_error_fixed": fixed["test_error"],
+            "test_error_online": online["test_error"],
+            "test_loss_fixed": fixed["test_loss"],
+            "test_loss_online": online["test_loss"],
+            "note": t.note,
+        }
+        columns = history_columns(history, lr=list(lr_traj), l2=list(l2_traj))
+        return runner.Report(fields, [_plot(out_dir, config, history, lr_traj, l2_traj)], columns)
+
+
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:
-    config = config.resolved()
-    c.check_method(NAME, config.method, METHODS)
-    if config.method == "rtho":
-        method = hg.Forward()
-    else:
-        method = hg.Truncated(int(config.truncation))
-    out_dir = c.prepare(Path(out_dir), config)
-    started = time.perf_counter()
-
-    data = c.load_data(config)
-    train, val, test = data.train, data.val, data.test
-    shape = data.image_shape
-    key = jax.random.PRNGKey(config.seed)
-    w0 = models.cnn_init(jax.random.fold_in(key, 0), shape, data.n_classes, channels=config.channels)
-    val_batches = hg.Batches((jnp.asarray(val.x), jnp.asarray(val.y)), config.val_batch,
-                             key=jax.random.fold_in(key, 2))
-
-    def loss(w, lam, batch):
-        x, y = batch
-        penalty = sum(jnp.sum(layer["W"] ** 2) for layer in w)
-        return models.cross_entropy(models.cnn_apply(w, x, shape), y) + jnp.exp(lam["log_l2"]) * penalty
-
-    def objective(w, lam, k):
-        x, y = val_batches(k)
-        return models.cross_entropy(models.cnn_apply(w, x, shape), y)
-
-    steps = config.hyper_steps * config.every
-    dyn = hg.Dynamics(
-        init=w0,
-        loss=loss,
-        optimizer=hg.optim.adam(),
-        optimizer_hparams=lambda lam, t: {"lr": jnp.exp(lam["log_lr"])},
-        data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
-                        key=jax.random.fold_in(key, 1)),
-        steps=steps,
-    )
-    lam0 = {"log_lr": jnp.asarray(np.log(config.lr0), jnp.float32),
-            "log_l2": jnp.asarray(np.log(config.l2_0), jnp.float32)}
-
-    evaluate = jax.jit(lambda w, x: models.cnn_apply(w, x, shape))
-
-    def scores(w) -> dict:
-        v, t = c.metrics(evaluate(w, val.x), val.y), c.metrics(evaluate(w, test.x), test.y)
-        return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"]}
-
-    c.say(f"[1/2] baseline: {steps} Adam steps with lr {config.lr0:g}, L2 {config.l2_0:g} held fixed")
-    fixed = scores(dyn.run(lam0))
-    c.say(f"      test error {fixed['test_error']:.4f}")
-
-    label = {"rtho": "RTHO (forward)", "trho": f"TRHO (truncated, K={config.truncation})"}[config.method]
-    c.say(f"[2/2] {label}: one run of {steps} steps, λ updated every {config.every} steps")
-    note = ""
-    try:
-        res = c.online(dyn, objective, lam0, method=method, every=config.every,
-                       hyper_optimizer=optax.adam(config.hyper_lr),
-                       checkpoint_dir=out_dir / "checkpoints" / "online", progress=progress)
-        params, lam, history = res.params, res.hparams, res.history
-        tuned = scores(params)
-    except c.divergence_types() as e:
-        note = f"training diverged at hyper-step {e.hyper_step}; reporting the run with the last good λ fixed"
-        c.say("warning: " + note)
-        lam, history = e.hparams, e.history
-        tuned = scores(dyn.run(lam))
-    c.say(f"      test error {tuned['test_error']:.4f} (fixed: {fixed['test_error']:.4f})")
-
-    traj = history.get("hparams", {})
-    lr_traj = np.exp(np.asarray(traj.get("log_lr", np.zeros(0)), np.float64))
-    l2_traj = np.exp(np.asarray(traj.get("log_l2", np.zeros(0)), np.float64))
-    plots = [_plot(out_dir, config, history, lr_traj, l2_traj)]
-    result = {
-        "experiment": NAME,
-        "dataset": config.dataset,
-        "method": config.method,
-        "training_steps": steps,
-        "hyper_updates": int(len(history["value"])),
-        "lr_start": config.lr0,
-        "lr_end": float(np.exp(lam["log_lr"])),
-        "l2_start": config.l2_0,
-        "l2_end": float(np.exp(lam["log_l2"])),
-        "val_loss_fixed": fixed["val_loss"],
-        "val_loss_online": tuned["val_loss"],
-        "test_error_fixed": fixed["test_error"],
-        "test_error_online": tuned["test_error"],
-        "test_loss_fixed": fixed["test_loss"],
-        "test_loss_online": tuned["test_loss"],
-        "seconds": time.perf_counter() - started,
-        "plots": plots,
-        "note": note,
-    }
-    columns = c.history_columns(history, lr=list(lr_traj), l2=list(l2_traj))
-    return c.finish(out_dir, columns, result)
+    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
+    return runner.run(Realtime, config, out_dir, progress)
 
 
 def _plot(out_dir: Path, config: Config, history, lr_traj, l2_traj) -> str:
-    plt = c.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     at = np.arange(len(lr_traj)) * config.every
     axes[0].plot(at, lr_traj)
@@ -197,4 +179,4 @@ def _plot(out_dir: Path, config: Config, history, lr_traj, l2_traj) -> str:
     axes[2].plot((np.arange(len(history["value"])) + 1) * config.every, history["value"], label="validation")
     axes[2].set(xlabel="training step", ylabel="loss", yscale="log", title="losses during the run")
     axes[2].legend(fontsize=7)
-    return c.savefig(fig, out_dir / "realtime.png")
+    return plots.savefig(fig, out_dir / "realtime.png")

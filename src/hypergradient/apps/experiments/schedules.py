@@ -16,18 +16,18 @@ also where the hyper-optimization starts.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hypergradient as hg
-from hypergradient.apps import models
 
-from . import _common as c
+from .. import models
+from . import plots, runner
+from .folder import history_columns
+from .scoring import mlp_logits
 
 NAME = "schedules"
 METHODS = ("reverse", "forward", "truncated", "reversible", "drmad")
@@ -74,7 +74,7 @@ class Config:
 
     def resolved(self) -> Config:
         """The config with every ``None`` replaced by the dataset's value."""
-        return c.fill_defaults(
+        return runner.fill_defaults(
             self,
             hyper_steps=(100, 100),
             n_train=(800, 10_000),
@@ -92,111 +92,102 @@ def tiny(dataset: str = "digits") -> Config:
     )
 
 
-def run(config: Config, out_dir, progress: bool | None = None) -> dict:
-    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
-    config = config.resolved()
-    c.check_method(NAME, config.method, METHODS)
-    method = c.make_method(config.method, config.truncation)
-    out_dir = c.prepare(Path(out_dir), config)
-    started = time.perf_counter()
+class Schedules(runner.Experiment):
+    name, methods = NAME, METHODS
 
-    data = c.load_data(config)
-    train, val, test = data.train, data.val, data.test
-    sizes = (train.x.shape[1], *config.hidden, data.n_classes)
-    layers = len(sizes) - 1
-    T = config.steps
-    key = jax.random.PRNGKey(config.seed)
-    base = models.mlp_init(jax.random.fold_in(key, 0), sizes)
-    xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
+    def __init__(self, config: Config, data):
+        super().__init__(config, data)
+        train, val = data.train, data.val
+        sizes = (train.x.shape[1], *config.hidden, data.n_classes)
+        self.layers = len(sizes) - 1
+        key = jax.random.PRNGKey(config.seed)
+        base = models.mlp_init(jax.random.fold_in(key, 0), sizes)
+        xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
 
-    def init(lam):
-        return [{"W": jnp.exp(s) * p["W"], "b": p["b"]} for s, p in zip(lam["log_init_scale"], base)]
+        def init(lam):
+            return [{"W": jnp.exp(s) * p["W"], "b": p["b"]} for s, p in zip(lam["log_init_scale"], base)]
 
-    def loss(w, lam, batch):
-        x, y = batch
-        return models.cross_entropy(models.mlp_apply(w, x), y)
+        def loss(w, lam, batch):
+            x, y = batch
+            return models.cross_entropy(models.mlp_apply(w, x), y)
 
-    def optimizer_hparams(lam, t):
-        return {
-            "lr": list(jnp.exp(lam["log_lr"][t])),
-            "momentum": list(jax.nn.sigmoid(lam["logit_momentum"][t])),
-        }
+        def optimizer_hparams(lam, t):
+            return {
+                "lr": list(jnp.exp(lam["log_lr"][t])),
+                "momentum": list(jax.nn.sigmoid(lam["logit_momentum"][t])),
+            }
 
-    def objective(w, lam):
-        return models.cross_entropy(models.mlp_apply(w, xv), yv)
+        def objective(w, lam):
+            return models.cross_entropy(models.mlp_apply(w, xv), yv)
 
-    dyn = hg.Dynamics(
-        init=init,
-        loss=loss,
-        optimizer=hg.optim.momentum(dampen=True),
-        optimizer_hparams=optimizer_hparams,
-        data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
-                        key=jax.random.fold_in(key, 1)),
-        steps=T,
-    )
+        self.objective, self.logits = objective, mlp_logits
+        self.dynamics = hg.Dynamics(
+            init=init,
+            loss=loss,
+            optimizer=hg.optim.momentum(dampen=True),
+            optimizer_hparams=optimizer_hparams,
+            data=hg.Batches((jnp.asarray(train.x), jnp.asarray(train.y)), config.batch_size,
+                            key=jax.random.fold_in(key, 1)),
+            steps=config.steps,
+        )
 
-    def constant(lr: float) -> dict:
-        f32 = jnp.float32
+    def constant(self, lr: float) -> dict:
+        """λ of a constant learning rate ``lr`` and the config's momentum, init scales 1."""
+        T, layers, mu, f32 = self.config.steps, self.layers, self.config.momentum, jnp.float32
         return {
             "log_lr": jnp.full((T, layers), np.log(lr), f32),
-            "logit_momentum": jnp.full((T, layers), np.log(config.momentum / (1 - config.momentum)), f32),
+            "logit_momentum": jnp.full((T, layers), np.log(mu / (1 - mu)), f32),
             "log_init_scale": jnp.zeros(layers, f32),
         }
 
-    def evaluate(lam) -> dict:
-        try:
-            w = dyn.run(lam)
-        except hg.DivergenceError:
-            return {"val_loss": float("inf"), "val_error": 1.0, "test_loss": float("inf"), "test_error": 1.0}
-        v, te = c.metrics(c.mlp_logits(w, val.x), val.y), c.metrics(c.mlp_logits(w, test.x), test.y)
-        return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": te["loss"], "test_error": te["error"]}
+    def baseline(self) -> tuple[float, dict]:
+        """The best constant learning rate of the grid, and every grid point's scores."""
+        grid = {lr: self.scores(self.train(self.constant(lr))) for lr in self.config.grid}
+        best = min(grid, key=lambda lr: grid[lr]["val_loss"])
+        runner.detail(f"grid search over {len(grid)} constant learning rates (momentum {self.config.momentum}): "
+                      f"best constant learning rate {best:g}, validation loss {grid[best]['val_loss']:.4f}")
+        return best, grid
 
-    c.say(f"[1/3] grid search over {len(config.grid)} constant learning rates (momentum {config.momentum})")
-    grid = {lr: evaluate(constant(lr)) for lr in config.grid}
-    best_lr = min(config.grid, key=lambda lr: grid[lr]["val_loss"])
-    baseline = grid[best_lr]
-    c.say(f"      best constant learning rate {best_lr:g}: validation loss {baseline['val_loss']:.4f}")
+    def searches(self, baseline) -> list[runner.Search]:
+        best, _ = baseline
+        box = hg.constraints.box(-np.inf, float(np.log(self.config.max_lr)), on="log_lr")
+        return [runner.Search("optimize", self.constant(best), box)]
 
-    c.say(f"[2/3] {config.hyper_steps} hyper-steps of Adam ({config.method}) on "
-          f"{2 * T * layers + layers} hyperparameters")
-    lam0 = constant(best_lr)
-    constraint = hg.constraints.box(-np.inf, float(np.log(config.max_lr)), on="log_lr")
-    lam, history, info = c.tune(
-        "optimize", out_dir, dyn, objective, lam0, method=method,
-        hyper_optimizer=optax.adam(config.hyper_lr), hyper_steps=config.hyper_steps,
-        constraint=constraint, progress=progress,
-    )
-    learned = evaluate(lam)
-    c.say(f"[3/3] validation loss {baseline['val_loss']:.4f} (best constant) -> {learned['val_loss']:.4f} (learned)")
+    def report(self, out_dir, baseline, tuned, scores) -> runner.Report:
+        (best_lr, grid), (t,), (learned,) = baseline, tuned, scores
+        before = grid[best_lr]
+        runner.detail(f"validation loss {before['val_loss']:.4f} (best constant) -> {learned['val_loss']:.4f} (learned)")
+        lam0, lam = self.constant(best_lr), t.hparams
+        fields = {
+            "hyper_steps": int(len(t.history["value"])),
+            "hyperparameters": 2 * self.config.steps * self.layers + self.layers,
+            "best_constant_lr": best_lr,
+            "val_loss_before": before["val_loss"],
+            "val_loss_after": learned["val_loss"],
+            "val_error_before": before["val_error"],
+            "val_error_after": learned["val_error"],
+            "test_error_before": before["test_error"],
+            "test_error_after": learned["test_error"],
+            "test_loss_before": before["test_loss"],
+            "test_loss_after": learned["test_loss"],
+            "learned_init_scales": np.exp(np.asarray(lam["log_init_scale"])).tolist(),
+            "grid": {f"{lr:g}": v for lr, v in grid.items()},
+            "selected_hyper_step": t.selected_step,
+            "note": t.note,
+        }
+        figures = [_plot_schedules(out_dir, lam0, lam, self.layers),
+                   plots.learning_curve(out_dir, t.history, before["val_loss"], "learned schedules",
+                                        "best constant learning rate")]
+        return runner.Report(fields, figures, history_columns(t.history))
 
-    plots = [_plot_schedules(out_dir, lam0, lam, layers), _plot_curve(out_dir, history, baseline["val_loss"])]
-    result = {
-        "experiment": NAME,
-        "dataset": config.dataset,
-        "method": config.method,
-        "hyper_steps": int(len(history["value"])),
-        "hyperparameters": 2 * T * layers + layers,
-        "best_constant_lr": best_lr,
-        "val_loss_before": baseline["val_loss"],
-        "val_loss_after": learned["val_loss"],
-        "val_error_before": baseline["val_error"],
-        "val_error_after": learned["val_error"],
-        "test_error_before": baseline["test_error"],
-        "test_error_after": learned["test_error"],
-        "test_loss_before": baseline["test_loss"],
-        "test_loss_after": learned["test_loss"],
-        "learned_init_scales": np.exp(np.asarray(lam["log_init_scale"])).tolist(),
-        "grid": {f"{lr:g}": v for lr, v in grid.items()},
-        "seconds": time.perf_counter() - started,
-        "plots": plots,
-        "selected_hyper_step": info["selected_step"],
-        "note": info["note"],
-    }
-    return c.finish(out_dir, c.history_columns(history), result)
+
+def run(config: Config, out_dir, progress: bool | None = None) -> dict:
+    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
+    return runner.run(Schedules, config, out_dir, progress)
 
 
 def _plot_schedules(out_dir: Path, lam0, lam, layers: int) -> str:
-    plt = c.pyplot()
+    plt = plots.pyplot()
     lr = np.exp(np.asarray(lam["log_lr"], np.float64))
     mom = 1 / (1 + np.exp(-np.asarray(lam["logit_momentum"], np.float64)))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -214,14 +205,4 @@ def _plot_schedules(out_dir: Path, lam0, lam, layers: int) -> str:
     axes[2].set(title="init scale (× N(0,1)/√fan_in)", xticks=x, xticklabels=[f"layer {l + 1}" for l in x])
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    return c.savefig(fig, out_dir / "schedules.png")
-
-
-def _plot_curve(out_dir: Path, history, baseline: float) -> str:
-    plt = c.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(history["value"], label="learned schedules")
-    ax.axhline(baseline, color="gray", ls="--", label="best constant learning rate")
-    ax.set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
-    ax.legend()
-    return c.savefig(fig, out_dir / "learning_curve.png")
+    return plots.savefig(fig, out_dir / "schedules.png")
