@@ -114,8 +114,8 @@ class L2PerWeight(runner.Experiment):
         return self.scores_and_weights(tuned.params)
 
     def scores_and_weights(self, params) -> dict:
-        """:meth:`scores`, and the weight matrix under ``"weights"`` (for the plot)."""
-        return {**self.scores(params), "weights": np.asarray(params[0]["W"])}
+        """:meth:`scores`, and the weight matrix under ``"weights"`` (for the plot; ``None``: diverged)."""
+        return {**self.scores(params), "weights": None if params is None else np.asarray(params[0]["W"])}
 
     def baseline(self) -> tuple[float, dict]:
         """The best shared strength of the grid, and every grid point's scores (with its weights)."""
