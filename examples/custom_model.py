@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import hypergradient as hg
-from hypergradient import datasets
+from hypergradient.apps import datasets
 
 
 def init_weights(key, n_in: int, width: int, n_out: int) -> dict:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import hypergradient as hg
-from hypergradient import datasets, models
+from hypergradient.apps import datasets, models
 
 
 def main(hyper_steps: int = 20, steps: int = 50) -> tuple[float, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hypergradient import cli, experiments
+from hypergradient.apps import cli, experiments
 
 
 def test_list_shows_every_experiment_with_its_description(capsys):

@@ -16,7 +16,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from hypergradient import compare  # noqa: E402
+from hypergradient.apps import compare  # noqa: E402
 
 BUDGET = 1.0
 

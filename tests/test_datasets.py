@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypergradient import datasets
+from hypergradient.apps import datasets
 
 FASHION_ENV = "HYPERGRADIENT_FASHION_MNIST_DIR"
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from hypergradient.cli import main
-from hypergradient import experiments
+from hypergradient.apps.cli import main
+from hypergradient.apps import experiments
 
 
 def run_tiny(tmp_path, capsys, name, *extra):

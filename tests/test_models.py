@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from hypergradient import models
+from hypergradient.apps import models
 
 
 def np_log_softmax(z):

@@ -2,7 +2,7 @@
 
 Every experiment module has
 
-- ``NAME`` and ``DESCRIPTION`` (one line),
+- ``NAME`` (its one-line description is in :data:`DESCRIPTIONS` here),
 - ``METHODS``: the accepted ``--method`` names, the first being the default,
 - ``Config``: a frozen dataclass whose defaults are the paper-scale setup on
   the chosen dataset (fields left ``None`` are resolved per dataset),
@@ -11,16 +11,20 @@ Every experiment module has
   ``history.csv``, ``result.json`` and PNG plots to ``out_dir`` and returns
   the summary (the same dict as ``result.json``).
 
+``run`` hands an :class:`~.runner.Experiment` subclass to :func:`.runner.run`,
+which owns the stages (prepare → baseline → tune → score → report), the
+results folder and the divergence handling. To add an experiment: write one
+module like ``distill.py`` and register it below.
+
 Experiments use only the public API (``hg.Dynamics``, ``hg.optimize``,
-``hg.online``, ``hg.constraints``, ``hg.datasets``, ``hg.models``).
+``hg.online``, ``hg.constraints``) and the other applications (``datasets``,
+``models``, ``methods``).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-
-from ._common import ExperimentError as ExperimentError
 
 # name -> module (imported on first use, so `hypergradient list` stays fast)
 _MODULES = {
@@ -31,7 +35,7 @@ _MODULES = {
     "l2-per-weight": "l2_per_weight",
 }
 
-# One-line descriptions, kept here so listing imports no experiment (and no JAX).
+# One-line descriptions, kept here so listing imports no experiment.
 DESCRIPTIONS = {
     "schedules": "per-step, per-layer learning rates, momenta and init scales of a tanh MLP (Maclaurin §3.1)",
     "hyper-cleaning": "one weight per training example to discount flipped labels (Franceschi et al. 2017)",

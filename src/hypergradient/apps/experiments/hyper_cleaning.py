@@ -19,17 +19,16 @@ and R ∈ {1000, 1500, 2000, 2500} becomes {0.2, 0.3, 0.4, 0.5} · n_train.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hypergradient as hg
-from hypergradient import datasets, models
 
-from . import _common as c
+from .. import datasets, models
+from . import plots, runner
+from .scoring import linear_logits
 
 NAME = "hyper-cleaning"
 METHODS = ("reverse", "forward", "truncated")
@@ -73,7 +72,7 @@ class Config:
     truncation: int = 20
 
     def resolved(self) -> Config:
-        return c.fill_defaults(
+        return runner.fill_defaults(
             self,
             hyper_steps=(100, 100),
             n_train=(450, 5_000),
@@ -91,99 +90,98 @@ def tiny(dataset: str = "digits") -> Config:
                   radius_fractions=(0.5,), steps=40, truncation=10)
 
 
-def run(config: Config, out_dir, progress: bool | None = None) -> dict:
-    config = config.resolved()
-    c.check_method(NAME, config.method, METHODS)
-    method = c.make_method(config.method, config.truncation)
-    out_dir = c.prepare(Path(out_dir), config)
-    started = time.perf_counter()
+class HyperCleaning(runner.Experiment):
+    name, methods = NAME, METHODS
 
-    data = c.load_data(config)
-    train, val, test = data.train, data.val, data.test
-    n, n_features = train.x.shape
-    y_noisy, flipped = datasets.flip_labels(train.y, config.flip_fraction, data.n_classes, seed=config.seed)
-    xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
+    def __init__(self, config: Config, data):
+        super().__init__(config, data)
+        train, val = data.train, data.val
+        self.n, n_features = train.x.shape
+        y_noisy, self.flipped = datasets.flip_labels(train.y, config.flip_fraction, data.n_classes, seed=config.seed)
+        self.radii = {f"R={radius}": radius for radius in config.radii()}  # checkpoint label -> R
+        xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
 
-    def loss(w, lam, batch):
-        x, y = batch
-        return models.cross_entropy(models.softmax_regression_apply(w, x), y, weights=lam["weights"])
+        def loss(w, lam, batch):
+            x, y = batch
+            return models.cross_entropy(models.softmax_regression_apply(w, x), y, weights=lam["weights"])
 
-    def objective(w, lam):
-        return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
+        def objective(w, lam):
+            return models.cross_entropy(models.softmax_regression_apply(w, xv), yv)
 
-    dyn = hg.Dynamics(
-        init=models.softmax_regression_init(n_features, data.n_classes),
-        loss=loss,
-        optimizer=hg.optim.momentum(),
-        optimizer_hparams=lambda lam, t: {"lr": config.lr, "momentum": config.momentum},
-        data=(jnp.asarray(train.x), jnp.asarray(y_noisy)),
-        steps=config.steps,
-    )
-
-    def test_accuracy(weights) -> float:
-        w = dyn.run({"weights": jnp.asarray(weights, jnp.float32)})
-        return 1.0 - c.metrics(c.linear_logits(w, test.x), test.y)["error"]
-
-    c.say(f"[1/{len(config.radii()) + 1}] {n} training examples, {int(flipped.sum())} flipped; "
-          "training Oracle and Baseline")
-    clean = (~flipped).astype(np.float32)
-    # The oracle is trained on the mean loss over the clean examples only.
-    oracle = test_accuracy(clean * n / clean.sum())
-    baseline = test_accuracy(np.ones(n, np.float32))
-    c.say(f"      test accuracy: Oracle {oracle:.4f}, Baseline {baseline:.4f}")
-
-    rows, curves = [], {}
-    for i, radius in enumerate(config.radii()):
-        c.say(f"[{i + 2}/{len(config.radii()) + 1}] hyper-cleaning with R = {radius} "
-              f"({config.hyper_steps} hyper-steps, {config.method})")
-        constraint = hg.constraints.box_l1(0.0, 1.0, float(radius))
-        lam0 = {"weights": jnp.full(n, min(1.0, radius / n), jnp.float32)}
-        lam, history, info = c.tune(
-            f"R={radius}", out_dir, dyn, objective, lam0, method=method,
-            hyper_optimizer=optax.adam(config.hyper_lr), hyper_steps=config.hyper_steps,
-            constraint=constraint, progress=progress,
+        self.objective, self.logits = objective, linear_logits
+        self.dynamics = hg.Dynamics(
+            init=models.softmax_regression_init(n_features, data.n_classes),
+            loss=loss,
+            optimizer=hg.optim.momentum(),
+            optimizer_hparams=lambda lam, t: {"lr": config.lr, "momentum": config.momentum},
+            data=(jnp.asarray(train.x), jnp.asarray(y_noisy)),
+            steps=config.steps,
         )
-        weights = np.asarray(lam["weights"])
-        flagged = weights <= config.flag_threshold
+
+    def test_accuracy(self, weights) -> float:
+        return 1.0 - self.scores(self.train({"weights": jnp.asarray(weights, jnp.float32)}))["test_error"]
+
+    def baseline(self) -> tuple[float, float]:
+        """Test accuracy of the Oracle (trained on the clean examples only) and of the Baseline (on all)."""
+        n, flipped = self.n, self.flipped
+        runner.detail(f"{n} training examples, {int(flipped.sum())} flipped; training Oracle and Baseline")
+        clean = (~flipped).astype(np.float32)
+        # The oracle is trained on the mean loss over the clean examples only.
+        oracle = self.test_accuracy(clean * n / clean.sum())
+        baseline = self.test_accuracy(np.ones(n, np.float32))
+        runner.detail(f"test accuracy: Oracle {oracle:.4f}, Baseline {baseline:.4f}")
+        return oracle, baseline
+
+    def searches(self, baseline) -> list[runner.Search]:
+        return [runner.Search(label, {"weights": jnp.full(self.n, min(1.0, radius / self.n), jnp.float32)},
+                              hg.constraints.box_l1(0.0, 1.0, float(radius)))
+                for label, radius in self.radii.items()]
+
+    def score(self, tuned: runner.Tuned) -> dict:
+        weights = np.asarray(tuned.hparams["weights"])
+        flagged, flipped = weights <= self.config.flag_threshold, self.flipped
+        params, history = tuned.params, tuned.history
         row = {
-            "R": radius,
-            "test_accuracy": test_accuracy(weights),
+            "R": self.radii[tuned.label],
+            "test_accuracy": 1.0 - self.scores(params)["test_error"],
             "f1": _f1(flagged, flipped),
             "precision": _precision(flagged, flipped),
             "recall": _recall(flagged, flipped),
             "flagged": int(flagged.sum()),
             "val_loss_before": float(history["value"][0]) if len(history["value"]) else float("nan"),
-            "val_loss_after": float(objective(dyn.run(lam), lam)),
-            "selected_hyper_step": info["selected_step"],
-            "note": info["note"],
+            "val_loss_after": float("inf") if params is None else float(self.objective(params, tuned.hparams)),
+            "selected_hyper_step": tuned.selected_step,
+            "note": tuned.note,
         }
-        rows.append(row)
-        curves[radius] = (np.asarray(history["value"]), weights)
-        c.say(f"      test accuracy {row['test_accuracy']:.4f}, F1 {row['f1']:.3f} "
-              f"({row['flagged']} flagged)")
+        runner.detail(f"R = {row['R']}: test accuracy {row['test_accuracy']:.4f}, F1 {row['f1']:.3f} "
+                      f"({row['flagged']} flagged)")
+        return row
 
-    # R is chosen on the validation loss, as a hyperparameter should be.
-    best = min(rows, key=lambda r: r["val_loss_after"])
-    plots = [_plot(out_dir, curves, flipped, oracle, baseline, rows)]
-    columns = {"hyper_step": list(range(max(len(v) for v, _ in curves.values())))}
-    for radius, (values, _) in curves.items():
-        columns[f"val_loss_R={radius}"] = list(values)
-    result = {
-        "experiment": NAME,
-        "dataset": config.dataset,
-        "method": config.method,
-        "n_train": n,
-        "flipped": int(flipped.sum()),
-        "oracle_test_accuracy": oracle,
-        "baseline_test_accuracy": baseline,
-        "best_R": best["R"],  # by validation loss
-        "hyper_cleaning_test_accuracy": best["test_accuracy"],
-        "hyper_cleaning_f1": best["f1"],
-        "per_R": rows,
-        "seconds": time.perf_counter() - started,
-        "plots": plots,
-    }
-    return c.finish(out_dir, columns, result)
+    def report(self, out_dir, baseline, tuned, scores) -> runner.Report:
+        oracle, base = baseline
+        # R is chosen on the validation loss, as a hyperparameter should be.
+        best = min(scores, key=lambda r: r["val_loss_after"])
+        curves = {row["R"]: (np.asarray(t.history["value"]), np.asarray(t.hparams["weights"]))
+                  for row, t in zip(scores, tuned)}
+        columns = {"hyper_step": list(range(max(len(v) for v, _ in curves.values())))}
+        for radius, (values, _) in curves.items():
+            columns[f"val_loss_R={radius}"] = list(values)
+        fields = {
+            "n_train": self.n,
+            "flipped": int(self.flipped.sum()),
+            "oracle_test_accuracy": oracle,
+            "baseline_test_accuracy": base,
+            "best_R": best["R"],  # by validation loss
+            "hyper_cleaning_test_accuracy": best["test_accuracy"],
+            "hyper_cleaning_f1": best["f1"],
+            "per_R": scores,
+        }
+        return runner.Report(fields, [_plot(out_dir, curves, self.flipped, oracle, base, scores)], columns)
+
+
+def run(config: Config, out_dir, progress: bool | None = None) -> dict:
+    """Run the experiment; write config.json, history.csv, result.json and plots to ``out_dir``."""
+    return runner.run(HyperCleaning, config, out_dir, progress)
 
 
 def _precision(flagged, truth) -> float:
@@ -200,7 +198,7 @@ def _f1(flagged, truth) -> float:
 
 
 def _plot(out_dir: Path, curves, flipped, oracle, baseline, rows) -> str:
-    plt = c.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for radius, (values, _) in curves.items():
         axes[0].plot(values, label=f"R = {radius}")
@@ -219,4 +217,4 @@ def _plot(out_dir: Path, curves, flipped, oracle, baseline, rows) -> str:
     axes[2].set(xticks=range(len(accs)), ylabel="test accuracy", title="test accuracy",
                 ylim=(max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.03)))
     axes[2].set_xticklabels(labels, fontsize=8)
-    return c.savefig(fig, out_dir / "hyper_cleaning.png")
+    return plots.savefig(fig, out_dir / "hyper_cleaning.png")

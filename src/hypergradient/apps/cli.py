@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+import hypergradient as hg
+from hypergradient.errors import ExperimentError
 
-_DATASETS = ("digits", "fashion-mnist", "mnist")  # hypergradient.datasets.DATASETS, without importing JAX
+from . import compare, datasets, experiments
+from . import methods as method_names
+from .terminal import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, integer, positive_int
 
 _EPILOG = """\
 examples:
@@ -36,16 +39,7 @@ under OUT/checkpoints; the same command resumes from the last hyper-step.
 """
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from hypergradient import compare, experiments
-
     parser = argparse.ArgumentParser(
         prog="hypergradient",
         description="Tune hyperparameters by gradient descent through the training run: "
@@ -58,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the experiments with a one-line description each",
                    description="List the experiments with a one-line description each.")
 
-    methods = "\n".join(
-        f"  {name:<15} {', '.join(experiments.get(name).METHODS)}" for name in experiments.names()
-    )
+    per_experiment = {name: experiments.get(name).METHODS for name in experiments.names()}
+    used = dict.fromkeys(m for names in per_experiment.values() for m in names)
+    methods = "\n".join(f"  {name:<15} {', '.join(names)}" for name, names in per_experiment.items())
+    methods += "\n\nmethods:\n" + "\n".join(f"  {m:<15} {method_names.METHODS[m].help}" for m in used)
     run = sub.add_parser(
         "run",
         help="run one experiment and write its results folder",
@@ -71,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("experiment", metavar="EXPERIMENT", choices=experiments.names(),
                      help="which experiment: " + ", ".join(experiments.names()) + " (see `hypergradient list`)")
-    run.add_argument("--dataset", default="digits", choices=_DATASETS,
+    run.add_argument("--dataset", default="digits", choices=datasets.DATASETS,
                      help="digits (bundled with scikit-learn, the default), fashion-mnist (IDX files from "
                      "Debian's dataset-fashion-mnist, --data-dir or $HYPERGRADIENT_FASHION_MNIST_DIR) or "
                      "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
@@ -79,15 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
                      "searched before the environment variable and the system folder")
     run.add_argument("--method", metavar="M",
-                     help="how to compute the hypergradient (default: the experiment's first method): "
-                     "reverse (backprop through the whole run), forward (forward-mode tangents; cost grows "
-                     "with the number of hyperparameters), truncated (reverse through the last steps only), "
-                     "reversible (exact reversal of momentum SGD), drmad (approximate reverse pass), "
-                     "rtho / trho (real-time, realtime only); see the list below")
-    run.add_argument("--hyper-steps", type=compare.positive_int, metavar="N",
+                     help="how to compute the hypergradient (default: the experiment's first method); "
+                     "the methods each experiment accepts and what each does are listed below")
+    run.add_argument("--hyper-steps", type=positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
-    run.add_argument("--seed", type=_int, default=0, metavar="S",
+    run.add_argument("--seed", type=integer, default=0, metavar="S",
                      help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
     run.add_argument("--out", metavar="DIR",
                      help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
@@ -116,15 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "compare":
-        from hypergradient import compare
-
         return compare.main(args)
     return _run(parser, args)
 
 
 def _list() -> int:
-    from hypergradient import experiments
-
     rows = [(name, experiments.DESCRIPTIONS[name]) for name in experiments.names()]
     print(_table(("experiment", "what it tunes"), rows))
     print("\nrun one with: hypergradient run EXPERIMENT [--dataset fashion-mnist] (see hypergradient run --help)")
@@ -137,19 +125,14 @@ def _error(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from hypergradient import datasets, experiments
-    from hypergradient.errors import DivergenceError, MethodError
-
     module = experiments.get(args.experiment)
     method = args.method or module.METHODS[0]
     if method not in module.METHODS:
         return _error(f"experiment {args.experiment!r} has no method {method!r}; "
                       f"choose one of: {', '.join(module.METHODS)}")
     try:  # fail before anything is written if the data are not there
-        datasets.load(args.dataset, args.data_dir, n_train=1, n_val=1, n_test=1)
-    except FileNotFoundError as e:
-        return _error(str(e))
-    except ValueError as e:
+        datasets.check(args.dataset, args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
         return _error(str(e))
 
     config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
@@ -168,11 +151,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
               "from the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (experiments.ExperimentError, MethodError) as e:
+    except (ExperimentError, hg.MethodError, FileNotFoundError) as e:
         return _error(str(e))
-    except FileNotFoundError as e:
-        return _error(str(e))
-    except DivergenceError as e:
+    except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)
     print(_summary(args.experiment, result, out, time.perf_counter() - started))
     return EXIT_OK

@@ -140,6 +140,12 @@ def load(
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
+def check(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Raise what :func:`load` would (``ValueError``, ``FileNotFoundError``) if ``name`` cannot be
+    loaded, reading one example of each part: a command checks this before it writes anything."""
+    load(name, data_dir, n_train=1, n_val=1, n_test=1)
+
+
 def _check_sizes(**sizes: int) -> None:
     for key, value in sizes.items():
         if value < 0:

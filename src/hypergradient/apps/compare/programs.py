@@ -1,0 +1,93 @@
+"""The compiled programs of one regime, shared by every method and seed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hypergradient as hg
+
+from .. import methods as method_names
+from .space import box_constraint, lam_centre
+
+PRUNING_CHUNKS = 4  # TPE reports the validation loss after each quarter of the training run
+
+
+class Programs:
+    """The jitted programs of one regime (a :class:`~.problem.Problem`), compiled once before any clock starts."""
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.val = jax.jit(problem.objective)
+        dyn = problem.dynamics(0)
+        T = dyn.steps
+        self.chunks = PRUNING_CHUNKS if T % PRUNING_CHUNKS == 0 and T >= PRUNING_CHUNKS else 1
+        K = T // self.chunks
+        objective = problem.objective
+
+        @jax.jit
+        def initial(dyn, lam):
+            return dyn.initial_state(lam)
+
+        @jax.jit
+        def segment(dyn, state, lam, start):
+            state, losses = dyn.rollout(state, lam, start, K)
+            return state, losses, objective(state.params, lam)
+
+        self.initial, self.segment, self.K = initial, segment, K
+        # One constraint, method and optimizer object per hyper learning rate, so that every pass of
+        # hg.online, every hyper-step of hg.optimize (and every seed) hits their caches of compiled programs.
+        self.box = box_constraint(problem.space)
+        self.reverse = method_names.make("reverse")
+        self._adam: dict[float, Any] = {}
+
+    def adam(self, lr: float):
+        """``optax.adam(lr)``, one object per ``lr``."""
+        if lr not in self._adam:
+            self._adam[lr] = optax.adam(lr)
+        return self._adam[lr]
+
+    def warm_up(self, methods: Sequence[str]) -> float:
+        """Compile every program the methods will call; returns the seconds it took."""
+        t0 = time.perf_counter()
+        dyn = self.problem.dynamics(0)
+        lam = lam_centre(self.problem.space)
+        if "random" in methods or "online" in methods:
+            self.evaluate(dyn, lam)
+        if "tpe" in methods:
+            state = self.initial(dyn, lam)
+            jax.block_until_ready(self.segment(dyn, state, lam, jnp.asarray(0, jnp.int32)))
+        if "hypergradient" in methods:
+            try:
+                hg.hypergrad(dyn, self.problem.objective, lam, self.reverse)
+            except hg.DivergenceError:
+                pass
+        jax.block_until_ready(self.problem.test(dyn.run(lam)))
+        return time.perf_counter() - t0
+
+    def evaluate(self, dyn, lam) -> float:
+        """f(λ): one plain training run and the validation loss (``inf`` if training diverged)."""
+        try:
+            w = dyn.run(lam)
+        except hg.DivergenceError:
+            return float("inf")
+        value = float(self.val(w, lam))
+        return value if np.isfinite(value) else float("inf")
+
+    def evaluate_chunked(self, dyn, lam, report: Callable[[float, int], bool]) -> float | None:
+        """f(λ) in ``chunks`` pieces, ``report(value, i)`` after each but the last; ``None`` if pruned."""
+        state = self.initial(dyn, lam)
+        for i in range(self.chunks):
+            state, losses, value = self.segment(dyn, state, lam, jnp.asarray(i * self.K, jnp.int32))
+            value = float(value)
+            if not (np.isfinite(value) and np.isfinite(np.asarray(losses)).all()):
+                return float("inf")
+            if i < self.chunks - 1 and report(value, i):
+                return None
+        return value

@@ -1,0 +1,211 @@
+"""The four ways of tuning λ within a budget: random search, TPE, hypergradient descent, real time."""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+import hypergradient as hg
+
+from .clock import Clock, Paused, Run, Tracker
+from .problem import Problem
+from .space import lam_centre, lam_from_params, suggest
+
+METHODS = ("random", "tpe", "hypergradient", "online")
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_storage(spec: str):
+    """An Optuna storage: a URL (``sqlite:///study.db``) or a path to a journal file."""
+    optuna = _optuna()
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec) if spec.startswith(("sqlite", "postgresql", "mysql")) else spec
+    try:
+        from optuna.storages.journal import JournalFileBackend as Backend
+    except ImportError:  # optuna < 4
+        from optuna.storages import JournalFileStorage as Backend
+    return optuna.storages.JournalStorage(Backend(spec))
+
+
+def study_name(experiment: str, dataset: str, tiny: bool, regime: str, method: str, seed: int) -> str:
+    return f"{experiment}-{dataset}{'-tiny' if tiny else ''}-{regime}-{method}-seed{seed}"
+
+
+def run_black_box(method: str, problem: Problem, seed: int, budget: float, storage, name: str) -> Run:
+    """Random search or TPE as an Optuna study; resumes from ``storage`` under ``name``.
+
+    Sampling runs on an in-memory copy of the study (the persistent one
+    receives every finished trial, with its ``elapsed`` seconds): Optuna's
+    database storages write each suggested parameter in a transaction of
+    its own, which for 800 parameters costs seconds per trial and would
+    measure the storage, not the sampler.
+    """
+    optuna = _optuna()
+    from optuna.trial import TrialState, create_trial
+
+    programs = problem.programs
+    persistent = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize")
+    done = persistent.get_trials(deepcopy=False)
+    # A fresh sampler seed per resumption, so a resumed random search does not redraw its first points.
+    sampler_seed = int(np.random.SeedSequence([seed, len(done)]).generate_state(1)[0])
+    if method == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+                  if programs.chunks > 1 else optuna.pruners.NopPruner())
+    else:
+        sampler, pruner = optuna.samplers.RandomSampler(seed=sampler_seed), optuna.pruners.NopPruner()
+    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
+    study.add_trials(done)
+    offset = max((t.user_attrs.get("elapsed", 0.0) for t in done), default=0.0)
+    dyn = problem.dynamics(seed)
+    clock = Clock(offset)
+    new = 0
+    while clock() < budget:
+        trial = study.ask()
+        lam = suggest(trial, problem.space)
+        if method == "tpe":
+            def report(value, i, trial=trial):
+                trial.report(value, i)
+                return trial.should_prune()
+
+            value = programs.evaluate_chunked(dyn, lam, report)
+        else:
+            value = programs.evaluate(dyn, lam)
+        elapsed = clock()
+        trial.set_user_attr("elapsed", elapsed)
+        if value is None:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        elif not np.isfinite(value):
+            frozen = study.tell(trial, state=TrialState.FAIL)
+        else:
+            frozen = study.tell(trial, value)
+        new += 1
+        with Paused(clock):
+            persistent.add_trial(create_trial(
+                state=frozen.state, value=frozen.value, params=frozen.params,
+                distributions=frozen.distributions, user_attrs=frozen.user_attrs,
+                intermediate_values=frozen.intermediate_values,
+            ))
+    return black_box_run(method, problem, seed, budget, study.get_trials(deepcopy=False),
+                         note=f"{len(done)} trials from storage, {new} new")
+
+
+def black_box_run(method, problem, seed, budget, trials, note="") -> Run:
+    """The trace and choice of a study, from its trials' ``elapsed`` seconds."""
+    from optuna.trial import TrialState
+
+    tracker = Tracker(budget)
+    for t in sorted(trials, key=lambda t: t.user_attrs.get("elapsed", 0.0)):
+        elapsed = t.user_attrs.get("elapsed", 0.0)
+        if t.state == TrialState.COMPLETE:
+            tracker.add(elapsed, t.value, lam_from_params(problem.space, t.params))
+        elif elapsed <= budget:
+            tracker.evaluations += 1
+    pruned = sum(t.state == TrialState.PRUNED and t.user_attrs.get("elapsed", 0) <= budget for t in trials)
+    if pruned:
+        note += f", {pruned} pruned"
+    return tracker.run(method, problem.regime, seed, note)
+
+
+def run_hypergradient(problem: Problem, seed: int, budget: float) -> Run:
+    """``hg.optimize`` (Reverse-HG, Adam on λ, projected onto the box) until the budget is spent.
+
+    Every hyper-step computes f(λ_k) exactly (the same objective the
+    black-box methods see) along with ∇f(λ_k). If training diverges, the
+    run continues from the last good λ with half the hyper learning rate.
+    """
+    programs = problem.programs
+    dyn = problem.dynamics(seed)
+    tracker = Tracker(budget)
+    lam, lr, notes = lam_centre(problem.space), problem.hyper_lr, []
+    clock = Clock()
+
+    def callback(step, hparams, value, grad):
+        tracker.add(clock(), value, hparams)
+        return clock() >= budget
+
+    while clock() < budget:
+        try:
+            hg.optimize(dyn, problem.objective, lam, method=programs.reverse, hyper_optimizer=programs.adam(lr),
+                        hyper_steps=10**9, constraint=programs.box, callback=callback,
+                        progress=False)
+            break
+        except hg.HyperDivergenceError as e:
+            lam, lr = e.hparams, lr / 2
+            notes.append(f"diverged at hyper-step {e.hyper_step}: hyper lr halved to {lr:g}")
+    return tracker.run("hypergradient", problem.regime, seed, "; ".join(notes))
+
+
+def _online_loop_seconds(history_seconds: np.ndarray) -> float:
+    """The time of ``hg.online``'s compiled loop without its compilation.
+
+    With ``chunk=1`` every chunk runs the same program; in the pass that
+    compiles it the first chunk includes the compile, so the first chunk of
+    every pass is counted as the median of the others.
+    """
+    s = np.asarray(history_seconds, np.float64)
+    if len(s) > 1:
+        s = s.copy()
+        s[0] = np.median(s[1:])
+    return float(s.sum())
+
+
+def run_online(problem: Problem, seed: int, budget: float) -> Run:
+    """Repeated ``hg.online`` passes (RTHO or TRHO), each warm-started at the λ the last one ended with.
+
+    After each pass λ is scored by f(λ) (a fresh training run, counted), the
+    number the other methods are compared on. The clock counts the
+    compiled loop and that evaluation, not ``hg.online``'s compilation (in
+    the first pass, and again after the hyper learning rate is halved; the
+    other passes reuse the compiled loop). The passes also stop when the
+    *wall* clock, compiles included, reaches the budget. Adam's state
+    restarts at each pass.
+    """
+    programs = problem.programs
+    dyn = problem.dynamics(seed)
+    tracker = Tracker(budget)
+    lam, lr, notes = lam_centre(problem.space), problem.hyper_lr, []
+    spent, passes = 0.0, 0
+    wall = Clock()  # compiles are not in `spent`; this bounds the wall time they add
+    while spent < budget and wall() < budget:
+        try:
+            res = hg.online(dyn, problem.objective, lam, method=problem.online_method, every=problem.online_every,
+                            hyper_optimizer=programs.adam(lr), constraint=programs.box, chunk=1,
+                            progress=False)
+            spent += _online_loop_seconds(res.history["seconds"])
+            lam = res.hparams
+        except hg.HyperDivergenceError as e:
+            spent += _online_loop_seconds(e.history["seconds"])
+            lam, lr = e.hparams, lr / 2
+            notes.append(f"pass {passes} diverged: hyper lr halved to {lr:g}")
+        t0 = time.perf_counter()
+        value = programs.evaluate(dyn, lam)
+        spent += time.perf_counter() - t0
+        passes += 1
+        tracker.add(spent, value, lam)
+    name = "RTHO, Forward" if problem.online == "rtho" else f"TRHO, {problem.online_method!r}"
+    notes.insert(0, f"{passes} passes ({name}, every {problem.online_every} steps)")
+    return tracker.run("online", problem.regime, seed, "; ".join(notes))
+
+
+def score_choice(problem: Problem, run: Run) -> None:
+    """Retrain at the method's final choice (same seed) and score it on validation and test."""
+    if run.choice is None:
+        return
+    dyn = problem.dynamics(run.seed)
+    lam = {k: jnp.asarray(v, jnp.float32) for k, v in run.choice.items()}
+    try:
+        w = dyn.run(lam)
+    except hg.DivergenceError:
+        return
+    run.val_loss = float(problem.programs.val(w, lam))
+    loss, error = problem.test(w)
+    run.test_loss, run.test_error = float(loss), float(error)

@@ -1,0 +1,103 @@
+"""The results folder of a run: config.json (and whether its checkpoints still apply), history.csv, result.json."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..terminal import say
+
+# Settings that may change between a run and its resumption: a checkpoint
+# taken with fewer hyper-steps is continued, not discarded.
+RESUMABLE_CHANGES = ("hyper_steps", "data_dir")
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON values (dataclasses, arrays, paths; non-finite floats as strings)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return jsonable(dataclasses.asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.generic, np.ndarray)):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, columns: Mapping[str, Sequence]) -> None:
+    """One row per entry; columns of unequal length are padded with blanks."""
+    names = list(columns)
+    n = max((len(v) for v in columns.values()), default=0)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        for i in range(n):
+            w.writerow([_cell(columns[k], i) for k in names])
+
+
+def _cell(col, i):
+    if i >= len(col):
+        return ""
+    v = col[i]
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.8g}"
+    return v
+
+
+def history_columns(history: Mapping[str, Any], **extra: Sequence) -> dict:
+    """The scalar per-hyper-step series of a driver's history, as CSV columns."""
+    cols = {"hyper_step": list(range(len(history.get("value", []))))}
+    for key in ("value", "grad_norm", "seconds"):
+        if key in history:
+            cols[key] = list(np.asarray(history[key]).reshape(-1))
+    cols.update({k: list(v) for k, v in extra.items()})
+    return cols
+
+
+def prepare(out_dir: Path, config) -> Path:
+    """Create ``out_dir`` and write ``config.json``.
+
+    Checkpoints under ``out_dir/checkpoints`` are kept (a rerun resumes from
+    them) only if they were made with the same configuration, up to
+    :data:`RESUMABLE_CHANGES`; otherwise they are deleted.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / "checkpoints"
+    if checkpoints.exists():
+        try:
+            before = json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            before = None
+        now = jsonable(config)
+        same = before is not None and all(
+            before.get(k) == v for k, v in now.items() if k not in RESUMABLE_CHANGES
+        ) and set(before) == set(now)
+        if same:
+            say(f"resuming from the checkpoints in {checkpoints}")
+        else:
+            say(f"the configuration differs from the one in {out_dir}: starting afresh")
+            shutil.rmtree(checkpoints)
+    write_json(out_dir / "config.json", config)
+    return out_dir

@@ -1,0 +1,59 @@
+"""What the experiments' figures share: matplotlib without a display, image grids, the learning curve."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def savefig(fig, path: Path) -> str:
+    """Write ``fig`` to ``path`` (PNG), close it; returns the file's name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path.name
+
+
+def image_grid(ax_row, images: np.ndarray, titles: Sequence[str], image_shape, cmap="gray", symmetric=False):
+    """Draw ``images`` (N, H*W) on the axes ``ax_row`` with a title each."""
+    for ax, img, title in zip(ax_row, images, titles):
+        img = np.asarray(img).reshape(image_shape)
+        if symmetric:
+            m = float(np.max(np.abs(img))) or 1.0
+            ax.imshow(img, cmap=cmap, vmin=-m, vmax=m)
+        else:
+            ax.imshow(img, cmap=cmap)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def class_names(dataset: str, n: int = 10) -> list[str]:
+    return CLASS_NAMES.get(dataset, [str(i) for i in range(n)])
+
+
+def learning_curve(out_dir: Path, history, baseline: float, label: str, baseline_label: str) -> str:
+    """The validation loss per hyper-step against the baseline's, as ``learning_curve.png``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(history["value"], label=label)
+    ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
+    ax.set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
+    ax.legend()
+    return savefig(fig, out_dir / "learning_curve.png")

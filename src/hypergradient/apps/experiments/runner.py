@@ -1,0 +1,247 @@
+"""One runner for every experiment: prepare → baseline → tune → score → report.
+
+As in jaxline's ``experiment.py``, the runner owns the loop, the results folder
+(``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``), the
+timing and what happens when training diverges; an :class:`Experiment`
+supplies only what differs::
+
+    class Distill(Experiment):
+        name, methods = NAME, METHODS
+
+        def __init__(self, config, data): ...     # prepare: self.dynamics, self.objective, self.logits
+        def baseline(self): ...                   # the untuned reference, any value
+        def searches(self, baseline): ...         # [Search(label, λ_0, constraint)], one tuning run each
+        def score(self, tuned): ...               # figures of one tuned λ (default: self.scores)
+        def report(self, out_dir, baseline, tuned, scores): ...   # -> Report(fields, plots, history)
+
+    def run(config, out_dir, progress=None):
+        return runner.run(Distill, config, out_dir, progress)
+
+The method named by ``config.method`` (:data:`hypergradient.apps.methods.METHODS`)
+picks the driver: ``hg.online`` for a real-time one (Δ = ``config.every``),
+``hg.optimize`` otherwise (``config.hyper_steps`` steps); both use Adam at
+``config.hyper_lr`` and checkpoint under ``checkpoints/LABEL``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import optax
+
+import hypergradient as hg
+from hypergradient.errors import ExperimentError
+
+from .. import datasets, methods
+from ..terminal import say
+from . import folder
+from .scoring import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """One tuning run: its label (the checkpoint folder's name), λ_0 and the projection after each step."""
+
+    label: str
+    lam0: Any
+    constraint: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """What one tuning run gave.
+
+    Attributes:
+      label: the :class:`Search`'s.
+      hparams: the λ kept: offline, the one of lowest validation value among those visited;
+        real time, the last one (the last good one if training diverged).
+      params: the weights trained at (or, in real time, along with) ``hparams``; ``None`` if that
+        training diverged.
+      history: the driver's history (up to the last good hyper-step).
+      selected_step: the hyper-step of ``hparams`` (``len(history["value"])``: the final λ).
+      note: ``""`` or what went wrong.
+    """
+
+    label: str
+    hparams: Any
+    params: Any
+    history: Mapping[str, Any]
+    selected_step: int
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """An experiment's own result fields, the plots it wrote and the columns of history.csv."""
+
+    fields: dict
+    plots: list[str]
+    history: Mapping[str, Sequence]
+
+
+class Experiment(abc.ABC):
+    """What one experiment supplies to :func:`run`.
+
+    ``__init__(config, data)`` is the prepare stage: it sets ``self.dynamics`` (the ``hg.Dynamics``
+    tuned), ``self.objective`` (``(w, λ)``, or ``(w, λ, k)`` for a real-time method) and
+    ``self.logits`` (``(w, x) -> logits``, which :meth:`scores` reads).
+    """
+
+    name: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config, data: datasets.Splits):
+        self.config, self.data = config, data
+
+    @abc.abstractmethod
+    def baseline(self) -> Any:
+        """The untuned reference (any value: :meth:`searches` and :meth:`report` receive it)."""
+
+    @abc.abstractmethod
+    def searches(self, baseline) -> list[Search]:
+        """The tuning runs to make."""
+
+    def score(self, tuned: Tuned) -> dict:
+        """The figures of one tuned λ."""
+        return self.scores(tuned.params)
+
+    @abc.abstractmethod
+    def report(self, out_dir: Path, baseline, tuned: list[Tuned], scores: list[dict]) -> Report:
+        """The result's fields, the plots (written to ``out_dir``) and history.csv's columns."""
+
+    def train(self, hparams):
+        """The final weights of training at ``hparams``, or ``None`` if training diverged."""
+        try:
+            return self.dynamics.run(hparams)
+        except hg.DivergenceError:
+            return None
+
+    def scores(self, params) -> dict:
+        """Validation and test loss and error of ``params`` (``None``, diverged: inf and 1)."""
+        if params is None:
+            return {"val_loss": float("inf"), "val_error": 1.0, "test_loss": float("inf"), "test_error": 1.0}
+        val, test = self.data.val, self.data.test
+        v, t = metrics(self.logits(params, val.x), val.y), metrics(self.logits(params, test.x), test.y)
+        return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"]}
+
+
+def detail(message: str) -> None:
+    """A status line under the current stage's."""
+    say("      " + message)
+
+
+def fill_defaults(config, **defaults: tuple[Any, Any]):
+    """``config`` with each field left ``None`` set from ``field=(digits value, paper-scale value)``:
+    the first for the small bundled dataset, the second for the IDX datasets."""
+    pick = 0 if config.dataset == "digits" else 1
+    return dataclasses.replace(
+        config, **{k: v[pick] for k, v in defaults.items() if getattr(config, k) is None}
+    )
+
+
+def run(experiment: type[Experiment], config, out_dir, progress: bool | None = None) -> dict:
+    """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict."""
+    config = config.resolved()
+    if config.method not in experiment.methods:
+        raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
+                              f"choose one of: {', '.join(experiment.methods)}")
+    out_dir = folder.prepare(Path(out_dir), config)
+    started = time.perf_counter()
+    data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
+                         n_test=config.n_test)
+    say(f"[1/4] prepare: {config.dataset}, {len(data.train.y)} / {len(data.val.y)} / {len(data.test.y)} "
+        "train / validation / test examples")
+    exp = experiment(config, data)
+    say("[2/4] baseline")
+    base = exp.baseline()
+    tuned = [_tune(exp, search, out_dir, progress) for search in exp.searches(base)]
+    say("[4/4] score")
+    scores = [exp.score(t) for t in tuned]
+    report = exp.report(out_dir, base, tuned, scores)
+    result = {"experiment": experiment.name, "dataset": config.dataset, "method": config.method,
+              **report.fields, "seconds": time.perf_counter() - started, "plots": report.plots}
+    folder.write_csv(out_dir / "history.csv", report.history)
+    folder.write_json(out_dir / "result.json", result)
+    return result
+
+
+def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
+    config = exp.config
+    options = dict(method=methods.make(config.method, config.truncation),
+                   hyper_optimizer=optax.adam(config.hyper_lr), constraint=search.constraint,
+                   checkpoint_dir=out_dir / "checkpoints" / search.label, progress=progress)
+    size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
+    if methods.METHODS[config.method].realtime:
+        say(f"[3/4] tune {search.label}: {config.method} on {size} hyperparameters, one run of "
+            f"{exp.dynamics.steps} steps, λ updated every {config.every} steps")
+        return _online(exp, search, options)
+    say(f"[3/4] tune {search.label}: {config.hyper_steps} hyper-steps of Adam ({config.method}) "
+        f"on {size} hyperparameters")
+    return _offline(exp, search, options)
+
+
+def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
+    """``hg.online``: the λ and weights the run ends with, or on divergence the last good λ, retrained."""
+    try:
+        res = hg.online(exp.dynamics, exp.objective, search.lam0, every=exp.config.every, **options)
+        hparams, params, history, note = res.hparams, res.params, res.history, ""
+    except hg.HyperDivergenceError as e:
+        note = f"training diverged at hyper-step {e.hyper_step}; reporting the run with the last good λ fixed"
+        say("warning: " + note)
+        hparams, history = e.hparams, e.history
+        params = exp.train(hparams)
+    return Tuned(search.label, hparams, params, history, len(history["value"]), note)
+
+
+def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
+    """``hg.optimize``, keeping the best λ seen.
+
+    Every hyper-step evaluates f(λ_k) on the validation objective, so the
+    λ returned is the one with the lowest validation value among those
+    visited, the final one included (early stopping on the objective being
+    optimized: a hyper-optimizer that overshoots late does not spoil the
+    result). A divergence part-way is not fatal either: the experiment goes
+    on with the best finite λ and says so.
+    """
+    best = {"value": np.inf, "hparams": None, "step": -1}
+
+    def keep_best(step, hparams, value, grad):
+        if np.isfinite(value) and value < best["value"]:
+            best.update(value=float(value), hparams=hparams, step=int(step))
+        return False
+
+    note = ""
+    try:
+        res = hg.optimize(exp.dynamics, exp.objective, search.lam0, hyper_steps=exp.config.hyper_steps,
+                          callback=keep_best, **options)
+        final = (res.value, res.hparams, res.steps)
+        history = res.history
+    except hg.HyperDivergenceError as e:
+        note = f"{search.label}: training diverged at hyper-step {e.hyper_step}; kept the best λ before it"
+        say("warning: " + note)
+        final = (np.inf, e.hparams, -1)
+        history = e.history
+    _restore_best_from_history(best, history)
+    if final[0] <= best["value"] or best["hparams"] is None:
+        _, hparams, step = final
+    else:
+        hparams, step = best["hparams"], best["step"]
+    return Tuned(search.label, hparams, exp.train(hparams), history, int(step), note)
+
+
+def _restore_best_from_history(best: dict, history: Mapping[str, Any]) -> None:
+    """After a resume the callback saw only the later steps: look at the recorded ones too."""
+    values = np.asarray(history.get("value", []), np.float64)
+    if "hparams" not in history or not len(values) or not np.isfinite(values).any():
+        return
+    k = int(np.nanargmin(np.where(np.isfinite(values), values, np.inf)))
+    if values[k] < best["value"]:
+        best.update(value=float(values[k]), step=k,
+                    hparams=jax.tree.map(lambda a: np.asarray(a[k]), history["hparams"]))
