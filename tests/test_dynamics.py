@@ -118,3 +118,17 @@ def test_data_as_a_plain_function_of_the_step():
     a = hg.hypergrad(dyn, objective, lam)
     b = hg.hypergrad(as_fn, objective, lam)
     np.testing.assert_allclose(float(a.grad["lr"]), float(b.grad["lr"]), rtol=1e-12)
+
+
+def test_nan_in_the_data_or_in_lambda_is_named_before_training():
+    from problems import ridge_problem
+
+    dyn, objective, lam = ridge_problem(steps=5)
+    with pytest.raises(ValueError, match=r"hyperparameter \['lr'\] holds nan"):
+        hg.hypergrad(dyn, objective, {**lam, "lr": jnp.asarray(jnp.nan)})
+    x, y = dyn.data
+    bad = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, (x.at[3, 1].set(jnp.inf), y), 5)
+    with pytest.raises(ValueError, match=r"training data \[0\] holds inf \(first at index \(3, 1\)\)"):
+        hg.hypergrad(bad, objective, lam)
+    with pytest.raises(ValueError, match="training data"):
+        hg.optimize(bad, objective, lam, hyper_steps=1)

@@ -162,3 +162,35 @@ def test_stats_report_time_and_memory():
     assert full["steps"] == T and full["seconds"] > 0
     assert full["hparam_numbers"] == sum(x.size for x in jax.tree.leaves(lam))
     assert 0 < ckpt["temp_bytes"] < full["temp_bytes"]
+
+
+def test_an_optax_schedule_is_evaluated_at_every_step():
+    schedule = optax.exponential_decay(0.3, transition_steps=4, decay_rate=0.5)
+    scheduled = hg.optim.from_optax(optax.sgd, learning_rate=schedule, momentum=0.5)
+    dyn, objective, lam = mlp_problem(
+        steps=8, optimizer=scheduled, hparams=lambda lam, t: {"momentum": lam["momentum"][t, 0]})
+    by_hand, _, _ = mlp_problem(
+        steps=8, optimizer=hg.optim.momentum(),
+        hparams=lambda lam, t: {"lr": 0.3 * 0.5 ** (t / 4), "momentum": lam["momentum"][t, 0]})
+    # optax evaluates the schedule in float32: agreement to its precision (a wrong step is off by %s)
+    assert_tree_close(dyn.run(lam), by_hand.run(lam), rtol=1e-6)
+    res = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    assert_tree_close(res.grad, hg.hypergrad(by_hand, objective, lam, hg.Reverse()).grad, rtol=1e-5)
+    clash, _, _ = mlp_problem(steps=4, optimizer=scheduled, hparams=lambda lam, t: {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match=r"\['learning_rate'\] is a schedule"):
+        hg.hypergrad(clash, objective, lam)
+
+
+def test_a_chaotic_run_is_reported():
+    """Gradient descent on a periodic loss with a large step is chaotic (bounded forward, exploding
+    backward): the growth of the backward pass is measured and a warning says what it means."""
+    dyn = hg.Dynamics(init=jnp.asarray([0.3, 1.1]), loss=lambda w, lam, b: -jnp.sum(jnp.cos(w)),
+                      optimizer=hg.optim.sgd(), optimizer_hparams=lambda lam, t: {"lr": lam["lr"]}, steps=200)
+    objective = lambda w, lam: jnp.sum(jnp.sin(w))  # noqa: E731
+    with pytest.warns(hg.ChaosWarning, match="chaotic"):
+        res = hg.hypergrad(dyn, objective, {"lr": jnp.asarray(5.0)})
+    assert res.stats["backward_growth"] > 1e8
+    for method in (hg.Reverse(), hg.Reverse(checkpoint_every=4)):
+        dyn2, objective2, lam = ridge_problem(steps=25)
+        stable = hg.hypergrad(dyn2, objective2, lam, method)
+        assert 1 <= stable.stats["backward_growth"] < 10

@@ -40,3 +40,34 @@ def test_implicit_refuses_data_it_cannot_sum_over():
         hg.hypergrad(as_fn, objective, lam, hg.Implicit())
     with pytest.raises(ValueError, match="solver"):
         hg.Implicit(solver="lu")
+
+
+def test_off_stationarity_it_warns_and_strict_raises():
+    dyn, objective, lam = ridge_problem(steps=3)
+    with pytest.warns(hg.ImplicitWarning, match="not a stationary point"):
+        res = hg.hypergrad(dyn, objective, lam, hg.Implicit())
+    assert res.stats["stationarity"] > 1e-3
+    with pytest.raises(hg.MethodError, match="not a stationary point"):
+        hg.hypergrad(dyn, objective, lam, hg.Implicit(strict=True))
+
+
+def test_an_unconverged_solve_warns():
+    dyn, objective, lam = ridge_problem(steps=STEPS)
+    with pytest.warns(hg.ImplicitWarning, match="solve .* stopped at relative residual"):
+        res = hg.hypergrad(dyn, objective, lam, hg.Implicit("neumann", iters=2))
+    assert res.stats["solve_residual"] > 1e-3 and res.stats["stationarity"] < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_the_defaults_converge_on_the_ridge_problem(solver):
+    """No warning and the closed form, with every setting left at its default (Neumann's step from
+    power iteration)."""
+    import warnings
+
+    dyn, objective, lam = ridge_problem(steps=STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = hg.hypergrad(dyn, objective, lam, hg.Implicit(solver))
+    _, grad = ridge_closed_form(lam, steps=STEPS)
+    np.testing.assert_allclose(float(res.grad["log_l2"]), grad["log_l2"], rtol=1e-6)
+    assert res.stats["solve_residual"] < 1e-6

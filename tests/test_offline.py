@@ -151,9 +151,15 @@ def test_refuses_a_checkpoint_of_another_problem(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="train_steps"):  # another training run
         dyn11, _, _ = ridge_problem(steps=11)
         optimize(dyn11, objective, lam, hyper_steps=3, checkpoint_dir=tmp_path)
-    with pytest.raises(CheckpointMismatchError, match="opt_state"):  # another hyper-optimizer
+    with pytest.raises(CheckpointMismatchError, match="another hyper-optimizer"):
         optimize(dyn, objective, lam, hyper_optimizer=optax.sgd(0.1, momentum=0.9), hyper_steps=3,
                  checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="other initial hyperparameters"):  # another λ0
+        optimize(dyn, objective, {**lam, "lr": jnp.asarray(0.2)}, hyper_steps=3, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="another hyper-optimizer"):  # another hyper lr
+        optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.02), hyper_steps=3, checkpoint_dir=tmp_path)
+    resumed = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(1e-2), hyper_steps=3, checkpoint_dir=tmp_path)
+    assert resumed.steps == 3  # an equal hyper-optimizer written again resumes
     (tmp_path / "optimize.npz").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         optimize(dyn, objective, lam, hyper_steps=3, checkpoint_dir=tmp_path)
@@ -264,3 +270,19 @@ def test_a_second_call_with_the_same_objects_traces_nothing():
     assert n > 1
     assert second.value == first.value
     np.testing.assert_array_equal(second.history["value"], first.history["value"])
+
+
+def test_best_hyperparameters_are_the_lowest_objective_seen():
+    dyn, objective, lam = ridge_problem(steps=10)
+    res = optimize(dyn, objective, lam, hyper_optimizer=optax.sgd(3.0), hyper_steps=6)  # overshoots
+    seen = list(res.history["value"]) + [res.value]
+    assert res.best_value == min(seen) and res.best_step == int(np.argmin(seen))
+    assert res.best_value < res.value  # the last λ is not the best here
+    np.testing.assert_allclose(float(hg.hypergrad(dyn, objective, res.best_hparams).value), res.best_value, rtol=1e-12)
+
+
+def test_divergence_at_lambda0_says_so_not_the_hyper_learning_rate():
+    dyn, objective, lam = ridge_problem(steps=10)
+    with pytest.raises(HyperDivergenceError, match="diverges at the initial hyperparameters") as info:
+        optimize(dyn, objective, {**lam, "lr": jnp.asarray(1e40)}, hyper_steps=3)
+    assert "hyper learning rate is not the cause" in str(info.value)

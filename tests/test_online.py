@@ -240,3 +240,39 @@ def test_an_unhashable_hyper_optimizer_still_runs():
     res = online(dyn, objective, TOO_SMALL, every=5, hyper_optimizer=opt)
     ref = online(dyn, objective, TOO_SMALL, every=5, hyper_optimizer=optax.adam(0.2))
     np.testing.assert_allclose(res.history["value"], ref.history["value"], rtol=1e-12)
+
+
+def test_a_fresh_but_equal_hyper_optimizer_reuses_the_compiled_loop():
+    dyn, objective = lr_problem(steps=40)
+    traces = []
+
+    def counted(w, lam):
+        traces.append(1)
+        return objective(w, lam)
+
+    first = online(dyn, counted, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.2))
+    n = len(traces)
+    second = online(dyn, counted, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.2))  # written inline again
+    assert len(traces) == n
+    np.testing.assert_array_equal(second.history["value"], first.history["value"])
+    online(dyn, counted, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.3))
+    assert len(traces) > n  # another hyper learning rate is another program
+
+
+def test_resume_with_another_lambda0_or_hyper_optimizer_is_refused(tmp_path):
+    dyn, objective = lr_problem(steps=40)
+    online(dyn, objective, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.2), checkpoint_dir=tmp_path, chunk=2)
+    with pytest.raises(CheckpointMismatchError, match="other initial hyperparameters"):
+        online(dyn, objective, {"log_lr": jnp.asarray(-3.0)}, every=10, hyper_optimizer=optax.adam(0.2),
+               checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="another hyper-optimizer"):
+        online(dyn, objective, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.1), checkpoint_dir=tmp_path)
+
+
+def test_online_keeps_the_best_hyperparameters():
+    dyn, objective = lr_problem(steps=40)
+    res = online(dyn, objective, TOO_SMALL, every=10, hyper_optimizer=optax.adam(0.2))
+    seen = list(res.history["value"]) + [res.value]
+    assert res.best_value == pytest.approx(min(seen), rel=1e-12) and res.best_step == int(np.argmin(seen))
+    if res.best_step < res.steps:
+        np.testing.assert_allclose(float(res.best_hparams["log_lr"]), float(res.history["hparams"]["log_lr"][res.best_step]))

@@ -19,10 +19,12 @@ from .drivers.progress import TextProgressMeter as TextProgressMeter
 from .drivers.progress import TqdmProgressMeter as TqdmProgressMeter
 from .dynamics import Dynamics as Dynamics
 from .dynamics import State as State
+from .errors import ChaosWarning as ChaosWarning
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import DivergenceError as DivergenceError
 from .errors import Failure as Failure
 from .errors import HyperDivergenceError as HyperDivergenceError
+from .errors import ImplicitWarning as ImplicitWarning
 from .errors import MethodError as MethodError
 from .errors import ReversalError as ReversalError
 from .hypergrad import HypergradResult as HypergradResult

@@ -65,6 +65,22 @@ def check_hparams_dtype(lam: Any) -> None:
             )
 
 
+def check_finite(tree: Any, what: str) -> None:
+    """Raise ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf (traced leaves
+    are not checked)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not is_array(leaf) or isinstance(leaf, jax.core.Tracer):
+            continue
+        a = np.asarray(leaf)
+        if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0]
+            value = a[tuple(bad)]
+            raise ValueError(
+                f"{what} {jax.tree_util.keystr(path) or ''} holds {value} (first at index {tuple(int(i) for i in bad)}): "
+                "NaN and inf cannot be trained on or tuned; clean the input first".replace("  ", " ")
+            )
+
+
 @jax.tree_util.register_pytree_node_class
 class Dynamics:
     """A training run whose final weights are differentiated in λ.
@@ -208,6 +224,13 @@ class Dynamics:
             if step is not None:
                 raise DivergenceError(f"training diverged: the training loss is not finite at step {step}", step)
         return self.model(state.params)
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` if the initial weights or the training data hold NaN or inf."""
+        if not self._init_is_fn:
+            check_finite(self.init, "the initial weights")
+        data = self.data.arrays if isinstance(self.data, Batches) else None if callable(self.data) else self.data
+        check_finite(data, "the training data")
 
     def validate(self, lam) -> None:
         """Trace one step abstractly; raise a ``ValueError`` naming what cannot run."""

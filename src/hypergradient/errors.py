@@ -22,6 +22,9 @@ class Failure(enum.IntEnum):
     MOMENTUM_OUT_OF_RANGE = 5  # Reversible: μ outside [2^-b, 1]
     BUFFER_OVERFLOW = 6  # Reversible: the information buffer was too small
     REVERSAL_MISMATCH = 7  # Reversible: the backward pass did not re-create s_0 bit for bit
+    NOT_STATIONARY = 8  # Implicit: w_T is not a stationary point of the training loss
+    SOLVE_NOT_CONVERGED = 9  # Implicit: the linear solve did not reach its tolerance
+    CHAOTIC = 10  # the backward pass grew so much that the hypergradient measures chaos, not a trend
 
 
 class DivergenceError(FloatingPointError):
@@ -62,6 +65,16 @@ class MethodError(ValueError):
 
 class ReversalError(MethodError):
     """Reversible could not reverse this training run exactly (the message says why and what to change)."""
+
+
+class ImplicitWarning(UserWarning):
+    """Implicit differentiation's assumptions did not hold (w_T not stationary, or the linear solve
+    not converged): the hypergradient may be far off. ``Implicit(strict=True)`` raises instead."""
+
+
+class ChaosWarning(UserWarning):
+    """The backward pass grew by many orders of magnitude (``stats["backward_growth"]``): the run
+    is chaotic in its weights and the hypergradient is dominated by that sensitivity."""
 
 
 class CheckpointMismatchError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._pytree import nbytes, partition, signature
-from .dynamics import Dynamics, first_nonfinite, train
+from .dynamics import Dynamics, check_finite, first_nonfinite, train
 from .errors import DivergenceError, Failure
 from .methods.base import Method, Objective, Solution
 from .methods.reverse import Reverse
@@ -98,10 +99,16 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
       DivergenceError: the training loss, the objective or the hypergradient is NaN or inf
         (the error names the first non-finite training step).
       MethodError: the method cannot serve this dynamics (``ReversalError``: Reversible could not
-        reverse this run exactly).
+        reverse this run exactly; ``Implicit(strict=True)``: w_T is not stationary or the linear
+        solve did not converge).
+
+    Warns:
+      ImplicitWarning: ``Implicit`` at a point that is not stationary, or with a solve that did
+        not converge (see its ``stats["stationarity"]`` and ``stats["solve_residual"]``).
     """
     method = Reverse() if method is None else method
     _check_types(dyn, method)
+    check_finite(lam, "hyperparameter")
     method = method.resolve(dyn, lam)
     exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
     arrays, _ = partition(objective)
@@ -123,16 +130,19 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
 
 
 def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, steps: int) -> None:
-    """Raise the exception that names ``result`` (nothing for ``Failure.OK``)."""
-    if result == Failure.OK:
-        return
-    error = method.failure(result, stats)
-    if error is not None:
+    """Raise the exception that names ``result`` (warn instead for a method's caveat; nothing for
+    ``Failure.OK``)."""
+    error = method.failure(result, stats) if result != Failure.OK else None
+    if isinstance(error, Warning):  # the result stands, with a caveat, unless it diverged
+        warnings.warn(error, stacklevel=3)
+    elif error is not None:
         raise error
-    if result == Failure.TRAINING_DIVERGED:
-        step = first_nonfinite(sol.losses)
+    if not bool(sol.diverged):
+        return
+    step = first_nonfinite(sol.losses)
+    if step is not None:
         raise DivergenceError(f"training diverged: the training loss is not finite at step {step} of {steps}", step)
-    what = "objective" if result == Failure.OBJECTIVE_NONFINITE else "hypergradient"
+    what = "objective" if not np.isfinite(float(sol.value)) else "hypergradient"
     raise DivergenceError(
         f"training stayed finite but the {what} is not (value {float(sol.value)}); "
         "check the objective and the scale of λ"
@@ -198,6 +208,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     if hit is not None:
         return hit[0], 0.0, hit[1]
     dyn.validate(lam)
+    dyn.check_finite()
     check_objective(dyn, objective, lam)
     method.check(dyn)
     start = time.perf_counter()

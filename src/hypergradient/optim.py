@@ -128,6 +128,22 @@ def _zeros_like(params: Params) -> Params:
     return jax.tree.map(jnp.zeros_like, params)
 
 
+def normalized(m, u, u_hat, eps, eps_root):
+    """m / (sqrt(û + eps_root) + eps), and 0 where u = 0 (the weight has seen no gradient yet).
+
+    There m = 0 too, so the value is unchanged; what changes is the derivative. At u = 0 the
+    step's derivative in m is 1/(sqrt(eps_root) + eps), about 10^8: the backward pass multiplies
+    by it at every step and overflows (float32: from about T = 5 with optax's eps_root = 0, T = 50
+    with 1e-16), although the weight, and so its hypergradient, stays exactly where it is whatever
+    λ. Differentiating the step as 0 there gives that exact hypergradient. ``u`` is tested where
+    ``u_hat`` is used, and the square root is taken of a safe stand-in, so that the branch not
+    taken has a finite derivative (0 · ∞ would be NaN).
+    """
+    seen = u > 0
+    safe = jnp.where(seen, u_hat, 1.0)
+    return jnp.where(seen, m / (jnp.sqrt(safe + eps_root) + eps), 0.0)
+
+
 def sgd() -> Optimizer:
     """Plain gradient descent: w ← w − η g. Hyperparameters: ``lr``."""
 
@@ -180,8 +196,10 @@ def adam() -> Optimizer:
 
     m ← b1 m + (1−b1) g,  u ← b2 u + (1−b2) g²,
     w ← w − η m̂ / (sqrt(û + eps_root) + eps),  m̂ = m/(1−b1ᵗ), û = u/(1−b2ᵗ).
-    The tiny ``eps_root`` (1e-16) keeps the derivative of the square root finite
-    where a gradient is exactly zero, which reverse mode needs.
+    The tiny ``eps_root`` (1e-16) keeps the derivative of the square root finite.
+    A weight that has seen no gradient at all (u = 0: a feature that is zero in
+    every example, a dead unit) takes the step 0, differentiated as 0 (see
+    :func:`normalized`).
     """
 
     def init(params):
@@ -193,9 +211,7 @@ def adam() -> Optimizer:
         nu = jax.tree.map(lambda u, g, b2: b2 * u + (1 - b2) * g * g, s.nu, g, h["b2"])
 
         def step(w, m, u, lr, b1, b2, eps, eps_root):
-            m_hat = m / (1 - b1**t)
-            u_hat = u / (1 - b2**t)
-            return w - lr * m_hat / (jnp.sqrt(u_hat + eps_root) + eps)
+            return w - lr * normalized(m / (1 - b1**t), u, u / (1 - b2**t), eps, eps_root)
 
         w = jax.tree.map(step, w, mu, nu, h["lr"], h["b1"], h["b2"], h["eps"], h["eps_root"])
         return w, AdamState(t, mu, nu)
@@ -208,13 +224,14 @@ def adam() -> Optimizer:
 def rmsprop() -> Optimizer:
     """RMSprop. Hyperparameters: ``lr``; optional ``decay`` (0.9), ``eps`` (1e-8).
 
-    u ← ρ u + (1−ρ) g²,  w ← w − η g / (sqrt(u + eps_root) + eps).
+    u ← ρ u + (1−ρ) g²,  w ← w − η g / (sqrt(u + eps_root) + eps), with the
+    step of a weight that has seen no gradient (u = 0) 0, as in :func:`adam`.
     """
 
     def rule(g, u, w, h):
         u = jax.tree.map(lambda u, g, rho: rho * u + (1 - rho) * g * g, u, g, h["decay"])
         w = jax.tree.map(
-            lambda w, g, u, lr, eps, er: w - lr * g / (jnp.sqrt(u + er) + eps),
+            lambda w, g, u, lr, eps, er: w - lr * normalized(g, u, u, eps, er),
             w, g, u, h["lr"], h["eps"], h["eps_root"],
         )
         return w, u
@@ -229,7 +246,10 @@ def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: 
     ...). The keyword arguments name the hyperparameters that become
     differentiable and give their default values; ``optimizer_hparams`` may
     then return any of them at every step (scalars: optax applies one value
-    to all weights). Built on ``optax.inject_hyperparams``, which keeps the
+    to all weights). A default may also be an optax schedule (a function of
+    the step count, e.g. ``optax.exponential_decay(0.1, 10, 0.5)``): it is
+    evaluated at every step t and is not a hyperparameter ``optimizer_hparams``
+    may set. Built on ``optax.inject_hyperparams``, which keeps the
     hyperparameters in the optimizer state where gradients reach them.
 
     Example::
@@ -243,13 +263,20 @@ def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: 
             "from_optax(optax.sgd, learning_rate=0.1)"
         )
     inner = optax.inject_hyperparams(factory)(**hparams)
+    schedules = {k for k, v in hparams.items() if callable(v)}
 
     def init(params):
         return inner.init(params)
 
     def rule(g, state, w, h):
+        overridden = sorted(k for k in schedules if not callable(h[k]))
+        if overridden:
+            raise ValueError(
+                f"from_optax: {overridden} {'is a schedule' if len(overridden) == 1 else 'are schedules'} of step t "
+                "given to from_optax; optimizer_hparams cannot set it too (give a number as the default instead)"
+            )
         # Keep the dtypes of the state's own copies so the scan carry is stable.
-        given = {k: jnp.asarray(v, jnp.result_type(state.hyperparams[k])) for k, v in h.items()}
+        given = {k: jnp.asarray(v, jnp.result_type(state.hyperparams[k])) for k, v in h.items() if k not in schedules}
         state = state._replace(hyperparams={**state.hyperparams, **given})
         updates, state = inner.update(g, state, w)
         return optax.apply_updates(w, updates), state

@@ -125,10 +125,18 @@ def load(path: str | os.PathLike) -> Checkpoint | None:
     return Checkpoint(path, meta, arrays)
 
 
+#: Header entries that are digests: what a difference in them means.
+DIGESTS = {
+    "hparams0": "other initial hyperparameters λ0",
+    "hyper_optimizer": "another hyper-optimizer (or hyper learning rate)",
+    "constraint": "another constraint",
+}
+
+
 def check_header(ckpt: Checkpoint, expected: Mapping[str, Any]) -> None:
     """Refuse ``ckpt`` unless its header agrees with ``expected`` on every given key."""
     diffs = [
-        f"{k}: checkpoint {ckpt.header.get(k)!r}, this run {v!r}"
+        f"this run has {DIGESTS[k]}" if k in DIGESTS else f"{k}: checkpoint {ckpt.header.get(k)!r}, this run {v!r}"
         for k, v in expected.items()
         if _jsonable(ckpt.header.get(k)) != _jsonable(v)
     ]

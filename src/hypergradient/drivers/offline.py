@@ -16,7 +16,6 @@ exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -27,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..dynamics import Dynamics, check_hparams_dtype, first_nonfinite
+from ..dynamics import Dynamics, check_finite, check_hparams_dtype, first_nonfinite
 from ..errors import DivergenceError, HyperDivergenceError
 from ..hypergrad import evaluate, hypergrad
 from ..methods.base import Method
 from ..methods.reverse import Reverse
+from ..hypergrad import ProgramCache
 from . import checkpoint as ckpt
+from . import fingerprint
 from .progress import ProgressMeter, meter_for, tick
 
 #: The hyperparameter trajectory is kept in the history only up to this many numbers per λ.
@@ -61,6 +62,11 @@ class OptimizeResult(NamedTuple):
         (the training loss of every training step).
       steps: the number of hyper-steps taken (rows of the history).
       stopped: True when a callback stopped the run early.
+      best_hparams: the λ with the lowest objective seen. ``optimize``: among every λ_k
+        evaluated and the final λ; ``online``: among the λ in force during each interval
+        (scored by the objective at the interval's end) and the final λ.
+      best_value: that lowest objective.
+      best_step: the hyper-step at which it was seen (``steps`` for the final λ).
     """
 
     hparams: Any
@@ -69,6 +75,9 @@ class OptimizeResult(NamedTuple):
     history: dict
     steps: int
     stopped: bool = False
+    best_hparams: Any = None
+    best_value: float = float("nan")
+    best_step: int = -1
 
 
 def divergence_message(driver: str, hyper_step: int, step: int | None, total_steps: int, cause: str,
@@ -77,6 +86,13 @@ def divergence_message(driver: str, hyper_step: int, step: int | None, total_ste
         f"at training step {step} of {total_steps}" if step is not None
         else "(training stayed finite; the objective or the hypergradient did not)"
     )
+    if good_step is None and hyper_step == 0:
+        return (
+            f"{driver}: training diverges at the initial hyperparameters λ0 {where}: {cause}. No hyper-step "
+            f"was taken, so the hyper learning rate is not the cause.{checkpoint_note} Start from "
+            f"hyperparameters that train (a smaller learning rate, a smaller init scale), or check the data "
+            f"and the loss."
+        )
     kept = (
         f"the last good hyperparameters (those of hyper-step {good_step}) are in error.hparams"
         if good_step is not None else "no hyper-step was finite; error.hparams holds λ_0"
@@ -123,18 +139,15 @@ def hyper_update_fn(hyper_optimizer: optax.GradientTransformation, constraint: C
     return update
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_update(hyper_optimizer, constraint):
-    return jax.jit(hyper_update_fn(hyper_optimizer, constraint))
+_updates = ProgramCache(32)
 
 
 def jitted_update(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None):
-    """The jitted hyper-update, one per (optimizer, constraint) object pair, so that a later
-    ``optimize`` with the same pair compiles nothing (unhashable ones get a fresh one)."""
-    try:
-        return _cached_update(hyper_optimizer, constraint)
-    except TypeError:
-        return jax.jit(hyper_update_fn(hyper_optimizer, constraint))
+    """The jitted hyper-update, one per (optimizer, constraint) pair as :mod:`fingerprint` compares
+    them, so that a later ``optimize`` with an equal pair (``optax.adam(0.1)`` written again)
+    compiles nothing."""
+    k = (fingerprint.key(hyper_optimizer), fingerprint.key(constraint))
+    return _updates.get(k) or _updates.put(k, jax.jit(hyper_update_fn(hyper_optimizer, constraint)))
 
 
 def check_common(dyn, lam0, hyper_optimizer, constraint, callback):
@@ -148,6 +161,8 @@ def check_common(dyn, lam0, hyper_optimizer, constraint, callback):
     if callback is not None and not callable(callback):
         raise TypeError("callback must be a function (step, hparams, value, grad) -> bool | None")
     lam = as_hparams(lam0)
+    check_finite(lam, "hyperparameter")
+    dyn.check_finite()
     if constraint is not None:
         projected = constraint(lam)
         if jax.tree.structure(projected) != jax.tree.structure(lam):
@@ -221,7 +236,9 @@ def optimize(
     Returns:
       An :class:`OptimizeResult`. ``params`` and ``value`` come from one
       plain training run at the returned ``hparams`` (the last hypergradient
-      was taken at the hyperparameters *before* the last update).
+      was taken at the hyperparameters *before* the last update);
+      ``best_hparams``, ``best_value`` and ``best_step`` name the lowest
+      objective seen, the final λ included.
 
     Raises:
       HyperDivergenceError: a hyper-step's training run diverged; the error
@@ -240,6 +257,7 @@ def optimize(
     history = new_history(record)
     good = lam  # the last λ whose run was finite
     good_step: int | None = None
+    best, best_value, best_step = lam, np.inf, -1  # the lowest objective seen
     start = 0
 
     path = None
@@ -247,6 +265,9 @@ def optimize(
         "driver": "optimize",
         "train_steps": dyn.steps,
         "weights": ckpt.spec(jax.eval_shape(dyn.initial_state, lam)),
+        "hparams0": fingerprint.digest(lam),
+        "hyper_optimizer": fingerprint.digest(hyper_optimizer),
+        "constraint": fingerprint.digest(constraint),
     }
     if checkpoint_dir is not None:
         path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
@@ -258,6 +279,8 @@ def optimize(
             opt_state = _device(saved.restore("opt_state", opt_state))
             start = int(saved.header["step"])
             good_step = saved.header["good_step"]
+            best = _device(saved.restore("best_hparams", lam))
+            best_value, best_step = float(saved.header["best_value"]), int(saved.header["best_step"])
             stored = saved.restore_dict("history")
             for k in ("value", "grad_norm", "seconds"):
                 history[k] = list(stored.get(k, np.zeros(0)))
@@ -270,12 +293,14 @@ def optimize(
         trees = {
             "hparams": lam,
             "good_hparams": good,
+            "best_hparams": best,
             "opt_state": opt_state,
             "history": {k: np.asarray(v, np.float64) for k, v in history.items() if k != "hparams"},
         }
         if record:
             trees["hparams_trajectory"] = finish_history({"hparams": history["hparams"]}, lam_template)["hparams"]
-        ckpt.save(path, trees, {**header, "step": step, "good_step": good_step})
+        ckpt.save(path, trees, {**header, "step": step, "good_step": good_step, "best_value": best_value,
+                                "best_step": best_step})
 
     update = jitted_update(hyper_optimizer, constraint)
     meter = meter_for(progress)
@@ -295,6 +320,8 @@ def optimize(
                 ) from e
             value = float(res.value)
             good, good_step = lam, k
+            if value < best_value:
+                best, best_value, best_step = lam, value, k
             stop = bool(callback(k, lam, value, res.grad)) if callback is not None else False
             if not stop:
                 new_lam, opt_state = update(res.grad, opt_state, lam)
@@ -323,7 +350,11 @@ def optimize(
             k, step, good, finish_history(history, lam_template),
         )
     value = float(value)
-    return OptimizeResult(lam, params, value, finish_history(history, lam_template), len(history["value"]), stopped)
+    steps = len(history["value"])
+    if value < best_value or best_step < 0:
+        best, best_value, best_step = lam, value, steps
+    return OptimizeResult(lam, params, value, finish_history(history, lam_template), steps, stopped,
+                          best, best_value, best_step)
 
 
 def _device(tree):

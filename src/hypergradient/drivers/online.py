@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._pytree import signature
+from .._pytree import partition, signature
 from ..dynamics import Dynamics, first_nonfinite
 from ..errors import HyperDivergenceError, MethodError
 from ..hypergrad import ProgramCache
@@ -40,6 +40,7 @@ from ..methods.base import Method, Segmented
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from . import checkpoint as ckpt
+from . import fingerprint
 from .progress import NoProgressMeter, ProgressMeter, meter_for, tick
 from .offline import (
     DEFAULT_HYPER_OPTIMIZER,
@@ -60,6 +61,7 @@ class Carry(NamedTuple):
     inner: Any  # the method's carry: s_t, and Z_t = ∂s_t/∂λ for RTHO
     hparams: Any  # λ
     good_hparams: Any  # λ of the last hyper-step whose segment was finite
+    best: Any  # (λ, objective, hyper-step) of the lowest objective seen
     opt_state: Any  # the hyper-optimizer's state
     ok: jax.Array  # every hyper-step so far was finite
 
@@ -170,7 +172,8 @@ def online(
 
     record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
     meter = meter_for(progress)
-    programs = _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record,
+    arrays, skeleton = partition(objective)
+    programs = _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record,
                          not isinstance(meter, NoProgressMeter))
     body, run_chunk, finish = programs.body, programs.run_chunk, programs.finish
     state_shape = jax.eval_shape(dyn.initial_state, lam)
@@ -186,6 +189,9 @@ def online(
         "every": every,
         "train_steps": dyn.steps,
         "weights": ckpt.spec(state_shape),
+        "hparams0": fingerprint.digest(lam),
+        "hyper_optimizer": fingerprint.digest(hyper_optimizer),
+        "constraint": fingerprint.digest(constraint),
     }
     if checkpoint_dir is not None:
         path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
@@ -194,7 +200,7 @@ def online(
             ckpt.check_header(saved, header)
             carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
             done = int(saved.header["step"])
-            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, c, k, 0), carry,
+            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, arrays, c, k, 0), carry,
                                                            jnp.arange(done))[1])
             if done:
                 rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
@@ -208,7 +214,7 @@ def online(
         while done < n_updates:
             ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
             t0 = time.perf_counter()
-            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, carry, ks, jnp.int32(run)))
+            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, arrays, carry, ks, jnp.int32(run)))
             dt = time.perf_counter() - t0
             rows.append(jax.tree.map(np.asarray, out_rows))
             seconds.extend([dt / len(ks)] * len(ks))
@@ -222,7 +228,7 @@ def online(
     finally:
         meter.close(run)
 
-    state, tail_losses, value = finish(dyn, carry)
+    state, tail_losses, value = finish(dyn, arrays, carry)
     all_rows = stacked_rows()
     train_loss = np.concatenate([all_rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
     step = first_nonfinite(train_loss)
@@ -233,55 +239,59 @@ def online(
                                n_updates - 1),
             n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
         )
+    best, best_value, best_step = carry.best[0], float(carry.best[1]), int(carry.best[2])
+    if float(value) < best_value or best_step < 0:
+        best, best_value, best_step = carry.hparams, float(value), n_updates
     return OptimizeResult(carry.hparams, dyn.model(state.params), float(value),
-                          _history(all_rows, seconds, train_loss), n_updates, False)
+                          _history(all_rows, seconds, train_loss), n_updates, False, best, best_value, best_step)
 
 
 class _Programs(NamedTuple):
     """The compiled pieces of one online run; reused by later calls on the same problem."""
 
     initial_carry: Callable  # (dyn, λ) -> Carry
-    body: Callable  # (dyn, carry, k, meter index) -> (carry, row): one hyper-step (traceable)
-    run_chunk: Callable  # (dyn, carry, ks, meter index) -> (carry, rows): jitted scan of body over ks
-    finish: Callable  # (dyn, carry) -> (state, losses, value): the steps after the last update
+    body: Callable  # (dyn, arrays, carry, k, meter index) -> (carry, row): one hyper-step (traceable)
+    run_chunk: Callable  # (dyn, arrays, carry, ks, meter index) -> (carry, rows): jitted scan of body over ks
+    finish: Callable  # (dyn, arrays, carry) -> (state, losses, value): the steps after the last update
 
 
 _cache = ProgramCache(16)
 
 
-def _programs(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
-    """The jitted loop of an online run, cached per (dynamics, λ shapes, objective, method, Δ,
-    hyper-optimizer, constraint, what is recorded, progress on/off): a second call on the same problem
-    compiles nothing. Functions are compared by identity, as ``jax.jit`` does."""
-    key = (signature(dyn), signature(lam), objective, method, every, hyper_optimizer, constraint, record, ticking)
-    try:
-        hit = _cache.get(key)
-    except TypeError:  # an unhashable optimizer or constraint: build, do not cache
-        return _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking)
+def _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
+    """The jitted loop of an online run, cached per (dynamics, λ shapes, objective functions and
+    array shapes, method, Δ, hyper-optimizer, constraint, what is recorded, progress on/off): a second
+    call on the same problem compiles nothing. The objective's functions are compared by identity, as
+    ``jax.jit`` does; the hyper-optimizer and the constraint by what they compute (:mod:`fingerprint`)."""
+    key = (signature(dyn), signature(lam), skeleton, signature(arrays), method, every,
+           fingerprint.key(hyper_optimizer), fingerprint.key(constraint), record, ticking)
+    hit = _cache.get(key)
     if hit is not None:
         return hit
-    return _cache.put(key, _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking))
+    return _cache.put(key, _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record,
+                                  ticking))
 
 
-def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
+def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
     n_updates, remainder = divmod(dyn.steps, every)
-    with_k = _takes_step_index(objective)
+    with_k = _takes_step_index(skeleton.combine(arrays))
 
-    def outer(dyn, w, lam, k):
-        model = dyn.model(w)
+    def outer(dyn, arrays, w, lam, k):
+        objective, model = skeleton.combine(arrays), dyn.model(w)
         return objective(model, lam, k) if with_k else objective(model, lam)
 
     w0 = jax.eval_shape(dyn.initial_params, lam)
-    out = jax.eval_shape(lambda w, lam: outer(dyn, w, lam, jnp.zeros((), jnp.int32)), w0, lam)
+    out = jax.eval_shape(lambda w, lam: outer(dyn, arrays, w, lam, jnp.zeros((), jnp.int32)), w0, lam)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
     update = hyper_update_fn(hyper_optimizer, constraint)
 
     def initial_carry(dyn, lam):
-        return Carry(method.start(dyn, lam), lam, lam, hyper_optimizer.init(lam), jnp.asarray(True))
+        best = (lam, jnp.asarray(jnp.inf, jax.tree.leaves(lam)[0].dtype), jnp.asarray(-1, jnp.int32))
+        return Carry(method.start(dyn, lam), lam, lam, best, hyper_optimizer.init(lam), jnp.asarray(True))
 
-    def body(dyn, carry: Carry, k, meter_index):
-        energy = lambda w, lam: outer(dyn, w, lam, k)  # noqa: E731
+    def body(dyn, arrays, carry: Carry, k, meter_index):
+        energy = lambda w, lam: outer(dyn, arrays, w, lam, k)  # noqa: E731
         inner, value, g, losses = method.segment(dyn, energy, carry.inner, carry.hparams, k * every, every)
         finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(losses))
         for leaf in jax.tree.leaves(g):
@@ -296,6 +306,8 @@ def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, reco
             inner,
             pick(new_lam, carry.hparams),
             pick(carry.hparams, carry.good_hparams),
+            jax.tree.map(lambda new, old: jnp.where(keep & (value < carry.best[1]), new, old),
+                         (carry.hparams, value.astype(carry.best[1].dtype), k.astype(jnp.int32)), carry.best),
             pick(new_opt, carry.opt_state),
             keep,
         )
@@ -308,15 +320,15 @@ def _build(dyn, objective, method, every, hyper_optimizer, constraint, lam, reco
         return carry2, row
 
     @jax.jit
-    def run_chunk(dyn, carry, ks, meter_index):
-        return jax.lax.scan(lambda c, k: body(dyn, c, k, meter_index), carry, ks)
+    def run_chunk(dyn, arrays, carry, ks, meter_index):
+        return jax.lax.scan(lambda c, k: body(dyn, arrays, c, k, meter_index), carry, ks)
 
     @jax.jit
-    def finish(dyn, carry):
+    def finish(dyn, arrays, carry):
         state = method.state(carry.inner)
         state, losses = (dyn.rollout(state, carry.hparams, n_updates * every, remainder)
                          if remainder else (state, jnp.zeros(0, jax.tree.leaves(lam)[0].dtype)))
-        return state, losses, outer(dyn, state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
+        return state, losses, outer(dyn, arrays, state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
 
     return _Programs(jax.jit(initial_carry), body, run_chunk, finish)
 

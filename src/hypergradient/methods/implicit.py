@@ -11,7 +11,13 @@ stationary point, biased otherwise (and blind to hyperparameters that do not
 move the stationary point, such as learning rates). Solvers:
 
 - ``"cg"``: conjugate gradients on H v = ∂E/∂w (H must be positive definite);
-- ``"neumann"``: v ≈ α Σ_{k<iters} (I − αH)^k ∂E/∂w, with step ``alpha``.
+- ``"neumann"``: v ≈ α Σ_{k<iters} (I − αH)^k ∂E/∂w, with step ``alpha``
+  (default 1/λ_max(H), estimated by power iteration).
+
+Both assumptions are measured on every call and reported in ``stats``:
+``stationarity`` = ‖∇_w L(w_T)‖ / ‖∇_w L(w_0)‖ and ``solve_residual`` =
+‖H v − ∂E/∂w‖ / ‖∂E/∂w‖. Past their tolerances :func:`hypergradient.hypergrad`
+warns (:class:`~hypergradient.errors.ImplicitWarning`), or raises with ``strict=True``.
 
 The stationarity condition uses the training loss on the whole training set:
 the fixed batch of the dynamics, or all the arrays of its ``Batches``.
@@ -25,10 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from ..data import Batches
-from ..errors import MethodError
+from ..errors import Failure, ImplicitWarning, MethodError
 from .base import Method, solution
 
 SOLVERS = ("cg", "neumann")
+POWER_ITERATIONS = 20
 
 
 def full_batch(dyn):
@@ -43,8 +50,12 @@ def full_batch(dyn):
     )
 
 
-def _tree_vdot(a, b):
+def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _norm(a):
+    return jnp.sqrt(_vdot(a, a))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +66,20 @@ class Implicit(Method):
       solver: ``"cg"`` or ``"neumann"``.
       iters: iterations of the linear solver.
       tol: relative tolerance for ``"cg"``.
-      alpha: step of the Neumann series (below 2 / largest Hessian eigenvalue).
+      alpha: step of the Neumann series (below 2 / largest Hessian eigenvalue);
+        ``None``: 1 / the largest eigenvalue, by power iteration.
+      stationarity_tol: largest ``stationarity`` (gradient at w_T relative to w_0) trusted.
+      solve_tol: largest ``solve_residual`` trusted.
+      strict: raise :class:`~hypergradient.MethodError` instead of warning when a tolerance is passed.
     """
 
     solver: str = "cg"
     iters: int = 100
     tol: float = 1e-10
-    alpha: float = 0.1
+    alpha: float | None = None
+    stationarity_tol: float = 1e-3
+    solve_tol: float = 1e-3
+    strict: bool = False
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -72,8 +90,28 @@ class Implicit(Method):
     def check(self, dyn):
         full_batch(dyn)
 
+    def failure(self, result, stats):
+        if result == Failure.NOT_STATIONARY:
+            message = (
+                f"Implicit: w_T is not a stationary point of the training loss (gradient reduced to "
+                f"{stats['stationarity']:.3g} of its initial norm, tolerance {self.stationarity_tol:g}); the "
+                "implicit hypergradient assumes convergence and may be far off: train longer, or use "
+                "hg.Reverse(checkpoint_every=...) / hg.Forward()"
+            )
+        elif result == Failure.SOLVE_NOT_CONVERGED:
+            message = (
+                f"Implicit: the {self.solver} solve of H v = ∂E/∂w stopped at relative residual "
+                f"{stats['solve_residual']:.3g} (tolerance {self.solve_tol:g}); raise iters"
+                + (" or give a smaller alpha" if self.solver == "neumann" else "")
+                + ", or check that the Hessian is positive definite at w_T"
+            )
+        else:
+            return None
+        return MethodError(message) if self.strict else ImplicitWarning(message)
+
     def value_and_grad(self, dyn, objective, lam):
-        state, losses = dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)
+        s0 = dyn.initial_state(lam)
+        state, losses = dyn.rollout(s0, lam, 0, dyn.steps)
         w = state.params
         batch = full_batch(dyn)
         value, (dE_dw, dE_dlam) = jax.value_and_grad(objective, argnums=(0, 1))(w, lam)
@@ -87,16 +125,38 @@ class Implicit(Method):
         if self.solver == "cg":
             v, _ = jax.scipy.sparse.linalg.cg(hvp, dE_dw, tol=self.tol, maxiter=self.iters)
         else:
+            alpha = self.alpha if self.alpha is not None else 1.0 / _largest_eigenvalue(hvp, dE_dw)
+
             def body(_, carry):
                 term, total = carry
-                term = jax.tree.map(lambda t, h: t - self.alpha * h, term, hvp(term))
+                term = jax.tree.map(lambda t, h: t - alpha * h, term, hvp(term))
                 return term, jax.tree.map(jnp.add, total, term)
 
             _, total = jax.lax.fori_loop(0, self.iters - 1, body, (dE_dw, dE_dw))
-            v = jax.tree.map(lambda x: self.alpha * x, total)
+            v = jax.tree.map(lambda x: alpha * x, total)
 
         _, cross = jax.vjp(lambda lam: grad_w(w, lam), lam)
         (mixed,) = cross(v)
         grad = jax.tree.map(lambda a, b: a - b, dE_dlam, mixed)
-        stationarity = jnp.sqrt(_tree_vdot(grad_w(w, lam), grad_w(w, lam)))
-        return solution(value, grad, w, losses, {"grad_norm_at_wT": stationarity})
+        g_T = _norm(grad_w(w, lam))
+        tiny = jnp.finfo(g_T.dtype).tiny
+        stationarity = g_T / jnp.maximum(_norm(grad_w(s0.params, lam)), tiny)
+        residual = _norm(jax.tree.map(jnp.subtract, hvp(v), dE_dw)) / jnp.maximum(_norm(dE_dw), tiny)
+        result = jnp.where(stationarity > self.stationarity_tol, Failure.NOT_STATIONARY,
+                           jnp.where(residual > self.solve_tol, Failure.SOLVE_NOT_CONVERGED, Failure.OK))
+        stats = {"grad_norm_at_wT": g_T, "stationarity": stationarity, "solve_residual": residual}
+        return solution(value, grad, w, losses, stats, result)
+
+
+def _largest_eigenvalue(hvp, like):
+    """λ_max of the Hessian by power iteration from a fixed pseudo-random start."""
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+    def step(_, v):
+        hv = hvp(v)
+        return jax.tree.map(lambda x: x / _norm(hv), hv)
+
+    v = jax.lax.fori_loop(0, POWER_ITERATIONS, step, jax.tree.map(lambda x: x / _norm(v), v))
+    return _vdot(v, hvp(v))

@@ -11,6 +11,10 @@ with A_t = ∂Φ_t/∂s_{t-1}, B_t = ∂Φ_t/∂λ. Reverse-mode autodiff of the
 residuals) of the forward pass: memory ~T·d. With ``checkpoint_every=k``
 only every k-th state is stored and each segment of k steps is recomputed
 on the way back: memory ~(T/k + k)·d for one extra forward pass.
+
+On the way back the norm of every α_t is measured (a probe whose cotangent is ‖α_t‖):
+``stats["backward_growth"]`` = max_t ‖α_t‖ / ‖α_T‖. Past ``CHAOS_GROWTH`` the run is chaotic
+in its weights and the hypergradient measures that chaos; :func:`hypergradient.hypergrad` warns.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..errors import ChaosWarning, Failure
 from .base import Method, solution
+
+#: A backward pass that grows more than this (max ‖α_t‖ / ‖α_T‖) is reported as chaotic.
+CHAOS_GROWTH = 1e8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,39 +49,80 @@ class Reverse(Method):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {k!r}")
 
     def value_and_grad(self, dyn, objective, lam):
-        def f(lam):
-            state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.checkpoint_every)
+        def f(lam, probes):
+            state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.checkpoint_every, probes)
+            state = probe(state, probes[-1])
             return objective(state.params, lam), (state.params, losses)
 
-        (value, (params, losses)), grad = jax.value_and_grad(f, has_aux=True)(lam)
-        return solution(value, grad, params, losses)
+        probes = jnp.zeros(dyn.steps + 1, jax.tree.leaves(lam)[0].dtype)
+        (value, (params, losses)), (grad, norms) = jax.value_and_grad(f, (0, 1), has_aux=True)(lam, probes)
+        growth = backward_growth(norms)
+        result = jnp.where(growth > CHAOS_GROWTH, Failure.CHAOTIC, Failure.OK)
+        return solution(value, grad, params, losses, {"backward_growth": growth}, result)
+
+    def failure(self, result, stats):
+        if result != Failure.CHAOTIC:
+            return None
+        return ChaosWarning(
+            f"the backward pass grew {stats['backward_growth']:.3g}x (largest ‖α_t‖ against ‖α_T‖): the training "
+            "run is chaotic in its weights, and this hypergradient measures that chaos rather than a trend in λ; "
+            "use a shorter horizon, hg.Truncated(k), or a smaller learning rate"
+        )
 
 
-def _scan(dyn, state, lam, start, length: int):
-    """``dyn.rollout`` whose steps save only matrix-product outputs for the backward pass."""
+def backward_growth(norms):
+    """max_t ‖α_t‖ / ‖α_T‖ from the probes' cotangents (1 when α_T = 0)."""
+    last = norms[-1]
+    return jnp.where(last > 0, jnp.max(norms) / jnp.where(last > 0, last, 1), 1.0)
+
+
+@jax.custom_vjp
+def probe(state, p):
+    """The identity on ``state``, whose cotangent for ``p`` is the norm of the state's cotangent."""
+    return state
+
+
+def _probe_fwd(state, p):
+    return state, jnp.zeros_like(p)
+
+
+def _probe_bwd(zero, alpha):
+    floats = [a for a in jax.tree.leaves(alpha) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(zero.dtype))) for a in floats))
+    return alpha, norm.astype(zero.dtype)
+
+
+probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def _scan(dyn, state, lam, start, length: int, probes):
+    """``dyn.rollout`` with a probe before every step, whose steps save only matrix-product outputs
+    for the backward pass."""
     step = jax.checkpoint(
         lambda s, t: dyn.step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False
     )
-    return jax.lax.scan(step, state, start + jnp.arange(length))
+    return jax.lax.scan(lambda s, tp: step(probe(s, tp[1]), tp[0]), state, (start + jnp.arange(length), probes))
 
 
-def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | None):
-    """The run from ``start`` for ``length`` steps, remat-segmented every ``checkpoint_every`` steps."""
+def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | None, probes):
+    """The run from ``start`` for ``length`` steps, remat-segmented every ``checkpoint_every`` steps;
+    ``probes[i]`` measures α before step ``start + i``."""
     k = checkpoint_every
     if k is None or k >= length:
-        return _scan(dyn, state, lam, start, length)
+        return _scan(dyn, state, lam, start, length, probes[:length])
     n_seg, rest = divmod(length, k)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot merge the recomputation
-    def segment(s, lam, seg_start):
-        return _scan(dyn, s, lam, seg_start, k)
+    def segment(s, lam, seg_start, seg_probes):
+        return _scan(dyn, s, lam, seg_start, k, seg_probes)
 
-    def body(s, i):
-        return segment(s, lam, start + i * k)
+    def body(s, i_p):
+        i, p = i_p
+        return segment(s, lam, start + i * k, p)
 
-    state, losses = jax.lax.scan(body, state, jnp.arange(n_seg))
+    state, losses = jax.lax.scan(body, state, (jnp.arange(n_seg), probes[: n_seg * k].reshape(n_seg, k)))
     losses = losses.reshape(-1)
     if rest:
-        state, tail = _scan(dyn, state, lam, start + n_seg * k, rest)
+        state, tail = _scan(dyn, state, lam, start + n_seg * k, rest, probes[n_seg * k : length])
         losses = jnp.concatenate([losses, tail])
     return state, losses
