@@ -194,3 +194,31 @@ def test_a_chaotic_run_is_reported():
         dyn2, objective2, lam = ridge_problem(steps=25)
         stable = hg.hypergrad(dyn2, objective2, lam, method)
         assert 1 <= stable.stats["backward_growth"] < 10
+
+
+@pytest.mark.parametrize("optimizer", [hg.optim.adam(), hg.optim.rmsprop()], ids=lambda o: o.name)
+def test_adaptive_optimizers_are_finite_where_a_weight_never_sees_a_gradient(optimizer):
+    """Logistic regression whose feature 0 is zero in every training example, from W = 0, with
+    log L2 as the hyperparameter: W[0] never moves, whatever λ."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 5))
+    x[:, 0] = 0
+    y = (rng.normal(size=100) > 0).astype(np.float32)
+    xv, yv = rng.normal(size=(50, 5)), (rng.normal(size=50) > 0).astype(np.float32)
+
+    def loss(w, lam, batch):
+        bx, by = batch
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(bx @ w["W"] + w["b"], by)) + jnp.exp(lam["log_l2"]) * jnp.sum(w["W"] ** 2)
+
+    def objective(w, lam):
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(xv @ w["W"] + w["b"], yv))
+
+    for dtype in (jnp.float32, jnp.float64):
+        dyn = hg.Dynamics(init={"W": jnp.zeros(5, dtype), "b": jnp.zeros((), dtype)}, loss=loss, optimizer=optimizer,
+                          optimizer_hparams=lambda lam, t: {"lr": 0.1}, data=(jnp.asarray(x, dtype), jnp.asarray(y, dtype)),
+                          steps=50)
+        lam = {"log_l2": jnp.asarray(-3.0, dtype)}
+        res = hg.hypergrad(dyn, objective, lam)  # raised DivergenceError (a NaN hypergradient) before
+        assert np.isfinite(float(res.grad["log_l2"])) and float(res.params["W"][0]) == 0.0
+    fd = central_difference(outer_value(dyn, objective), lam, {"log_l2": jnp.asarray(1.0)})
+    np.testing.assert_allclose(float(res.grad["log_l2"]), fd, rtol=1e-6)
