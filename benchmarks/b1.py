@@ -101,9 +101,9 @@ def build(problem: common.B1Problem):
     return dyn, objective, lam
 
 
-def problem(steps=100, seed=0, data=None):
-    """B1's ``(dyn, objective, λ)``, float32."""
-    return build(arrays(steps=steps, seed=seed, data=data))
+def problem(steps=100, seed=0, dtype="float32", data=None):
+    """B1's ``(dyn, objective, λ)`` (float64 needs x64 on)."""
+    return build(arrays(steps=steps, seed=seed, dtype=dtype, data=data))
 
 
 # ---------------------------------------------------------------- which λ

@@ -16,7 +16,7 @@ log2(1/μ) (T = 100).
 
 Prints one JSON object.
 
-    python benchmarks/b3_memory.py [--steps 100,1000,3000] [--repeats 1]
+    python benchmarks/b3_memory.py [--steps 100,1000,3000] [--repeats 1] [--dtype float64]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def temp_bytes(exe) -> int:
 
 
 def run_steps(T, data, a):
-    dyn, objective, lam = b1.problem(steps=T, data=data)
+    dyn, objective, lam = b1.problem(steps=T, dtype=a.dtype, data=data)
     train_exe = dynamics.train.lower(dyn, lam).compile()
     out = {
         "steps": T,
@@ -111,8 +111,8 @@ def run_steps(T, data, a):
     return out
 
 
-def bits_vs_mu(data):
-    dyn, objective, lam = b1.problem(steps=100, data=data)
+def bits_vs_mu(data, dtype):
+    dyn, objective, lam = b1.problem(steps=100, dtype=dtype, data=data)
     rows = []
     for mu in (0.5, 0.9, 0.98):
         lam_mu = {**lam, "momentum": jnp.full_like(lam["momentum"], mu)}
@@ -132,8 +132,10 @@ def main(argv=None):
     p.add_argument("--steps", default="100,1000,3000")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-temp-gb", type=float, default=6.0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    jax.config.update("jax_enable_x64", a.dtype == "float64")
     data = b1.load_data()
     start = time.perf_counter()
     report = {
@@ -142,7 +144,7 @@ def main(argv=None):
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
         "runs": [run_steps(int(T), data, a) for T in a.steps.split(",")],
-        "bits_vs_momentum": bits_vs_mu(data),
+        "bits_vs_momentum": bits_vs_mu(data, a.dtype),
     }
     report["wall_seconds"] = time.perf_counter() - start
     emit(report, a.out)
