@@ -21,7 +21,6 @@ sleep instead of spinning) asks otherwise; the record says which.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import os
