@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypergradient as hg
-from hypergradient import datasets, models  # the applications package: imported here only
+from hypergradient.apps import datasets, models  # the applications package: imported here only
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
