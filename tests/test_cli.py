@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from hypergradient.apps import cli, experiments
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+# Runs the command line with the packages that only an extra brings hidden, as after a plain
+# `pip install hypergradient`.
+PLAIN_INSTALL = """
+import sys
+
+sys.modules.update(dict.fromkeys({blocked!r}))  # None: imports fail, find_spec finds nothing
+from hypergradient.apps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_list_shows_every_experiment_with_its_description(capsys):
@@ -100,3 +120,38 @@ def test_default_results_folder_names_experiment_dataset_and_method(capsys, tmp_
     assert seen["config"].seed == 3 and seen["config"].hyper_steps == 7
     assert seen["config"].method == "truncated"
     assert "val_loss_shared" in capsys.readouterr().out
+
+
+def extras_only_modules() -> set[str]:
+    """The installed top-level modules that only an extra of pyproject.toml brings."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+
+    def names(requirements):
+        return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", r).group(0)).lower() for r in requirements}
+
+    core = names(project["dependencies"])
+    extras = set().union(*map(names, project["optional-dependencies"].values())) - core
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if names(dists) <= extras}
+
+
+def plain_install(*argv):
+    script = PLAIN_INSTALL.format(blocked=extras_only_modules())
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                          timeout=600, env=os.environ)
+
+
+def test_plain_install_runs_the_default_job_and_names_the_extra_of_compare(tmp_path):
+    assert {"optuna", "pytest"} <= extras_only_modules()
+    done = plain_install("run", "schedules", "--tiny", "--hyper-steps", "2", "--no-progress",
+                         "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["plots"]
+
+    refused = plain_install("compare", "schedules", "--tiny", "--out", str(tmp_path / "compare"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        "hypergradient compare: error: random and tpe need optuna, which is not installed: "
+        "pip install 'hypergradient[compare]' (or leave them out: --methods hypergradient,online)")
+    assert not (tmp_path / "compare").exists()

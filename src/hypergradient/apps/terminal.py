@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -11,6 +12,13 @@ EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def say(message: str) -> None:
     """A status line for the person running a command (stderr, so stdout stays the summary)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def missing_extra(module: str, extra: str) -> str | None:
+    """``None`` if ``module`` can be imported; otherwise the command that installs the extra bringing it."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"pip install 'hypergradient[{extra}]'"
 
 
 def integer(text: str) -> int:

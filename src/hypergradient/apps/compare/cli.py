@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import datasets
-from ..terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, positive_int, positive_seconds, say
+from ..terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, positive_int, positive_seconds, say
 from .problem import EXPERIMENTS, REGIMES
 from .report import print_summary
 from .run import compare
@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``hypergradient compare`` with parsed ``args``; print the summary; return the exit code."""
+    black_box = [m for m in args.methods if m in ("random", "tpe")]
+    install = missing_extra("optuna", "compare") if black_box else None
+    if install:
+        print(f"hypergradient compare: error: {' and '.join(black_box)} need optuna, which is not installed: "
+              f"{install} (or leave them out: --methods hypergradient,online)", file=sys.stderr)
+        return EXIT_USAGE
     regimes = REGIMES if args.regime == "both" else (args.regime,)
     out = Path(args.out) if args.out else Path("results") / (
         f"compare-{args.experiment}-{args.dataset}" + ("-tiny" if args.tiny else ""))
