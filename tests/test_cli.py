@@ -155,3 +155,15 @@ def test_plain_install_runs_the_default_job_and_names_the_extra_of_compare(tmp_p
         "hypergradient compare: error: random and tpe need optuna, which is not installed: "
         "pip install 'hypergradient[compare]' (or leave them out: --methods hypergradient,online)")
     assert not (tmp_path / "compare").exists()
+
+
+def test_license_is_an_spdx_expression_the_required_setuptools_reads():
+    tomllib = pytest.importorskip("tomllib")
+    licenses = pytest.importorskip("packaging.licenses")
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    license = pyproject["project"]["license"]  # a table is deprecated: a warning at every install
+    assert isinstance(license, str) and licenses.canonicalize_license_expression(license) == license
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert "76" not in setuptools.specifier and "77.0" in setuptools.specifier  # PEP 639 support began at 77
