@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import os
@@ -86,6 +87,20 @@ def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2
     assert "MNIST not found" in err and str(empty) in err and "--data-dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_data_file_is_a_one_line_error_naming_it(capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # as an interrupted copy leaves them
+        (data / f"{stem}.gz").write_bytes(gzip.compress(bytes(4096))[:30])
+    code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(data),
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith(f"hypergradient: error: {data / 'train-images-idx3-ubyte.gz'}: truncated")
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

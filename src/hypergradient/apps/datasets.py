@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -130,7 +131,8 @@ def load(
       The :class:`Splits`.
 
     Raises:
-      ValueError: unknown name, or sizes larger than what is available.
+      ValueError: unknown name, sizes larger than what is available, or an IDX
+        file that cannot be read (truncated, corrupt, not IDX): one line naming it.
       FileNotFoundError: the IDX files are in none of the searched places.
     """
     if name == "digits":
@@ -275,8 +277,14 @@ def _read_idx(path: Path) -> np.ndarray:
 def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
     del mtime_ns, size  # cache keys only
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except EOFError:  # gzip's way of saying the compressed stream was cut short
+        raise ValueError(f"{path}: truncated (the compressed data end early); copy the file again") from None
+    except (OSError, zlib.error) as e:  # unreadable, not gzip, or corrupt (a bad CRC)
+        raise ValueError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); "
+                         "copy the file again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
