@@ -15,6 +15,7 @@ import pytest
 
 from hypergradient.apps import cli, experiments
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 # Runs the command line with the packages that only an extra brings hidden, as after a plain
@@ -93,14 +94,26 @@ def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
 def test_truncated_data_file_is_a_one_line_error_naming_it(capsys, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):  # as an interrupted copy leaves them
+    for stem in IDX_FILES:  # as an interrupted copy leaves them
         (data / f"{stem}.gz").write_bytes(gzip.compress(bytes(4096))[:30])
     code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(data),
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2
     assert err.startswith(f"hypergradient: error: {data / 'train-images-idx3-ubyte.gz'}: truncated")
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_dir_fails_even_with_the_dataset_elsewhere(capsys, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for stem in IDX_FILES:
+        (elsewhere / stem).touch()
+    monkeypatch.setenv("HYPERGRADIENT_FASHION_MNIST_DIR", str(elsewhere))
+    code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "typo"),
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "Fashion-MNIST not found" in err and f"{tmp_path / 'typo'} (no such folder)" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -116,6 +116,15 @@ def test_missing_dataset_names_every_place(tmp_path, monkeypatch, no_system_data
     assert str(tmp_path / "system-mnist") in str(info.value)
 
 
+def test_a_given_data_dir_is_the_only_place_read(tmp_path, monkeypatch, no_system_data):
+    make_idx_dataset(tmp_path / "env")
+    monkeypatch.setenv(FASHION_ENV, str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError) as info:  # a mistyped folder does not fall back to another copy
+        datasets.load("fashion-mnist", data_dir=tmp_path / "typo", n_train=1, n_val=1, n_test=1)
+    assert f"{tmp_path / 'typo'} (no such folder)" in str(info.value)
+    assert f"{tmp_path / 'env'} (holds the files; used when no data_dir is given)" in str(info.value)
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_bad_magic_names_the_file(tmp_path, gz):
     make_idx_dataset(tmp_path, gz=(False,) * 4)

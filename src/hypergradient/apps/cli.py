@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
-                     "searched before the environment variable and the system folder")
+                     "when given, the only place read (not the environment variable or the system folder)")
     run.add_argument("--method", metavar="M",
                      help="how to compute the hypergradient (default: the experiment's first method); "
                      "the methods each experiment accepts and what each does are listed below")

@@ -2,9 +2,9 @@
 
 - ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images).
 - ``"fashion-mnist"`` and ``"mnist"``: the four standard IDX files (plain or
-  gzipped), found in ``data_dir``, then an environment variable, then a system
-  folder (Debian's ``dataset-fashion-mnist`` installs Fashion-MNIST under
-  ``/usr/share/datasets/fashion-mnist``).
+  gzipped), found in ``data_dir`` if given, else in an environment variable's
+  folder, then a system folder (Debian's ``dataset-fashion-mnist`` installs
+  Fashion-MNIST under ``/usr/share/datasets/fashion-mnist``).
 
 Every loader returns a :class:`Splits` of numpy arrays: images flattened to
 ``(N, H*W)`` float32 in [0, 1], labels int32.
@@ -121,8 +121,9 @@ def load(
 
     Args:
       name: one of :data:`DATASETS`.
-      data_dir: folder holding the four IDX files (IDX datasets only); searched
-        before the environment variable and the system folder.
+      data_dir: folder holding the four IDX files (IDX datasets only); when
+        given, the only place read (else the environment variable, then the
+        system folder).
       n_train: training set size (default 800 for digits, 10000 otherwise).
       n_val: validation set size (default 500 for digits, 10000 otherwise).
       n_test: test set size (default: the rest for digits, 10000 otherwise).
@@ -229,7 +230,8 @@ def _load_idx_dataset(
 
 
 def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    """Returns the four IDX paths from the first place holding all of them."""
+    """Returns the four IDX paths from ``data_dir`` if given (the other places only named in the
+    error, so a mistyped folder never falls back silently), else from the first place holding them."""
     source = _IDX_SOURCES[name]
     env_dir = os.environ.get(source.env_var)
     places = [
@@ -237,6 +239,7 @@ def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]
         (f"${source.env_var}", env_dir),
         ("system folder", source.system_dir),
     ]
+    given = data_dir not in (None, "")
     looked = []
     for label, folder in places:
         if folder is None or folder == "":
@@ -244,9 +247,11 @@ def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]
             continue
         folder = Path(folder)
         found = [_idx_path(folder, stem) for stem in _IDX_FILES]
-        if all(found):
+        if all(found) and (not given or folder == Path(data_dir)):
             return found
-        if not folder.is_dir():
+        if all(found):
+            looked.append(f"  - {label}: {folder} (holds the files; used when no data_dir is given)")
+        elif not folder.is_dir():
             looked.append(f"  - {label}: {folder} (no such folder)")
         else:
             missing = ", ".join(s for s, f in zip(_IDX_FILES, found) if f is None)
