@@ -80,6 +80,22 @@ def test_bad_hyper_steps(capsys):
     assert code == 2 and "positive integer" in err
 
 
+def test_negative_seed_is_a_usage_error(capsys):
+    code, err = error_of(["run", "distill", "--seed", "-1"], capsys)
+    assert code == 2 and "--seed: expected a non-negative integer, got -1" in err
+
+
+@pytest.mark.parametrize("command", [["run", "distill"], ["compare", "schedules", "--methods", "hypergradient"]])
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_out_naming_a_file_is_a_usage_error(capsys, tmp_path, command, below):
+    file = tmp_path / "file"
+    file.write_text("mine")
+    code, err = error_of([*command, "--out", str(file / below)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.rstrip().endswith(f"cannot write the results to {file / below}: {file} is a file, not a folder")
+    assert file.read_text() == "mine"
+
+
 def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("HYPERGRADIENT_MNIST_DIR", raising=False)
     empty = tmp_path / "empty"

@@ -23,7 +23,8 @@ from hypergradient.errors import ExperimentError
 
 from . import compare, datasets, experiments
 from . import methods as method_names
-from .terminal import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, integer, positive_int
+from .terminal import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, nonnegative_int, not_a_folder,
+                       positive_int)
 
 _EPILOG = """\
 examples:
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hyper-steps", type=positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
-    run.add_argument("--seed", type=integer, default=0, metavar="S",
+    run.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
                      help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
     run.add_argument("--out", metavar="DIR",
                      help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
@@ -141,6 +142,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         changes["hyper_steps"] = args.hyper_steps
     config = dataclasses.replace(config, **changes)
     out = Path(args.out) if args.out else Path("results") / _folder_name(args, method)
+    if problem := not_a_folder(out):
+        return _error(f"cannot write the results to {out}: {problem}")
 
     print(f"hypergradient run {args.experiment}: dataset {args.dataset}, method {method}"
           f"{' (tiny)' if args.tiny else ''} -> {out}", file=sys.stderr, flush=True)
