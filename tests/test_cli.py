@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 
 from hypergradient.apps import cli, experiments
+from hypergradient.apps.experiments import folder
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+HOLD_FOLDER = """
+import sys, time
+from pathlib import Path
+from hypergradient.apps.experiments import folder
+
+with folder.claim(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 # Runs the command line with the packages that only an extra brings hidden, as after a plain
@@ -211,3 +221,20 @@ def test_license_is_an_spdx_expression_the_required_setuptools_reads():
     assert isinstance(license, str) and licenses.canonicalize_license_expression(license) == license
     (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
     assert "76" not in setuptools.specifier and "77.0" in setuptools.specifier  # PEP 639 support began at 77
+
+
+def test_a_second_run_into_a_held_folder_is_refused_until_the_holder_dies(capsys, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=os.environ)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = error_of(["run", "distill", "--tiny", "--no-progress", "--out", str(out)], capsys)
+        assert code == 2
+        assert f"{out} is in use by another run (pid {holder.pid})" in err
+        assert not (out / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with folder.claim(out):  # the system released the lock with the process
+        assert (out / folder.LOCK_FILE).read_text() == str(os.getpid())

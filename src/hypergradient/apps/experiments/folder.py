@@ -1,24 +1,55 @@
-"""The results folder of a run: config.json (and whether its checkpoints still apply), history.csv, result.json."""
+"""The results folder of a run: who holds it, config.json (and whether its checkpoints still apply),
+history.csv, result.json."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hypergradient.errors import ExperimentError
+
 from ..terminal import say
+
+LOCK_FILE = ".lock"
 
 # Settings that may change between a run and its resumption: a checkpoint
 # taken with fewer hyper-steps is continued, not discarded.
 RESUMABLE_CHANGES = ("hyper_steps", "data_dir")
+
+
+@contextlib.contextmanager
+def claim(out_dir: Path) -> Iterator[Path]:
+    """Create ``out_dir`` and hold it while the block runs: a second run into it meanwhile is refused.
+
+    The hold is an ``flock`` on ``out_dir/.lock``, which the system releases when this process
+    ends, however it ends (kill -9 included); the file holds the pid, for the refusal's message.
+
+    Raises:
+      ExperimentError: another process holds ``out_dir``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "unknown"
+            raise ExperimentError(f"{out_dir} is in use by another run (pid {holder}); wait for it to end, "
+                                  "or choose another --out") from None
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield out_dir
 
 
 def jsonable(x: Any) -> Any:

@@ -1,7 +1,7 @@
 """One runner for every experiment: prepare → baseline → tune → score → report.
 
 As in jaxline's ``experiment.py``, the runner owns the loop, the results folder
-(``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``), the
+(``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``; one run at a time), the
 timing and what happens when training diverges; an :class:`Experiment`
 supplies only what differs::
 
@@ -147,12 +147,20 @@ def fill_defaults(config, **defaults: tuple[Any, Any]):
 
 
 def run(experiment: type[Experiment], config, out_dir, progress: bool | None = None) -> dict:
-    """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict."""
+    """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict.
+
+    Raises:
+      ExperimentError: a method the experiment lacks, or another process running into ``out_dir``.
+    """
     config = config.resolved()
     if config.method not in experiment.methods:
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
-    out_dir = folder.prepare(Path(out_dir), config)
+    with folder.claim(Path(out_dir)) as out_dir:
+        return _stages(experiment, config, folder.prepare(out_dir, config), progress)
+
+
+def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool | None) -> dict:
     started = time.perf_counter()
     data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
                          n_test=config.n_test)
