@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from hypergradient.apps import cli, experiments
-from hypergradient.apps.experiments import folder
+from hypergradient.apps.experiments import folder, runner
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 HOLD_FOLDER = """
 import sys, time
 from pathlib import Path
-from hypergradient.apps.experiments import folder
+from hypergradient.apps.experiments import folder, runner
 
 with folder.claim(Path(sys.argv[1])):
     print("held", flush=True)
@@ -238,3 +238,22 @@ def test_a_second_run_into_a_held_folder_is_refused_until_the_holder_dies(capsys
         holder.wait()
     with folder.claim(out):  # the system released the lock with the process
         assert (out / folder.LOCK_FILE).read_text() == str(os.getpid())
+
+
+def test_a_run_killed_after_config_json_leaves_no_results_of_another_configuration(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "optimize").mkdir(parents=True)  # a finished run with seed 0
+    (out / "checkpoints" / "optimize" / "optimize.npz").write_bytes(b"old")
+    folder.write_json(out / "config.json", experiments.get("distill").tiny().resolved())
+    folder.write_json(out / "result.json", {"plots": ["distilled_images.png"], "arrays": ["distilled_images.npy"]})
+    for name in ("history.csv", "distilled_images.png", "distilled_images.npy", "notes.txt"):
+        (out / name).write_text("old")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if killed once the stages begin
+
+    monkeypatch.setattr(runner, "_stages", killed)
+    code, _ = error_of(["run", "distill", "--tiny", "--seed", "1", "--no-progress", "--out", str(out)], capsys)
+    assert code == 130
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt"]  # not the run's: kept

@@ -22,6 +22,7 @@ import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
 from . import compare, datasets, experiments
+from .experiments import folder
 from . import methods as method_names
 from .terminal import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, nonnegative_int, not_a_folder,
                        positive_int)
@@ -200,7 +201,7 @@ def _table(header, rows) -> str:
 
 def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
     """The result's scalars as a table, then any list of records (such as per-R rows) as its own table."""
-    skip = {"experiment", "plots", "grid", "seconds", "note"}
+    skip = {"experiment", "plots", "arrays", "grid", "seconds", "note"}
 
     def is_records(v):
         return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
@@ -213,7 +214,7 @@ def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
             parts += [f"\n{key}", _table(columns, [[r[k] for k in columns] for r in value])]
     if result.get("note"):
         parts.append(f"\nnote: {result['note']}")
-    files = ", ".join(["config.json", "history.csv", "result.json", *result.get("plots", [])])
+    files = ", ".join(["config.json", *folder.output_files(result)])
     parts.append(f"\nwrote {files} to {out}  ({seconds:.0f} s)")
     return "\n".join(parts)
 

@@ -135,7 +135,7 @@ class Distill(runner.Experiment):
             "note": t.note,
         }
         figure = _plot(out_dir, self.data, self.real, learned, self.means)
-        return runner.Report(fields, [figure], history_columns(t.history))
+        return runner.Report(fields, [figure], history_columns(t.history), arrays=["distilled_images.npy"])
 
 
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:

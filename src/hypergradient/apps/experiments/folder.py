@@ -107,28 +107,42 @@ def history_columns(history: Mapping[str, Any], **extra: Sequence) -> dict:
 
 
 def prepare(out_dir: Path, config) -> Path:
-    """Create ``out_dir`` and write ``config.json``.
+    """Write ``config.json`` in ``out_dir``, once what another configuration left there is gone.
 
-    Checkpoints under ``out_dir/checkpoints`` are kept (a rerun resumes from
-    them) only if they were made with the same configuration, up to
-    :data:`RESUMABLE_CHANGES`; otherwise they are deleted.
+    With the same configuration everything is kept. With another one, the outputs of the previous
+    run (history.csv, result.json and the files it lists) are deleted, and so are the checkpoints
+    under ``out_dir/checkpoints`` unless the change is one of :data:`RESUMABLE_CHANGES` (a rerun
+    resumes from them). All this happens before config.json is rewritten, so a run killed at any
+    moment never leaves a config.json beside another configuration's results.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = out_dir / "checkpoints"
-    if checkpoints.exists():
-        try:
-            before = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            before = None
-        now = jsonable(config)
-        same = before is not None and all(
-            before.get(k) == v for k, v in now.items() if k not in RESUMABLE_CHANGES
-        ) and set(before) == set(now)
-        if same:
-            say(f"resuming from the checkpoints in {checkpoints}")
-        else:
+    before, now = _read_json(out_dir / "config.json"), jsonable(config)
+    if before != now:
+        _delete_outputs(out_dir)
+        resumable = before is not None and set(before) == set(now) and all(
+            before[k] == v for k, v in now.items() if k not in RESUMABLE_CHANGES)
+        if not resumable and checkpoints.exists():
             say(f"the configuration differs from the one in {out_dir}: starting afresh")
             shutil.rmtree(checkpoints)
+    if checkpoints.exists():
+        say(f"resuming from the checkpoints in {checkpoints}")
     write_json(out_dir / "config.json", config)
     return out_dir
+
+
+def output_files(result: Mapping[str, Any]) -> list[str]:
+    """The files a run writes besides config.json, given its result.json (which comes last)."""
+    return [*result.get("plots", []), *result.get("arrays", []), "history.csv", "result.json"]
+
+
+def _delete_outputs(out_dir: Path) -> None:
+    for name in output_files(_read_json(out_dir / "result.json") or {}):
+        (out_dir / Path(name).name).unlink(missing_ok=True)  # .name: never outside out_dir
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

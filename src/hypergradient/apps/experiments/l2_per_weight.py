@@ -156,7 +156,7 @@ class L2PerWeight(runner.Experiment):
         }
         figures = [_plot(out_dir, self.data, strengths, learned["weights"], shared["weights"]),
                    plots.learning_curve(out_dir, t.history, shared["val_loss"], "per-weight L2", "best shared L2")]
-        return runner.Report(fields, figures, history_columns(t.history))
+        return runner.Report(fields, figures, history_columns(t.history), arrays=["l2_strengths.npy"])
 
 
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:

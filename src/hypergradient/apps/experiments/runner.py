@@ -79,11 +79,13 @@ class Tuned:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """An experiment's own result fields, the plots it wrote and the columns of history.csv."""
+    """An experiment's own result fields, the plots it wrote, the columns of history.csv and the
+    names of the ``.npy`` arrays it wrote."""
 
     fields: dict
     plots: list[str]
     history: Mapping[str, Sequence]
+    arrays: list[str] = dataclasses.field(default_factory=list)
 
 
 class Experiment(abc.ABC):
@@ -174,7 +176,8 @@ def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool 
     scores = [exp.score(t) for t in tuned]
     report = exp.report(out_dir, base, tuned, scores)
     result = {"experiment": experiment.name, "dataset": config.dataset, "method": config.method,
-              **report.fields, "seconds": time.perf_counter() - started, "plots": report.plots}
+              **report.fields, "seconds": time.perf_counter() - started, "plots": report.plots,
+              "arrays": report.arrays}
     folder.write_csv(out_dir / "history.csv", report.history)
     folder.write_json(out_dir / "result.json", result)
     return result
