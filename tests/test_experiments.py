@@ -9,12 +9,14 @@ deterministic; the margins asserted are far from the measured ones.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
 
 from hypergradient.apps.cli import main
-from hypergradient.apps import experiments
+from hypergradient.apps import datasets, experiments
+from hypergradient.apps.experiments import runner
 
 
 def run_tiny(tmp_path, capsys, name, *extra):
@@ -80,6 +82,22 @@ def test_l2_per_weight_improves_on_the_best_shared_strength(tmp_path, capsys):
     assert result["val_loss_per_weight"] < result["val_loss_shared"]
     assert result["hyperparameters"] == 64 * 10
     assert result["l2_min"] < result["best_shared_l2"] < result["l2_max"]
+
+
+def test_l2_per_weight_by_reversible_learning(tmp_path, capsys):
+    result, config, _, _ = run_tiny(tmp_path, capsys, "l2-per-weight", "--method", "reversible")
+    assert config["method"] == "reversible"
+    assert result["val_loss_per_weight"] < result["val_loss_shared"]
+
+
+@pytest.mark.parametrize("name", [n for n in experiments.names() if "reversible" in experiments.get(n).METHODS])
+def test_reversible_is_offered_only_where_the_optimizer_declares_its_reversal(name, monkeypatch):
+    module = experiments.get(name)
+    monkeypatch.setattr(runner, "run", lambda experiment, *args: experiment)
+    experiment = module.run(module.tiny(), "unused")
+    config = dataclasses.replace(module.tiny(), method="reversible").resolved()
+    data = datasets.load(config.dataset, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test)
+    assert experiment(config, data).dynamics.optimizer.reversal is not None
 
 
 def test_every_experiment_has_a_tiny_config_a_description_and_methods():

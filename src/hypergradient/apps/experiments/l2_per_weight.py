@@ -27,7 +27,7 @@ from .folder import history_columns
 from .scoring import linear_logits
 
 NAME = "l2-per-weight"
-METHODS = ("reverse", "forward", "truncated")
+METHODS = ("reverse", "forward", "truncated", "reversible")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Config:
 
     Attributes:
       dataset, data_dir: which data.
-      method: one of :data:`METHODS` (``forward`` costs one tangent per weight).
+      method: one of :data:`METHODS` (``forward`` costs one tangent per weight; ``reversible``
+        reverses the heavy-ball steps exactly instead of storing them).
       hyper_steps: Adam steps on the strengths.
       hyper_lr: Adam's learning rate on log_l2.
       seed: unused by the inner training (full batch from zero); kept for
