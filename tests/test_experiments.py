@@ -100,6 +100,13 @@ def test_reversible_is_offered_only_where_the_optimizer_declares_its_reversal(na
     assert experiment(config, data).dynamics.optimizer.reversal is not None
 
 
+def test_a_resumed_run_says_from_which_hyper_step(tmp_path, capsys):
+    run_tiny(tmp_path, capsys, "l2-per-weight", "--hyper-steps", "3")
+    result, _, rows, captured = run_tiny(tmp_path, capsys, "l2-per-weight", "--hyper-steps", "5")
+    assert "resuming optimize from its checkpoint: 3 of 5 hyper-steps done" in captured.err
+    assert len(rows) == result["hyper_steps"] == 5
+
+
 def test_every_experiment_has_a_tiny_config_a_description_and_methods():
     for name in experiments.names():
         module = experiments.get(name)

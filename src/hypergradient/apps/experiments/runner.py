@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -134,6 +135,28 @@ class Experiment(abc.ABC):
         return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"]}
 
 
+class _ResumeNotice(hg.ProgressMeter):
+    """The progress meter ``progress`` asks for, and a line saying how far a resumed run had got."""
+
+    def __init__(self, label: str, progress: bool | None):
+        self.label = label
+        if progress is False:
+            self.inner = hg.NoProgressMeter()
+        else:
+            self.inner = hg.TqdmProgressMeter() if progress or sys.stderr.isatty() else hg.TextProgressMeter()
+
+    def _start(self, total, initial, desc):
+        if initial:
+            detail(f"resuming {self.label} from its checkpoint: {initial} of {total} hyper-steps done")
+        return self.inner._start(total, initial, desc)
+
+    def _step(self, run, value):
+        self.inner._step(run, value)
+
+    def _end(self, run):
+        self.inner._end(run)
+
+
 def detail(message: str) -> None:
     """A status line under the current stage's."""
     say("      " + message)
@@ -187,7 +210,8 @@ def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
     config = exp.config
     options = dict(method=methods.make(config.method, config.truncation),
                    hyper_optimizer=optax.adam(config.hyper_lr), constraint=search.constraint,
-                   checkpoint_dir=out_dir / "checkpoints" / search.label, progress=progress)
+                   checkpoint_dir=out_dir / "checkpoints" / search.label,
+                   progress=_ResumeNotice(search.label, progress))
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
     if methods.METHODS[config.method].realtime:
         say(f"[3/4] tune {search.label}: {config.method} on {size} hyperparameters, one run of "
