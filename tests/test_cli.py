@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import hypergradient as hg
 from hypergradient.apps import cli, experiments
 from hypergradient.apps.experiments import folder, runner
 
@@ -156,6 +157,15 @@ def test_ctrl_c_says_how_to_resume(capsys, tmp_path, monkeypatch):
     assert code == 130
     assert "resume" in err and str(tmp_path / "run") in err
     assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_checkpoint_of_another_problem_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    def mismatch(config, out_dir, progress=None):
+        raise hg.CheckpointMismatchError(f"checkpoint {out_dir}/checkpoints is from a different problem")
+
+    monkeypatch.setattr(experiments.get("distill"), "run", mismatch)
+    code, err = error_of(["run", "distill", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "is from a different problem" in err
 
 
 def test_default_results_folder_names_experiment_dataset_and_method(capsys, tmp_path, monkeypatch):

@@ -107,6 +107,12 @@ def test_a_resumed_run_says_from_which_hyper_step(tmp_path, capsys):
     assert len(rows) == result["hyper_steps"] == 5
 
 
+def test_realtime_with_more_hyper_steps_starts_afresh(tmp_path, capsys):
+    run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "2")
+    result, _, _, captured = run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "3")  # a longer training run
+    assert "starting afresh" in captured.err and result["hyper_updates"] == 3
+
+
 def test_every_experiment_has_a_tiny_config_a_description_and_methods():
     for name in experiments.names():
         module = experiments.get(name)

@@ -155,7 +155,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
               "from the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ExperimentError, hg.MethodError, FileNotFoundError) as e:
+    except (ExperimentError, hg.MethodError, hg.CheckpointMismatchError, FileNotFoundError) as e:
         return _error(str(e))
     except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)

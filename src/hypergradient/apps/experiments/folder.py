@@ -23,10 +23,6 @@ from ..terminal import say
 
 LOCK_FILE = ".lock"
 
-# Settings that may change between a run and its resumption: a checkpoint
-# taken with fewer hyper-steps is continued, not discarded.
-RESUMABLE_CHANGES = ("hyper_steps", "data_dir")
-
 
 @contextlib.contextmanager
 def claim(out_dir: Path) -> Iterator[Path]:
@@ -106,12 +102,12 @@ def history_columns(history: Mapping[str, Any], **extra: Sequence) -> dict:
     return cols
 
 
-def prepare(out_dir: Path, config) -> Path:
+def prepare(out_dir: Path, config, resumable_changes: Sequence[str]) -> Path:
     """Write ``config.json`` in ``out_dir``, once what another configuration left there is gone.
 
     With the same configuration everything is kept. With another one, the outputs of the previous
     run (history.csv, result.json and the files it lists) are deleted, and so are the checkpoints
-    under ``out_dir/checkpoints`` unless the change is one of :data:`RESUMABLE_CHANGES` (a rerun
+    under ``out_dir/checkpoints`` unless only fields in ``resumable_changes`` differ (a rerun
     resumes from them). All this happens before config.json is rewritten, so a run killed at any
     moment never leaves a config.json beside another configuration's results.
     """
@@ -120,7 +116,7 @@ def prepare(out_dir: Path, config) -> Path:
     if before != now:
         _delete_outputs(out_dir)
         resumable = before is not None and set(before) == set(now) and all(
-            before[k] == v for k, v in now.items() if k not in RESUMABLE_CHANGES)
+            before[k] == v for k, v in now.items() if k not in resumable_changes)
         if not resumable and checkpoints.exists():
             say(f"the configuration differs from the one in {out_dir}: starting afresh")
             shutil.rmtree(checkpoints)

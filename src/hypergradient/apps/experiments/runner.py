@@ -95,10 +95,14 @@ class Experiment(abc.ABC):
     ``__init__(config, data)`` is the prepare stage: it sets ``self.dynamics`` (the ``hg.Dynamics``
     tuned), ``self.objective`` (``(w, λ)``, or ``(w, λ, k)`` for a real-time method) and
     ``self.logits`` (``(w, x) -> logits``, which :meth:`scores` reads).
+
+    ``resumable_changes`` names the config fields a rerun may change and still resume from the
+    checkpoints: by default more hyper-steps continue a finished run, and the data may move.
     """
 
     name: ClassVar[str]
     methods: ClassVar[tuple[str, ...]]
+    resumable_changes: ClassVar[tuple[str, ...]] = ("hyper_steps", "data_dir")
 
     def __init__(self, config, data: datasets.Splits):
         self.config, self.data = config, data
@@ -182,7 +186,7 @@ def run(experiment: type[Experiment], config, out_dir, progress: bool | None = N
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
     with folder.claim(Path(out_dir)) as out_dir:
-        return _stages(experiment, config, folder.prepare(out_dir, config), progress)
+        return _stages(experiment, config, folder.prepare(out_dir, config, experiment.resumable_changes), progress)
 
 
 def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool | None) -> dict:
