@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 
 from hypergradient.apps.cli import main
 from hypergradient.apps import datasets, experiments
-from hypergradient.apps.experiments import runner
+from hypergradient.apps.experiments import plots, runner
 
 
 def run_tiny(tmp_path, capsys, name, *extra):
@@ -111,6 +112,29 @@ def test_realtime_with_more_hyper_steps_starts_afresh(tmp_path, capsys):
     run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "2")
     result, _, _, captured = run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "3")  # a longer training run
     assert "starting afresh" in captured.err and result["hyper_updates"] == 3
+
+
+def test_the_summary_says_which_hyper_step_is_selected_and_its_value(tmp_path, capsys):
+    result, _, rows, captured = run_tiny(tmp_path, capsys, "l2-per-weight")
+    values = [float(r["value"]) for r in rows]
+    step, value = result["selected_hyper_step"], result["selected_value"]
+    assert 0 <= step <= len(values) and value <= min(values)  # the lowest seen, the final λ included
+    if step < len(values):
+        assert value == pytest.approx(values[step], rel=1e-6)
+    assert f"selected the λ of hyper-step {step}" in captured.err
+    assert re.search(rf"selected_hyper_step +{step}\n", captured.out)
+    assert re.search(r"selected_value +\d", captured.out)
+
+
+def test_the_learning_curve_marks_the_selected_hyper_step(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "savefig", lambda fig, path: drawn.setdefault("fig", fig))
+    tuned = runner.Tuned("optimize", None, None, {"value": [0.9, 0.5, 0.2, 0.4]}, 2, 0.2, "")
+    plots.learning_curve(tmp_path, tuned, 1.0, "tuned", "baseline")
+    (ax,) = drawn["fig"].axes
+    (mark,) = [line for line in ax.get_lines() if line.get_label() == "selected: hyper-step 2"]
+    assert list(mark.get_xdata()) == [2] and list(mark.get_ydata()) == [0.2]
+    assert "selected: hyper-step 2" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_every_experiment_has_a_tiny_config_a_description_and_methods():

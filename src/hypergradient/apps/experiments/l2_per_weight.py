@@ -152,11 +152,11 @@ class L2PerWeight(runner.Experiment):
             "l2_median": float(np.median(strengths)),
             "l2_max": float(strengths.max()),
             "grid": {f"{s:g}": {m: v for m, v in r.items() if m != "weights"} for s, r in grid.items()},
-            "selected_hyper_step": t.selected_step,
+            **t.selection(),
             "note": t.note,
         }
         figures = [_plot(out_dir, self.data, strengths, learned["weights"], shared["weights"]),
-                   plots.learning_curve(out_dir, t.history, shared["val_loss"], "per-weight L2", "best shared L2")]
+                   plots.learning_curve(out_dir, t, shared["val_loss"], "per-weight L2", "best shared L2")]
         return runner.Report(fields, figures, history_columns(t.history), arrays=["l2_strengths.npy"])
 
 

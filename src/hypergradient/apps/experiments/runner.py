@@ -67,6 +67,8 @@ class Tuned:
         training diverged.
       history: the driver's history (up to the last good hyper-step).
       selected_step: the hyper-step of ``hparams`` (``len(history["value"])``: the final λ).
+      selected_value: the objective at ``hparams`` as the driver evaluated it (offline, the lowest
+        seen; ``nan`` when unknown: real time after a divergence).
       note: ``""`` or what went wrong.
     """
 
@@ -75,7 +77,12 @@ class Tuned:
     params: Any
     history: Mapping[str, Any]
     selected_step: int
+    selected_value: float
     note: str
+
+    def selection(self) -> dict:
+        """Which hyper-step's λ is reported, and its objective: result fields."""
+        return {"selected_hyper_step": self.selected_step, "selected_value": self.selected_value}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +237,13 @@ def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
     """``hg.online``: the λ and weights the run ends with, or on divergence the last good λ, retrained."""
     try:
         res = hg.online(exp.dynamics, exp.objective, search.lam0, every=exp.config.every, **options)
-        hparams, params, history, note = res.hparams, res.params, res.history, ""
+        hparams, params, history, value, note = res.hparams, res.params, res.history, float(res.value), ""
     except hg.HyperDivergenceError as e:
         note = f"training diverged at hyper-step {e.hyper_step}; reporting the run with the last good λ fixed"
         say("warning: " + note)
-        hparams, history = e.hparams, e.history
+        hparams, history, value = e.hparams, e.history, float("nan")
         params = exp.train(hparams)
-    return Tuned(search.label, hparams, params, history, len(history["value"]), note)
+    return Tuned(search.label, hparams, params, history, len(history["value"]), value, note)
 
 
 def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
@@ -269,10 +276,13 @@ def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
         history = e.history
     _restore_best_from_history(best, history)
     if final[0] <= best["value"] or best["hparams"] is None:
-        _, hparams, step = final
+        value, hparams, step = final
     else:
-        hparams, step = best["hparams"], best["step"]
-    return Tuned(search.label, hparams, exp.train(hparams), history, int(step), note)
+        value, hparams, step = best["value"], best["hparams"], best["step"]
+    if np.isfinite(value):
+        detail(f"selected the λ of hyper-step {step}{' (the final one)' if step == final[2] else ''}: "
+               f"objective {value:.6g}, the lowest seen")
+    return Tuned(search.label, hparams, exp.train(hparams), history, int(step), float(value), note)
 
 
 def _restore_best_from_history(best: dict, history: Mapping[str, Any]) -> None:
