@@ -5,8 +5,9 @@
                                  [--hyper-steps N] [--seed S] [--out DIR] [--tiny]
 
 ``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
-2 a usage error: unknown experiment, dataset or method, or a dataset that is
-not on disk; 130 interrupted), so it can be called in-process.
+2 a usage error: unknown experiment, dataset or method, a dataset that is not
+on disk or not readable, an --out that is a file or that another run holds;
+130 interrupted), so it can be called in-process.
 """
 
 from __future__ import annotations
