@@ -5,8 +5,9 @@
                                  [--hyper-steps N] [--seed S] [--out DIR] [--tiny]
 
 ``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
-2 a usage error: unknown experiment, dataset or method, or a dataset that is
-not on disk; 130 interrupted), so it can be called in-process.
+2 a usage error: unknown experiment, dataset or method, a dataset that is not
+on disk or not readable, an --out that is a file or that another run holds;
+130 interrupted), so it can be called in-process.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
 from . import compare, datasets, experiments
+from .experiments import folder
 from . import methods as method_names
-from .terminal import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, integer, positive_int
+from .terminal import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, nonnegative_int, not_a_folder,
+                       positive_int)
 
 _EPILOG = """\
 examples:
@@ -72,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
-                     "searched before the environment variable and the system folder")
+                     "when given, the only place read (not the environment variable or the system folder)")
     run.add_argument("--method", metavar="M",
                      help="how to compute the hypergradient (default: the experiment's first method); "
                      "the methods each experiment accepts and what each does are listed below")
     run.add_argument("--hyper-steps", type=positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
-    run.add_argument("--seed", type=integer, default=0, metavar="S",
+    run.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
                      help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
     run.add_argument("--out", metavar="DIR",
                      help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
@@ -141,6 +144,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         changes["hyper_steps"] = args.hyper_steps
     config = dataclasses.replace(config, **changes)
     out = Path(args.out) if args.out else Path("results") / _folder_name(args, method)
+    if problem := not_a_folder(out):
+        return _error(f"cannot write the results to {out}: {problem}")
 
     print(f"hypergradient run {args.experiment}: dataset {args.dataset}, method {method}"
           f"{' (tiny)' if args.tiny else ''} -> {out}", file=sys.stderr, flush=True)
@@ -151,7 +156,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
               "from the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ExperimentError, hg.MethodError, FileNotFoundError) as e:
+    except (ExperimentError, hg.MethodError, hg.CheckpointMismatchError, FileNotFoundError) as e:
         return _error(str(e))
     except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)
@@ -197,7 +202,7 @@ def _table(header, rows) -> str:
 
 def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
     """The result's scalars as a table, then any list of records (such as per-R rows) as its own table."""
-    skip = {"experiment", "plots", "grid", "seconds", "note"}
+    skip = {"experiment", "plots", "arrays", "grid", "seconds", "note"}
 
     def is_records(v):
         return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
@@ -210,7 +215,7 @@ def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
             parts += [f"\n{key}", _table(columns, [[r[k] for k in columns] for r in value])]
     if result.get("note"):
         parts.append(f"\nnote: {result['note']}")
-    files = ", ".join(["config.json", "history.csv", "result.json", *result.get("plots", [])])
+    files = ", ".join(["config.json", *folder.output_files(result)])
     parts.append(f"\nwrote {files} to {out}  ({seconds:.0f} s)")
     return "\n".join(parts)
 
