@@ -286,3 +286,33 @@ def test_divergence_at_lambda0_says_so_not_the_hyper_learning_rate():
     with pytest.raises(HyperDivergenceError, match="diverges at the initial hyperparameters") as info:
         optimize(dyn, objective, {**lam, "lr": jnp.asarray(1e40)}, hyper_steps=3)
     assert "hyper learning rate is not the cause" in str(info.value)
+
+
+def test_a_population_of_runs_equals_the_runs_one_by_one():
+    dyn, objective, lam = ridge_problem(steps=10)
+    scales = jnp.asarray([0.5, 1.0, 2.0])
+    members = [{"log_l2": lam["log_l2"] + s, "lr": lam["lr"] * s} for s in scales]
+    population = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    opt = optax.adam(0.05)
+    res = optimize(dyn, objective, population, hyper_optimizer=opt, hyper_steps=4, population_axis=0, progress=False)
+    alone = [optimize(dyn, objective, m, hyper_optimizer=opt, hyper_steps=4, progress=False) for m in members]
+    np.testing.assert_allclose(res.population_values, [a.value for a in alone], rtol=1e-10)
+    best = int(np.argmin([a.value for a in alone]))
+    for k in lam:
+        np.testing.assert_allclose(np.asarray(res.hparams[k]), np.asarray(alone[best].hparams[k]), rtol=1e-10)
+    assert res.value == pytest.approx(alone[best].value, rel=1e-10)
+    assert res.history["value"].shape == (4, 3)
+    np.testing.assert_allclose(res.history["value"][:, 1], alone[1].history["value"], rtol=1e-10)
+    assert res.best_value == pytest.approx(min(min(a.best_value for a in alone), res.best_value))
+
+
+def test_a_population_member_that_diverges_is_held_not_fatal(tmp_path):
+    dyn, objective, lam = ridge_problem(steps=10)
+    population = {"log_l2": jnp.stack([lam["log_l2"]] * 2), "lr": jnp.asarray([0.1, 1e40])}
+    res = optimize(dyn, objective, population, hyper_steps=3, population_axis=0, checkpoint_dir=tmp_path,
+                   progress=False)
+    assert np.isinf(res.history["value"][:, 1]).all() and np.isfinite(res.history["value"][:, 0]).all()
+    assert float(res.hparams["lr"]) != 1e40 and np.isinf(res.population_values[1])
+    again = optimize(dyn, objective, population, hyper_steps=5, population_axis=0, checkpoint_dir=tmp_path,
+                     progress=False)  # resumes from hyper-step 3
+    assert again.history["value"].shape == (5, 2)
