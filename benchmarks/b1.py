@@ -85,18 +85,20 @@ def _validation_loss(x, y, w, lam):
     return models.cross_entropy(models.mlp_apply(w, x), y)
 
 
-def build(problem: common.B1Problem):
-    """Our ``(dyn, objective, λ)`` for these arrays (in their dtype: float64 needs x64 on)."""
+def build(problem: common.B1Problem, mesh=None):
+    """Our ``(dyn, objective, λ)`` for these arrays (in their dtype: float64 needs x64 on); with a
+    ``mesh``, the training and validation examples spread over its ``"data"`` axis."""
     labels = lambda y: jnp.asarray(y.astype(np.int32))  # noqa: E731
     dyn = hg.Dynamics(
         init=[{"W": jnp.asarray(W), "b": jnp.asarray(b)} for W, b in problem.weights],
         loss=_train_loss,
         optimizer=hg.optim.momentum(dampen=True),
         optimizer_hparams=_per_step_per_layer,
-        data=hg.Batches((jnp.asarray(problem.x_train), labels(problem.y_train)), problem.batch_size),
+        data=hg.Batches((jnp.asarray(problem.x_train), labels(problem.y_train)), problem.batch_size, mesh=mesh),
         steps=problem.T,
     )
-    objective = jax.tree_util.Partial(_validation_loss, jnp.asarray(problem.x_val), labels(problem.y_val))
+    val = (jnp.asarray(problem.x_val), labels(problem.y_val))
+    objective = jax.tree_util.Partial(_validation_loss, *(val if mesh is None else hg.data.shard(val, mesh)))
     lam = {k: jnp.asarray(v) for k, v in problem.hparams().items()}
     return dyn, objective, lam
 
