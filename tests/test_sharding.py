@@ -26,7 +26,7 @@ def test_every_method_on_four_devices_equals_one_device():
     diffs = json.loads(out.strip().splitlines()[-1])
     assert diffs.pop("devices") == 4
     assert set(diffs) >= {f"{m} {o}" for m in ("reverse", "checkpoint", "forward", "truncated", "reversible", "drmad")
-                          for o in ("ordered", "shuffled")} | {"implicit", "optimize", "online", "population"}
+                          for o in ("ordered", "shuffled")} | {"implicit", "optimize", "online", "population", "optimize resumed"}
     assert all(d < 1e-8 for d in diffs.values()), diffs
 
 
@@ -37,9 +37,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_each_with_half_the_data():
+def test_two_processes_each_with_half_the_data(tmp_path):
     port = _free_port()
-    procs = [run([TESTS / "programs" / "multiprocess.py", TESTS, port, i], devices=2) for i in range(2)]
+    procs = [run([TESTS / "programs" / "multiprocess.py", TESTS, port, i, tmp_path], devices=2) for i in range(2)]
     try:
         results = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -50,4 +50,4 @@ def test_two_processes_each_with_half_the_data():
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     diffs = json.loads(results[0][0].strip().splitlines()[-1])
-    assert diffs["reverse"] < 1e-8, diffs
+    assert diffs["reverse"] < 1e-8 and diffs["optimize resumed"] < 1e-8, diffs

@@ -2,7 +2,7 @@
 its half of the training set; process 0 prints the largest relative difference from the same
 hypergradient computed on one device of its own.
 
-    python multiprocess.py TESTS_DIR PORT PROCESS_ID
+    python multiprocess.py TESTS_DIR PORT PROCESS_ID CHECKPOINT_DIR
 """
 
 import json
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import hypergradient as hg  # noqa: E402
-from sharded import B, N, T, contract_batch, problem, rel  # noqa: E402
+from sharded import B, N, T, contract_batch, problem, rel, resumed_difference  # noqa: E402
 
 assert jax.device_count() == 4 and jax.local_device_count() == 2, (jax.device_count(), jax.local_device_count())
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -38,6 +38,8 @@ local = jax.local_devices()[0]
 with jax.default_device(local):
     single, objective1, lam1, _ = problem(jax.tree_util.Partial(lambda s, t: (s[0][t], s[1][t]), stacked))
     one = hg.hypergrad(single, objective1, lam1, hg.Reverse())
+resumed = resumed_difference(dyn, objective, lam, sys.argv[4])  # every process writes its part of one checkpoint
 if pid == 0:
-    print(json.dumps({"reverse": max(rel(spread.grad, one.grad), abs(float(spread.value) - float(one.value)))}))
+    print(json.dumps({"reverse": max(rel(spread.grad, one.grad), abs(float(spread.value) - float(one.value))),
+                      "optimize resumed": resumed}))
 jax.distributed.shutdown()

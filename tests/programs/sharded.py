@@ -6,6 +6,7 @@ set before JAX starts); prints one JSON line: method -> largest relative differe
 
 import json
 import sys
+import tempfile
 import warnings
 
 import jax
@@ -61,6 +62,18 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def resumed_difference(dyn, objective, lam, directory):
+    """A sharded run checkpointed at hyper-step 2 and resumed to 3, against 3 in one go."""
+    from hypergradient.drivers import checkpoint
+
+    checkpoint.CHECKPOINT_SECONDS = 0.0
+    kwargs = dict(hyper_optimizer=optax.adam(0.05), progress=False)
+    hg.optimize(dyn, objective, lam, hyper_steps=2, checkpoint_dir=directory + "/a", **kwargs)
+    resumed = hg.optimize(dyn, objective, lam, hyper_steps=3, checkpoint_dir=directory + "/a", **kwargs)
+    straight = hg.optimize(dyn, objective, lam, hyper_steps=3, **kwargs)
+    return rel(resumed.hparams, straight.hparams)
+
+
 def main():
     warnings.simplefilter("ignore", hg.ImplicitWarning)  # the same caveat on both sides of the comparison
     mesh = Mesh(np.array(jax.devices()[:D]), ("data",))
@@ -91,6 +104,7 @@ def main():
                           hg.optimize(single, objective, lam, hyper_steps=3, **kwargs).hparams)
     out["online"] = rel(hg.online(dyn, objective, lam, hg.Forward(), every=2, **kwargs).hparams,
                         hg.online(single, objective, lam, hg.Forward(), every=2, **kwargs).hparams)
+    out["optimize resumed"] = resumed_difference(dyn, objective, lam, tempfile.mkdtemp())
     members = jax.tree.map(lambda x: jnp.stack([x * s for s in (0.5, 0.8, 1.0, 1.2)]), lam)
     pop_mesh = Mesh(np.array(jax.devices()[:D]), ("pop",))
     spread = hg.optimize(single, objective, hg.data.shard(members, pop_mesh, "pop"), hyper_steps=2,

@@ -40,7 +40,7 @@ from .progress import ProgressMeter, meter_for, tick
 #: The hyperparameter trajectory is kept in the history only up to this many numbers per λ.
 MAX_RECORDED_HPARAMS = 4096
 
-CHECKPOINT_FILE = "optimize.npz"
+CHECKPOINT_FILE = "optimize"
 
 #: The hyper-optimizer when none is given; one object, so compiled programs keyed on it are reused.
 DEFAULT_HYPER_OPTIMIZER = optax.adam(1e-2)
@@ -227,9 +227,11 @@ def optimize(
         hyper-step with λ_k, f(λ_k) and ∇f(λ_k) before λ is updated; returning
         True stops the run there, returning λ_k (the hyperparameters the
         callback saw) without applying that step's update.
-      checkpoint_dir: a directory; after every hyper-step the driver's state
-        (λ, the hyper-optimizer state, the history, the step) is written to
-        ``checkpoint_dir/optimize.npz`` atomically, and a call with the same
+      checkpoint_dir: a directory; the driver's state (λ, the hyper-optimizer
+        state, the history, the step) is written to ``checkpoint_dir/optimize``
+        atomically (orbax) after a hyper-step when ``checkpoint.CHECKPOINT_SECONDS`` have
+        passed since the last write, after the last one, and when the run is
+        interrupted (Ctrl-C) or fails; a call with the same
         directory resumes from it. A checkpoint of another problem (other
         structure or shapes of λ, weights or optimizer state, or another
         number of training steps) is refused with ``CheckpointMismatchError``.
@@ -325,6 +327,8 @@ def optimize(
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
     stopped = False
+    saved = done = start
+    last_save = time.monotonic()
     try:
         for k in range(start, hyper_steps):
             t0 = time.perf_counter()
@@ -354,8 +358,14 @@ def optimize(
                 stopped = True
                 break
             lam = new_lam
-            if path is not None:
-                write_checkpoint(k + 1)
+            done = k + 1
+            if path is not None and (time.monotonic() - last_save >= ckpt.CHECKPOINT_SECONDS or done == hyper_steps):
+                write_checkpoint(done)
+                saved, last_save = done, time.monotonic()
+    except BaseException:  # interrupted or failed: keep every hyper-step that finished
+        if path is not None and done > saved:
+            write_checkpoint(done)
+        raise
     finally:
         meter.close(run)
 

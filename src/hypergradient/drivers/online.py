@@ -52,7 +52,7 @@ from .offline import (
     hyper_update_fn,
 )
 
-CHECKPOINT_FILE = "online.npz"
+CHECKPOINT_FILE = "online"
 
 
 class Carry(NamedTuple):
@@ -114,7 +114,7 @@ def online(
         (must be traceable: it runs inside the compiled loop).
       checkpoint_dir: save the whole carry (state, tangent, λ, optimizer
         state) and history atomically after every chunk to
-        ``checkpoint_dir/online.npz``; a later call with the same directory
+        ``checkpoint_dir/online`` (orbax); a later call with the same directory
         resumes. A checkpoint of another problem is refused.
       chunk: hyper-steps per compiled call (default: all of them in one
         ``lax.scan``, or ⌈n/10⌉ with a ``checkpoint_dir``). Divergence is

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import fingerprint
 from .progress import meter_for, tick
 
-CHECKPOINT_FILE = "population.npz"
+CHECKPOINT_FILE = "population"
 
 _programs = ProgramCache(16)
 
@@ -72,6 +72,14 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
 
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
+    saved = done = start
+    last_save = time.monotonic()
+
+    def write(step):
+        ckpt.save(path, {"hparams": lam, "opt_state": opt_state, "best_hparams": best[0],
+                         "history": {key: np.asarray(v) for key, v in history.items()}},
+                  {**header, "step": step, "best_value": best[1], "best_step": best[2]})
+
     try:
         for k in range(start, hyper_steps):
             t0 = time.perf_counter()
@@ -92,10 +100,14 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
                                                     for g in jax.tree.leaves(sol.grad))))
             history["seconds"].append(time.perf_counter() - t0)
             tick(run, float(values[i]))
-            if path is not None:
-                ckpt.save(path, {"hparams": lam, "opt_state": opt_state, "best_hparams": best[0],
-                                 "history": {key: np.asarray(v) for key, v in history.items()}},
-                          {**header, "step": k + 1, "best_value": best[1], "best_step": best[2]})
+            done = k + 1
+            if path is not None and (time.monotonic() - last_save >= ckpt.CHECKPOINT_SECONDS or done == hyper_steps):
+                write(done)
+                saved, last_save = done, time.monotonic()
+    except BaseException:  # interrupted or failed: keep every hyper-step that finished
+        if path is not None and done > saved:
+            write(done)
+        raise
     finally:
         meter.close(run)
 
