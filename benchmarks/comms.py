@@ -5,8 +5,8 @@ accelerators, the real ones), B1's examples are spread over a ``"data"`` mesh ax
 training run and each method's hypergradient are compiled, not run. From each compiled program:
 
 - the collectives (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all) in
-  every loop body, i.e. per training step on the way forward and per step on the way back, in
-  bytes and as a multiple of the gradient's size (the weights' bytes);
+  every loop body (a loop of T iterations: per training step on the way forward or back; of T/k:
+  per checkpointed segment), in bytes and as a multiple of the gradient's size (the weights' bytes);
 - XLA's memory analysis per device (temporary + argument bytes), against D = 1.
 
     python benchmarks/comms.py [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
@@ -101,7 +101,6 @@ def measure(steps: int) -> dict:
         loops = loop_collectives(exe.as_text())
         out["programs"][name] = {
             "loops": loops,
-            "per_step_bytes": [l["bytes_per_iteration"] for l in loops if l["trip_count"] == steps],
             "memory_per_device": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes),
         }
 
@@ -135,10 +134,12 @@ def main(argv=None) -> int:
             return run.returncode
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     base = {k: v["memory_per_device"] for k, v in results[0]["programs"].items()}
-    lines = ["| program | D | per-step collective bytes (× gradient) | memory per device (× D = 1) |", "|---|---:|---|---:|"]
+    lines = ["| program | D | collectives per loop iteration (× gradient) × iterations | memory per device (× D = 1) |",
+             "|---|---:|---|---:|"]
     for r in results:
         for name, prog in r["programs"].items():
-            per_step = ", ".join(f"{b / 1e3:.0f} kB ({b / r['gradient_bytes']:.2f}x)" for b in prog["per_step_bytes"]) or "0"
+            per_step = ", ".join(f"{l['bytes_per_iteration'] / 1e3:.0f} kB ({l['bytes_per_iteration'] / r['gradient_bytes']:.2f}x)"
+                                 f" × {l['trip_count']}" for l in prog["loops"]) or "no loop"
             lines.append(f"| {name} | {r['devices']} | {per_step} | {prog['memory_per_device'] / base[name]:.2f} |")
     table = "\n".join(lines)
     print(table)
