@@ -145,40 +145,41 @@ def rational(fmt: Format, mu):
     return jnp.where(ok, y, 1).astype(fmt.uint_dtype), jnp.sum(~ok)
 
 
-def _reciprocal(d):
-    """1/d in floating point: the backend's division, correctly rounded or not (GPUs' float32
+def _divide(a, b):
+    """a / b in floating point: the backend's division, correctly rounded or not (a GPU's float32
     division is not); :func:`floor_divmod` is exact either way."""
-    return 1 / d
+    return a / b
 
 
-def floor_divmod(fmt: Format, x, d):
-    """(⌊x / d⌋, x mod d), exactly, for integers x of the format's types (signed or unsigned),
-    divisors 1 <= d <= 2^(B/2) and quotients below 2^(B−2) in magnitude.
+def floor_divmod(fmt: Format, x, d, wide: bool = False):
+    """(⌊x / d⌋, x mod d), exactly, for integers x of the format's types (signed or unsigned) and
+    divisors 1 <= d <= 2^(B/2), with quotients below 2^(p−8) in magnitude (p = 24 or 53, the float's
+    precision), or below 2^(B−2) when ``wide``.
 
-    x86 has no vector integer division, so the quotient is estimated in floating point and the
-    estimate corrected in exact integer arithmetic. With p the float's precision (24 or 53 bits),
-    u = 2^-p, and the backend's 1/d within K ulp (relative error <= 2K·u; conversions and products
-    are correctly rounded everywhere), each estimate ⌊fl(y)·fl(1/d)⌋ of ⌊y/d⌋ has relative error
-    below η = (2K + 3)·u, hence:
+    x86 has no vector integer division, so the quotient is estimated by a float division and the
+    estimate corrected in exact integer arithmetic. With u = 2^-p and the backend's division within
+    K ulp (relative error <= 2K·u; conversions are correctly rounded everywhere), an estimate
+    ⌊fl(y) / d⌋ is within |y/d|·η + 1 of y/d, η = (2K + 2)·u. Then:
 
-    1. q0 = ⌊x·(1/d)⌋ is within |x/d|·η + 1 of x/d, so r0 = x − q0·d (computed modulo 2^B) has
-       |r0| <= |x|·η + d <= 2^B·η + 2^(B/2) < 2^(B−1): exact as a signed integer.
-    2. q1 = ⌊r0·(1/d)⌋ is within |r0/d|·η <= 2^B·η² + η < 1 of r0/d, so r1 = r0 − q1·d ∈ [−d, 2d).
-    3. One step each way puts the remainder in [0, d).
+    - |x/d| < 2^(p−8): |x/d|·η < (2K + 2)/256 < 1, so the estimate is ⌊x/d⌋ or off by one and
+      r = x − q·d (computed modulo 2^B) lies in [−d, 2d): one correction step each way ends it.
+    - ``wide``: r0 = x − q0·d has |r0| <= |x|·η + d < 2^(B−1), exact as a signed integer, and a
+      second estimate of r0/d is off by at most 2^B·η² + η < 1 of it, which leaves the case above.
 
-    The condition 2^B·η² + η < 1 holds for K <= 126 in float32 formats (B = 32, p = 24) and
-    K < 2^20 in float64 formats (B = 64, p = 53): far beyond any backend's division.
+    Both hold for K <= 126 in float32 formats (2^B·η² < 1 with B = 32, p = 24) and K < 2^20 in
+    float64 formats: far beyond any backend's division.
     """
-    inv = _reciprocal(d.astype(fmt.float_dtype))
-
-    def estimate(y):  # ⌊y / d⌋ up to the error above, |y / d| < 2^(B−1): as a signed integer
-        return jnp.floor(y.astype(fmt.float_dtype) * inv).astype(fmt.int_dtype)
-
+    fd = d.astype(fmt.float_dtype)
     d_int = d.astype(fmt.int_dtype)
-    q0 = estimate(x)
-    r = (x - q0.astype(x.dtype) * d).astype(fmt.int_dtype)  # step 1, modulo 2^B
-    q1 = estimate(r)
-    q, r = q0 + q1, r - q1 * d_int  # step 2
+
+    def estimate(y):  # ⌊y / d⌋ up to the error above, as a signed integer
+        return jnp.floor(_divide(y.astype(fmt.float_dtype), fd)).astype(fmt.int_dtype)
+
+    q = estimate(x)
+    r = (x - q.astype(x.dtype) * d).astype(fmt.int_dtype)
+    if wide:
+        q1 = estimate(r)
+        q, r = q + q1, r - q1 * d_int
     low = r < 0
     q, r = jnp.where(low, q - 1, q), jnp.where(low, r + d_int, r)
     high = r >= d_int
@@ -204,7 +205,7 @@ def mul_inverse(fmt: Format, v, e, n):
     """Inverse of :func:`mul`: from v' and the popped e recover v and the symbol s to push back."""
     b = fmt.mu_bits
     # v'·2^b + e = v·n + s with s < n: with v' = q·n + k, v = q·2^b + ⌊(k·2^b + e) / n⌋
-    q, k = floor_divmod(fmt, v, n.astype(fmt.int_dtype))  # |v'| < 2^(B−2): the stored range
+    q, k = floor_divmod(fmt, v, n.astype(fmt.int_dtype), wide=True)  # |v'| < 2^(B−2): the stored range
     z = jax.lax.shift_left(k.astype(fmt.uint_dtype), fmt.u(b)) | e  # < n·2^b <= 2^(2b)
     zq, zr = floor_divmod(fmt, z, n)
     return q * fmt.i(1 << b) + zq.astype(fmt.int_dtype), zr
