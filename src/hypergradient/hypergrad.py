@@ -21,6 +21,7 @@ from .dynamics import Dynamics, check_finite, first_nonfinite, train
 from .errors import DivergenceError, Failure
 from .methods.base import Method, Objective, Solution
 from .methods.reverse import Reverse
+from .precision import library_precision, matmul_precision
 
 
 def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | None = None) -> Solution:
@@ -29,7 +30,8 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     Composes with ``jax.jit``, ``jax.vmap`` (over λ, or over the arrays a Dynamics or a
     callable-pytree objective holds) and sharding. Nothing is raised for a run that fails:
     ``Solution.diverged`` and ``Solution.result`` say what went wrong (see :func:`hypergrad`
-    for the raising host version).
+    for the raising host version). Float32 products run at full precision unless JAX's
+    ``default_matmul_precision`` says otherwise (:mod:`hypergradient.precision`).
 
     Args:
       dyn: the training run.
@@ -46,7 +48,8 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     _check_types(dyn, method)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
         method = method.resolve(dyn, lam)
-    sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
+    with library_precision():
+        sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
     train_ok = jnp.all(jnp.isfinite(sol.losses))
     value_ok = jnp.isfinite(sol.value)
     grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(sol.grad)]))
@@ -243,7 +246,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     """
     method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
     arrays, skeleton = partition(objective)
-    key = (signature(dyn), skeleton, signature(arrays), method, signature(lam))
+    key = (signature(dyn), skeleton, signature(arrays), method, signature(lam), matmul_precision())
     hit = _programs.get(key)
     if hit is not None:
         return hit[0], 0.0, hit[1]
@@ -272,13 +275,14 @@ def evaluate(dyn: Dynamics, objective: Objective, lam):
     """Plain training at λ and the objective there: ``(w_T, f(λ), losses)``, nothing
     differentiated; compiled once per problem like :func:`compiled`, nothing raised."""
     arrays, skeleton = partition(objective)
-    key = (signature(dyn), skeleton, signature(arrays), signature(lam))
+    key = (signature(dyn), skeleton, signature(arrays), signature(lam), matmul_precision())
     program = _evaluations.get(key)
     if program is None:
 
         def run(dyn, arrays, lam):
-            state, losses = train(dyn, lam)
-            return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
+            with library_precision():
+                state, losses = train(dyn, lam)
+                return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
 
         program = _evaluations.put(key, jax.jit(run))
     params, value, losses = program(dyn, arrays, lam)
