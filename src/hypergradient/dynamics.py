@@ -28,6 +28,7 @@ from ._pytree import Skeleton, has_only_arrays, is_array, partition
 from .data import Batches
 from .errors import DivergenceError
 from .optim import Optimizer
+from .precision import library_precision
 
 Params = Any
 
@@ -275,5 +276,6 @@ def _shapes(tree):
 @jax.jit
 def train(dyn: Dynamics, lam) -> tuple[State, jax.Array]:
     """The training run: the final state s_T and the training loss of every step (compiled once
-    per dynamics functions and shapes)."""
-    return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)
+    per dynamics functions and shapes; float32 products at :mod:`~hypergradient.precision`'s)."""
+    with library_precision():
+        return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)
