@@ -88,7 +88,12 @@ def main(argv=None):
         method = make(name, truncation=a.truncate, checkpoint_every=a.checkpoint_every)
         hparams = b1.measured_on(name)
         d, l = b1.HPARAMS[hparams](dyn, lam)
-        res = hg.hypergrad(d, objective, l, method)
+        try:
+            res = hg.hypergrad(d, objective, l, method)
+        except (hg.MethodError, hg.DivergenceError) as e:  # DrMAD refuses B1: its backward pass blows up
+            report["methods"][name] = {"method": repr(method), "hparams": hparams, "error": str(e)}
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         train, seconds = paired_medians(
             lambda: d.run(l), lambda: hg.hypergrad(d, objective, l, method).grad, a.repeats
         )
@@ -107,7 +112,7 @@ def main(argv=None):
               file=sys.stderr)
     rev = report["methods"].get("reverse")
     for row in report["methods"].values():
-        if rev:
+        if rev and "error" not in row:
             row["time_vs_reverse"] = row["hypergrad_seconds"] / rev["hypergrad_seconds"]
     emit(report, a.out)
 
