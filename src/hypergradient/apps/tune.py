@@ -88,7 +88,7 @@ def run(build: Callable[[Mapping[str, Any]], tuple], search_space: Mapping[str, 
       out: the results folder.
       max_failures: how many times a failed trial (a worker that died) is restarted from its checkpoint.
       mlflow: a tracking URI: log every trial's settings, metrics and files to MLflow (``""``: a
-        local file store, ``out/mlruns``).
+        local store, ``out/mlflow.db`` and ``out/mlartifacts``).
       num_cpus: the CPUs of a new local instance (default: all of this machine's).
     """
     ray, tune = _ray(mlflow is not None)
@@ -146,12 +146,18 @@ def _scheduler(name: str | None):
 
 
 def _mlflow(uri: str | None, out: Path) -> list:
+    """Tune's MLflow logger; by default into ``out/mlflow.db`` (SQLite), files in ``out/mlartifacts``."""
     if uri is None:
         return []
+    import mlflow
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    return [MLflowLoggerCallback(tracking_uri=uri or (out / "mlruns").as_uri(), experiment_name=out.name,
-                                 save_artifact=True)]
+    if not uri:  # MLflow 3 refuses a plain-file store; its artifacts would otherwise land in the cwd
+        uri = f"sqlite:///{out / 'mlflow.db'}"
+        client = mlflow.MlflowClient(uri)
+        if client.get_experiment_by_name(out.name) is None:
+            client.create_experiment(out.name, artifact_location=(out / "mlartifacts").as_uri())
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=out.name, save_artifact=True)]
 
 
 # -- one trial, on a Ray worker ------------------------------------------------------------------
