@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,41 @@ def spec(tree: Any) -> dict:
         "shapes": [list(np.shape(x)) for x in leaves],
         "dtypes": [str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(np.dtype(x.dtype)) for x in leaves],
     }
+
+
+class Periodic:
+    """When an offline driver writes its checkpoint: after a hyper-step that ends
+    :data:`CHECKPOINT_SECONDS` after the last write, after the last hyper-step, and when the run
+    stops on an exception (Ctrl-C, a divergence), so that every finished hyper-step is kept.
+
+        with Periodic(path, write, start) as saving:   # write(step) saves the driver's state
+            for k in ...:
+                ...
+                saving.done(k + 1, last=k + 1 == total)
+    """
+
+    def __init__(self, path: str | None, write, start: int):
+        self.path, self.write = path, write
+        self.saved = self.finished = start
+        self.last = time.monotonic()
+
+    def done(self, step: int, last: bool = False) -> None:
+        """Hyper-steps up to ``step`` are finished."""
+        self.finished = step
+        if self.path is not None and (last or time.monotonic() - self.last >= CHECKPOINT_SECONDS):
+            self._write()
+
+    def _write(self):
+        self.write(self.finished)
+        self.saved, self.last = self.finished, time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None and self.path is not None and self.finished > self.saved:
+            self._write()
+        return False
 
 
 def _manager(path: str):

@@ -327,45 +327,37 @@ def optimize(
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
     stopped = False
-    saved = done = start
-    last_save = time.monotonic()
     try:
-        for k in range(start, hyper_steps):
-            t0 = time.perf_counter()
-            try:
-                res = hypergrad(dyn, objective, lam, method)
-            except DivergenceError as e:
-                note = (f" The checkpoint in {checkpoint_dir} holds the state before this hyper-step "
-                        f"(resuming would diverge again: change the settings or the directory).") if path else ""
-                raise HyperDivergenceError(
-                    divergence_message("optimize", k, e.step, dyn.steps, str(e), good_step, note),
-                    k, e.step, good, finish_history(history, lam_template),
-                ) from e
-            value = float(res.value)
-            good, good_step = lam, k
-            if value < best_value:
-                best, best_value, best_step = lam, value, k
-            stop = bool(callback(k, lam, value, res.grad)) if callback is not None else False
-            if not stop:
-                new_lam, opt_state = update(res.grad, opt_state, lam)
-            history["value"].append(value)
-            history["grad_norm"].append(tree_norm(res.grad))
-            history["seconds"].append(time.perf_counter() - t0)
-            if record:
-                history["hparams"].append(jax.tree.map(np.asarray, lam))
-            tick(run, value)
-            if stop:
-                stopped = True
-                break
-            lam = new_lam
-            done = k + 1
-            if path is not None and (time.monotonic() - last_save >= ckpt.CHECKPOINT_SECONDS or done == hyper_steps):
-                write_checkpoint(done)
-                saved, last_save = done, time.monotonic()
-    except BaseException:  # interrupted or failed: keep every hyper-step that finished
-        if path is not None and done > saved:
-            write_checkpoint(done)
-        raise
+        with ckpt.Periodic(path, write_checkpoint, start) as saving:
+            for k in range(start, hyper_steps):
+                t0 = time.perf_counter()
+                try:
+                    res = hypergrad(dyn, objective, lam, method)
+                except DivergenceError as e:
+                    note = (f" The checkpoint in {checkpoint_dir} holds the state before this hyper-step "
+                            f"(resuming would diverge again: change the settings or the directory).") if path else ""
+                    raise HyperDivergenceError(
+                        divergence_message("optimize", k, e.step, dyn.steps, str(e), good_step, note),
+                        k, e.step, good, finish_history(history, lam_template),
+                    ) from e
+                value = float(res.value)
+                good, good_step = lam, k
+                if value < best_value:
+                    best, best_value, best_step = lam, value, k
+                stop = bool(callback(k, lam, value, res.grad)) if callback is not None else False
+                if not stop:
+                    new_lam, opt_state = update(res.grad, opt_state, lam)
+                history["value"].append(value)
+                history["grad_norm"].append(tree_norm(res.grad))
+                history["seconds"].append(time.perf_counter() - t0)
+                if record:
+                    history["hparams"].append(jax.tree.map(np.asarray, lam))
+                tick(run, value)
+                if stop:
+                    stopped = True
+                    break
+                lam = new_lam
+                saving.done(k + 1, last=k + 1 == hyper_steps)
     finally:
         meter.close(run)
 

@@ -72,42 +72,33 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
 
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
-    saved = done = start
-    last_save = time.monotonic()
-
     def write(step):
         ckpt.save(path, {"hparams": lam, "opt_state": opt_state, "best_hparams": best[0],
                          "history": {key: np.asarray(v) for key, v in history.items()}},
                   {**header, "step": step, "best_value": best[1], "best_step": best[2]})
 
     try:
-        for k in range(start, hyper_steps):
-            t0 = time.perf_counter()
-            sol = step(dyn, arrays, lam)
-            ok = ~np.asarray(sol.diverged)
-            if not ok.any():
-                raise HyperDivergenceError(
-                    f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
-                    "holds their λ before it", k, None, jax.tree.map(np.asarray, lam), _history(history))
-            values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
-            i = int(np.argmin(values))
-            if values[i] < best[1]:
-                best = (jax.tree.map(lambda x: np.asarray(x[i]), lam), float(values[i]), k)
-            new_lam, new_opt = update(sol.grad, opt_state, lam)
-            lam, opt_state = _where_members(ok, new_lam, lam), _where_members(ok, new_opt, opt_state)
-            history["value"].append(values)
-            history["grad_norm"].append(np.sqrt(sum(np.sum(np.square(np.asarray(g)).reshape(k_members, -1), axis=1)
-                                                    for g in jax.tree.leaves(sol.grad))))
-            history["seconds"].append(time.perf_counter() - t0)
-            tick(run, float(values[i]))
-            done = k + 1
-            if path is not None and (time.monotonic() - last_save >= ckpt.CHECKPOINT_SECONDS or done == hyper_steps):
-                write(done)
-                saved, last_save = done, time.monotonic()
-    except BaseException:  # interrupted or failed: keep every hyper-step that finished
-        if path is not None and done > saved:
-            write(done)
-        raise
+        with ckpt.Periodic(path, write, start) as saving:
+            for k in range(start, hyper_steps):
+                t0 = time.perf_counter()
+                sol = step(dyn, arrays, lam)
+                ok = ~np.asarray(sol.diverged)
+                if not ok.any():
+                    raise HyperDivergenceError(
+                        f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
+                        "holds their λ before it", k, None, jax.tree.map(np.asarray, lam), _history(history))
+                values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
+                i = int(np.argmin(values))
+                if values[i] < best[1]:
+                    best = (jax.tree.map(lambda x: np.asarray(x[i]), lam), float(values[i]), k)
+                new_lam, new_opt = update(sol.grad, opt_state, lam)
+                lam, opt_state = _where_members(ok, new_lam, lam), _where_members(ok, new_opt, opt_state)
+                history["value"].append(values)
+                history["grad_norm"].append(np.sqrt(sum(np.sum(np.square(np.asarray(g)).reshape(k_members, -1), axis=1)
+                                                        for g in jax.tree.leaves(sol.grad))))
+                history["seconds"].append(time.perf_counter() - t0)
+                tick(run, float(values[i]))
+                saving.done(k + 1, last=k + 1 == hyper_steps)
     finally:
         meter.close(run)
 
