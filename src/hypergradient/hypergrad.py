@@ -126,7 +126,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         "seconds": seconds,
         "compile_seconds": compile_seconds,
         "steps": dyn.steps,
-        "final_train_loss": float(sol.losses[-1]),
+        "final_train_loss": float(np.asarray(sol.losses)[-1]),
         **sizes,
         **stats,
     }

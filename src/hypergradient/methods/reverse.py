@@ -12,7 +12,7 @@ residuals) of the forward pass: memory ~T·d. With ``checkpoint_every=k``
 only every k-th state is stored and each segment of k steps is recomputed
 on the way back: memory ~(T/k + k)·d for one extra forward pass.
 
-On the way back the norm of every α_t is measured (a probe whose cotangent is ‖α_t‖):
+On the way back the norm of every α_t's weight part is measured (a probe whose cotangent is ‖α_t‖):
 ``stats["backward_growth"]`` = max_t ‖α_t‖ / ‖α_T‖. Past ``CHAOS_GROWTH`` the run is chaotic
 in its weights and the hypergradient measures that chaos; :func:`hypergradient.hypergrad` warns.
 """
@@ -51,7 +51,7 @@ class Reverse(Method):
     def value_and_grad(self, dyn, objective, lam):
         def f(lam, probes):
             state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.checkpoint_every, probes)
-            state = probe(state, probes[-1])
+            state = _probe_weights(state, probes[-1])
             return objective(state.params, lam), (state.params, losses)
 
         probes = jnp.zeros(dyn.steps + 1, jax.tree.leaves(lam)[0].dtype)
@@ -95,13 +95,20 @@ def _probe_bwd(zero, alpha):
 probe.defvjp(_probe_fwd, _probe_bwd)
 
 
+def _probe_weights(state, p):
+    """The probe on the weights' part of s_t: their cotangent is where chaos shows (‖α_t‖ of the
+    optimizer state follows it), at half the cost of the whole state."""
+    return state._replace(params=probe(state.params, p))
+
+
 def _scan(dyn, state, lam, start, length: int, probes):
     """``dyn.rollout`` with a probe before every step, whose steps save only matrix-product outputs
     for the backward pass."""
     step = jax.checkpoint(
         lambda s, t: dyn.step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False
     )
-    return jax.lax.scan(lambda s, tp: step(probe(s, tp[1]), tp[0]), state, (start + jnp.arange(length), probes))
+    return jax.lax.scan(lambda s, tp: step(_probe_weights(s, tp[1]), tp[0]), state,
+                        (start + jnp.arange(length), probes))
 
 
 def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | None, probes):
