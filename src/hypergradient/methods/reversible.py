@@ -299,13 +299,13 @@ class Reversible(Method):
         mismatch = (jnp.sum(w_back != w0) + jnp.sum(v_back != 0) + jnp.sum(~fp.is_empty(fmt, buf_back))).astype(jnp.int32)
         bits = fp.stored_bits(fmt, bufT)
         state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
-        buffer_bytes = buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4)
+        buffer_bytes = float(buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4))  # past int32 at long T
         stats = {
             "bits_per_weight_per_step": jnp.mean(bits) / T,
             "bits_needed_per_step": jnp.max(bits) / T,
             "buffer_bytes": buffer_bytes,
             "buffer_bytes_used": jnp.sum(jnp.maximum(bits, 0)) / 8,
-            "trajectory_bytes_equivalent": T * state_bytes,
+            "trajectory_bytes_equivalent": float(T * state_bytes),
             "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
             "reversal_error": mismatch,
             "range_overflow": bad_range,
