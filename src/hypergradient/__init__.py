@@ -30,7 +30,6 @@ from .errors import ReversalError as ReversalError
 from .hypergrad import HypergradResult as HypergradResult
 from .hypergrad import hypergrad as hypergrad
 from .hypergrad import value_and_grad as value_and_grad
-from .methods import Auto as Auto
 from .methods import DrMAD as DrMAD
 from .methods import Forward as Forward
 from .methods import Implicit as Implicit
@@ -40,6 +39,7 @@ from .methods import Reversible as Reversible
 from .methods import Segmented as Segmented
 from .methods import Solution as Solution
 from .methods import Truncated as Truncated
+from .planning import Auto as Auto
 from .planning import Plan as Plan
 from .planning import plan as plan
 

@@ -1,6 +1,5 @@
 """Hypergradient methods: the protocol in ``base``, one file per method."""
 
-from .auto import Auto as Auto
 from .base import Method as Method
 from .base import Segmented as Segmented
 from .base import Solution as Solution

@@ -94,7 +94,7 @@ class Reversible(Method):
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
             raise ValueError(f"max_bits_per_step must be a positive number or None, got {b!r}")
 
-    def resolve(self, dyn, lam) -> Reversible:
+    def resolve(self, dyn, lam, objective=None) -> Reversible:
         """Size the buffer from the concrete momentum schedule (when ``max_bits_per_step`` is None)."""
         if self.max_bits_per_step is not None:
             return self
