@@ -13,7 +13,11 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[$*]"
 	touch $@
 
-demo: $(VENV)/.installed-experiments
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+demo: $(VENV)/.installed
 	$(VENV)/bin/hypergradient run schedules
 
 test: $(VENV)/.installed-test

@@ -28,7 +28,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from b1_schedules import b1_problem, emit, per_layer_lr_problem
+import b1
+from b1_schedules import emit
 
 
 def flops(fn, *args) -> float:
@@ -43,8 +44,8 @@ def main(argv=None):
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
 
-    dyn, objective, lam = b1_problem(steps=a.steps)
-    small, lr4 = per_layer_lr_problem(dyn, lam)
+    dyn, objective, lam = b1.problem(steps=a.steps)
+    small, lr4 = b1.per_layer_lr(dyn, lam)
     state = dyn.initial_state(lam)
     t = jnp.int32(1)
 

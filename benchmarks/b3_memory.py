@@ -3,7 +3,8 @@
 For every T in ``--steps`` (default 100, 1000, 3000) on the B1 problem
 (Fashion-MNIST, MLP 784-50-50-50-10, batch 200, dampened momentum 0.9,
 float32): seconds and XLA temporary memory of a plain training run,
-``Reverse()``, ``Reverse(checkpoint_every=50)``, ``Reversible()`` and
+``Reverse()``, ``Reverse(checkpoint_every=50)``, ``Reversible()`` (its
+buffer sized by the library: 0.25 bits per weight per step at μ = 0.9) and
 ``DrMAD()``; Reversible's measured bits per weight per step, the bytes its
 buffer holds against the T·d states a stored trajectory holds, and whether it
 re-created w_0, v_0 bit for bit; the cosine similarity of DrMAD's
@@ -15,7 +16,7 @@ log2(1/μ) (T = 100).
 
 Prints one JSON object.
 
-    python benchmarks/b3_memory.py [--steps 100,1000,3000] [--repeats 1]
+    python benchmarks/b3_memory.py [--steps 100,1000,3000] [--repeats 1] [--dtype float64]
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import b1  # noqa: E402
 import hypergradient as hg  # noqa: E402
-from b1_schedules import b1_problem, emit, load_data, median_seconds  # noqa: E402
+from b1_schedules import emit, median_seconds  # noqa: E402
 from hypergradient import dynamics  # noqa: E402
-from hypergradient.methods.base import compiled  # noqa: E402
-from hypergradient.methods.drmad import DrMAD  # noqa: E402
-from hypergradient.methods.reversible import Reversible  # noqa: E402
+from hypergradient.apps.methods import make  # noqa: E402
+from hypergradient.hypergrad import compiled  # noqa: E402
+
+METHODS = ("reverse", "checkpoint", "reversible", "drmad")
 
 
 def cosine(a, b) -> float:
@@ -50,27 +53,20 @@ def temp_bytes(exe) -> int:
     return int(getattr(m, "temp_size_in_bytes", -1)) if m is not None else -1
 
 
-def methods(reversible_bits):
-    return {
-        "reverse": hg.Reverse(),
-        "checkpoint50": hg.Reverse(checkpoint_every=50),
-        "reversible": Reversible(max_bits_per_step=reversible_bits),
-        "drmad": DrMAD(),
-    }
-
-
 def run_steps(T, data, a):
-    dyn, objective, lam = b1_problem(steps=T, data=data)
-    train_exe = dynamics._run.lower(dyn, lam).compile()
+    dyn, objective, lam = b1.problem(steps=T, dtype=a.dtype, data=data)
+    train_exe = dynamics.train.lower(dyn, lam).compile()
     out = {
         "steps": T,
+        "dtype": str(lam["lr"].dtype),
         "train": {"seconds": median_seconds(lambda: dyn.run(lam), a.repeats), "temp_mb": temp_bytes(train_exe) / 2**20},
         "methods": {},
     }
     grads = {}
-    for name, method in methods(a.reversible_bits).items():
-        exe, compile_s, _ = compiled(dyn, objective, method, lam)
-        row = {"method": repr(method), "temp_mb": temp_bytes(exe) / 2**20, "compile_seconds": compile_s}
+    for name in METHODS:
+        method = make(name, checkpoint_every=50).resolve(dyn, lam)  # Reversible: its buffer sized
+        _, compile_s, sizes = compiled(dyn, objective, method, lam)
+        row = {"method": repr(method), "temp_mb": sizes["temp_bytes"] / 2**20, "compile_seconds": compile_s}
         if row["temp_mb"] > a.max_temp_gb * 1024:
             row["skipped"] = f"temp memory above --max-temp-gb {a.max_temp_gb}: not run"
             out["methods"][name] = row
@@ -83,8 +79,7 @@ def run_steps(T, data, a):
             out["methods"][name] = row
             print(f"T={T} {name}: diverged ({e})", file=sys.stderr)
             continue
-        if isinstance(method, Reversible):
-            method.check_result(res.stats)
+        if name == "reversible":
             s = res.stats
             row.update(
                 bits_per_weight_per_step=s["bits_per_weight_per_step"],
@@ -106,7 +101,7 @@ def run_steps(T, data, a):
     exact_name = "reverse" if "reverse" in grads else "reversible"
     if exact_name in grads:
         out["exact_reference"] = exact_name
-        for name in ("drmad", "reversible", "checkpoint50"):
+        for name in ("drmad", "reversible", "checkpoint"):
             if name in grads and name != exact_name:
                 out["methods"][name]["cosine_to_exact"] = {k: cosine(grads[name][k], grads[exact_name][k]) for k in grads[name]}
                 out["methods"][name]["norm_ratio_to_exact"] = {
@@ -116,14 +111,12 @@ def run_steps(T, data, a):
     return out
 
 
-def bits_vs_mu(data, a):
-    dyn, objective, lam = b1_problem(steps=100, data=data)
+def bits_vs_mu(data, dtype):
+    dyn, objective, lam = b1.problem(steps=100, dtype=dtype, data=data)
     rows = []
     for mu in (0.5, 0.9, 0.98):
         lam_mu = {**lam, "momentum": jnp.full_like(lam["momentum"], mu)}
-        method = Reversible(max_bits_per_step=1.5)
-        res = hg.hypergrad(dyn, objective, lam_mu, method)
-        method.check_result(res.stats)
+        res = hg.hypergrad(dyn, objective, lam_mu, hg.Reversible(max_bits_per_step=1.5))
         rows.append({
             "momentum": mu,
             "bits_per_weight_per_step": res.stats["bits_per_weight_per_step"],
@@ -138,21 +131,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", default="100,1000,3000")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--reversible-bits", type=float, default=0.25,
-                   help="Reversible(max_bits_per_step=...): log2(1/0.9) = 0.152 plus slack")
     p.add_argument("--max-temp-gb", type=float, default=6.0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--out")
     a = p.parse_args(argv)
-    data = load_data()
+    jax.config.update("jax_enable_x64", a.dtype == "float64")
+    data = b1.load_data()
     start = time.perf_counter()
     report = {
         "benchmark": "B3",
         "dataset": data.name,
-        "dtype": str(jnp.result_type(float)),
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
         "runs": [run_steps(int(T), data, a) for T in a.steps.split(",")],
-        "bits_vs_momentum": bits_vs_mu(data, a),
+        "bits_vs_momentum": bits_vs_mu(data, a.dtype),
     }
     report["wall_seconds"] = time.perf_counter() - start
     emit(report, a.out)

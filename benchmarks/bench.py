@@ -5,15 +5,15 @@
 
 What it does:
 
-1. Builds the B1 problem once (``b1_schedules.b1_problem``: Fashion-MNIST
+1. Builds the B1 problem once (``b1.py --write``: Fashion-MNIST
    train[0:10000] / [10000:20000], or digits with a message; its initial
    weights and λ) and writes it to one .npz that every implementation reads,
    so that data, w_0 and λ are identical.
-2. Runs each implementation (ours: ``run_ours.py`` per method; the peers:
-   ``peers/run_peer.py``) in a process of its own, pinned to the same CPUs
-   (2 by default) with 2 compute threads, for ``--rounds`` rounds, the order
-   rotated every round (A B C ... then B C ... A), so that the load from
-   other users of the machine falls on every implementation alike. Each
+2. Runs each implementation (ours: ``run_ours.py`` per method of
+   ``b1.METHODS``; the peers: ``peers/run_peer.py``) in a process of its own,
+   for ``--rounds`` rounds, the order rotated every round (A B C ... then
+   B C ... A), so that the load from other users of the machine falls on
+   every implementation alike. Each
    process: a warm-up, a cold hypergradient (its peak resident memory above
    the memory just before: what the hypergradient needs), then
    ``--repeats`` alternating timed calls of training and hypergradient
@@ -27,10 +27,14 @@ What it does:
 4. Writes ``benchmarks/results/b1.json`` (everything, with the load average
    at start and end) and ``benchmarks/results/b1.md`` (the table).
 
-Threads. JAX's CPU client sizes its compute pool from the CPUs the process
-may run on (its affinity mask), so pinning to 2 CPUs gives XLA 2 threads;
-PyTorch gets ``torch.set_num_threads(2)`` and ``OMP_WAIT_POLICY=PASSIVE``
-(spinning OpenMP threads slow everyone on a loaded machine).
+Settings. Every library runs at its own defaults (threads, OpenMP waiting,
+no CPU pinning) unless a flag asks otherwise, and the report records which:
+``--pin N`` runs every process on the first N CPUs (``taskset``; JAX's CPU
+client then sizes its pool to N), ``--threads N`` gives PyTorch N intra-op
+threads (``torch.set_num_threads``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``),
+``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` for the peers (libgomp's
+threads then sleep instead of spinning while they wait: kinder to a
+loaded machine, slower for PyTorch on a quiet one).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +66,7 @@ OUR_LABEL = {
     "reverse": "Reverse",
     "checkpoint": "Reverse(checkpoint_every={k})",
     "truncated": "Truncated({tk})",
-    "forward-4lr": "Forward, 4 per-layer lrs (m = 4)",
+    "forward": "Forward, 4 per-layer lrs (m = 4)",
     "reversible": "Reversible",
     "drmad": "DrMAD (approximate)",
 }
@@ -73,81 +76,72 @@ APPROXIMATE = {"truncated": "biased by design", "drmad": "approximate by design"
 # ---------------------------------------------------------------- problem
 
 
-def write_problem(path, T: int, seed: int = 0, dtype: str = "float32") -> dict:
-    """Write B1 with ``b1_problem``'s data, initial weights and λ to ``path``, in a child process.
+def write_problem(path, T: int, dtype: str = "float32") -> dict:
+    """Write B1 (``b1.py --write``) to ``path`` in a child process; returns a summary of the problem.
 
     The runner itself never imports JAX: forking a process whose JAX thread
-    pool is running can deadlock. Returns a summary of the problem.
+    pool is running can deadlock.
     """
-    cmd = [sys.executable, str(HERE / "bench.py"), "--write-problem", str(path), "--T", str(T),
-           "--seed", str(seed), "--dtype", dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(2))
+    cmd = [sys.executable, str(HERE / "b1.py"), "--write", str(path), "--steps", str(T), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None))
     if proc.returncode != 0:
         raise SystemExit(f"writing the B1 problem failed:\n{proc.stderr}")
     sys.stderr.write(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _write_problem_here(path, T: int, seed: int, dtype: str) -> dict:
-    from b1_schedules import b1_problem, load_data
-
-    data = load_data()
-    dyn, _, lam = b1_problem(steps=T, seed=seed, data=data)
-    weights = [(np.asarray(layer["W"]), np.asarray(layer["b"])) for layer in dyn.init]
-    prob = common.make_b1(
-        data.train.x, data.train.y, data.val.x, data.val.y, weights=weights,
-        **{k: np.asarray(v) for k, v in lam.items()}, T=T, batch_size=200, dtype=dtype,
-    )
-    common.save_problem(path, prob)
-    return {
-        "data": data.name if hasattr(data, "name") else "?",
-        "n_train": int(prob.x_train.shape[0]),
-        "n_val": int(prob.x_val.shape[0]),
-        "layer_sizes": [int(prob.weights[0][0].shape[0])] + [int(W.shape[1]) for W, _ in prob.weights],
-        "T": T,
-        "batch_size": prob.batch_size,
-        "dtype": dtype,
-        "log_l2": float(prob.log_l2[0]),
-        "lr": float(prob.lr[0, 0]),
-        "momentum": round(float(prob.momentum[0, 0]), 6),
-    }
-
-
 # ---------------------------------------------------------------- processes
 
 
-def child_env(threads: int) -> dict:
+def add_settings(ap: argparse.ArgumentParser) -> None:
+    """The flags that move a library off its defaults (none by default)."""
+    ap.add_argument("--pin", type=int, default=None, metavar="N",
+                    help="run every process on the first N CPUs (taskset); default: not pinned")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="PyTorch intra-op threads (and OMP/MKL_NUM_THREADS); default: PyTorch's own")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for the peers; default: libgomp's own")
+
+
+def settings(args) -> dict:
+    """What the run set, for the report: None where a library ran at its default."""
+    return {"pin_cpus": sorted(os.sched_getaffinity(0))[:args.pin] if args.pin else None,
+            "torch_threads": args.threads,
+            "omp_wait_policy": "PASSIVE" if args.omp_passive else None}
+
+
+def child_env(threads: int | None) -> dict:
     env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MKL_NUM_THREADS"] = str(threads)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
-def pick_cpus(threads: int) -> list[int]:
-    return sorted(os.sched_getaffinity(0))[:threads]
-
-
-def run_impl(impl: str, name: str, problem: str, *, repeats: int, threads: int = 2,
-             extra=(), save_grads=None, cache_dir=None, timeout: float = 900) -> dict:
-    """Run one implementation in a fresh process; its JSON record, or {"error": ...}."""
+def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, extra=(), save_grads=None,
+             cache_dir=None, timeout: float = 900) -> dict:
+    """Run one implementation in a fresh process with the settings ``run`` (see :func:`settings`);
+    its JSON record, or {"error": ...}."""
     if impl == "ours":
         cmd = [sys.executable, str(HERE / "run_ours.py"), name]
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
     else:
-        cmd = [sys.executable, str(HERE / "peers" / "run_peer.py"), name, "--threads", str(threads)]
+        cmd = [sys.executable, str(HERE / "peers" / "run_peer.py"), name]
+        if run["torch_threads"]:
+            cmd += ["--threads", str(run["torch_threads"])]
+        if run["omp_wait_policy"]:
+            cmd += ["--omp-passive"]
     cmd += ["--problem", problem, "--repeats", str(repeats), "--json", *extra]
     if save_grads:
         cmd += ["--save-grads", save_grads]
-    cpus = pick_cpus(threads)
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
+    if run["pin_cpus"]:
+        cmd = ["taskset", "-c", ",".join(map(str, run["pin_cpus"]))] + cmd
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(run["torch_threads"]),
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "name": name, "error": f"timed out after {timeout:.0f} s"}
     elapsed = time.perf_counter() - start
@@ -157,7 +151,6 @@ def run_impl(impl: str, name: str, problem: str, *, repeats: int, threads: int =
         return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
     rec = json.loads(lines[-1])
     rec["process_seconds"] = elapsed
-    rec["cpus"] = cpus
     return rec
 
 
@@ -188,10 +181,10 @@ def med(xs):
 
 
 def our_methods() -> list[str]:
-    """The B1 methods of this checkout (asked in a child: the runner does not import JAX)."""
-    code = "import run_ours, json; print(json.dumps(run_ours.available_methods()))"
+    """``b1.METHODS``, the methods measured on B1 (asked in a child: the runner does not import JAX)."""
+    code = "import b1, json; print(json.dumps(b1.METHODS))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
-                          env=child_env(2))
+                          env=child_env(None))
     if proc.returncode != 0:
         raise SystemExit(f"cannot list our methods:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,7 +258,7 @@ def x64_check(args, tmp: Path) -> dict:
     grads = {}
     for impl, name in jobs:
         g = str(tmp / f"f64_{name}.npz")
-        rec = run_impl(impl, name, path, repeats=0, extra=our_extra(name, args) if impl == "ours" else [],
+        rec = run_impl(impl, name, path, args.run, repeats=0, extra=our_extra(name, args) if impl == "ours" else [],
                        save_grads=g, cache_dir=args.cache_dir, timeout=600)
         if "error" in rec:
             out["implementations"][name] = {"error": rec["error"]}
@@ -292,7 +285,7 @@ def markdown(report: dict) -> str:
         "# B1 benchmark: ours and the PyTorch peers, side by side",
         "",
         f"{report['date']} · commit `{report['commit'][:10]}` · {report['machine']['cpu']} "
-        f"({report['machine']['cpus']} CPUs, {report['threads']} threads per implementation) · "
+        f"({report['machine']['cpus']} CPUs) · {describe(report['settings'])} · "
         f"load average at start {report['load_avg_start'][0]:.2f} / {report['load_avg_start'][1]:.2f} / "
         f"{report['load_avg_start'][2]:.2f}, at end {report['load_avg_end'][0]:.2f} · "
         f"{report['rounds']} rounds x {report['repeats']} timed calls, order rotated per round",
@@ -322,7 +315,7 @@ def markdown(report: dict) -> str:
         diff_s = "reference" if key == "ours:reverse" else fmt(diff, ".1e")
         if name in APPROXIMATE and diff is not None:
             diff_s += f" ({APPROXIMATE[name]})"
-        if name == "forward-4lr" and diff is not None:
+        if name == "forward" and diff is not None:
             diff_s += " (vs Σ_t ∂/∂lr[t])"
         d64 = x64.get(name, {})
         d64_s = "reference" if key == "ours:reverse" and x64 else fmt(d64.get("rel_diff"), ".1e")
@@ -355,6 +348,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def describe(run: dict) -> str:
+    """The settings of a run in words, for the tables."""
+    moved = [f"pinned to CPUs {','.join(map(str, run['pin_cpus']))}" if run["pin_cpus"] else "",
+             f"PyTorch intra-op threads: {run['torch_threads']}" if run["torch_threads"] else "",
+             f"OMP_WAIT_POLICY={run['omp_wait_policy']} for the peers" if run["omp_wait_policy"] else ""]
+    return "; ".join(m for m in moved if m) or "every library at its defaults (no pinning, no OMP_WAIT_POLICY)"
+
+
 def machine() -> dict:
     cpu = platform.processor() or "?"
     try:
@@ -383,7 +384,6 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=100, help="training steps (B1: 100)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per process")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--truncate", type=int, default=10)
     ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="ours, comma-separated")
@@ -393,13 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 round, 2 timed calls, no float64 check")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--cache-dir", default=None, help="JAX compilation cache (default: a temporary folder)")
-    ap.add_argument("--write-problem", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    add_settings(ap)
     args = ap.parse_args(argv)
-    if args.write_problem:
-        print(json.dumps(_write_problem_here(args.write_problem, args.T, args.seed, args.dtype)))
-        return 0
+    args.run = settings(args)
     if args.quick:
         args.rounds, args.repeats, args.no_x64 = 1, 2, True
 
@@ -408,7 +404,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": machine(),
-        "threads": args.threads,
+        "settings": args.run,
         "load_avg_start": list(os.getloadavg()),
         "rounds": args.rounds,
         "repeats": args.repeats,
@@ -429,7 +425,7 @@ def main(argv=None) -> int:
             this = {}
             for impl, name in order:
                 g = str(tmp / f"{impl}_{name}.npz")
-                rec = run_impl(impl, name, problem, repeats=args.repeats, threads=args.threads,
+                rec = run_impl(impl, name, problem, args.run, repeats=args.repeats,
                                extra=our_extra(name, args) if impl == "ours" else [],
                                save_grads=g if rnd == 0 else None, cache_dir=args.cache_dir)
                 records[(impl, name)].append(rec)

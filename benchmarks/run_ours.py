@@ -8,29 +8,26 @@ memory just before is ``peak_rss_delta_mb``, then ``--repeats`` alternating
 timed rounds of training and hypergradient. A process per method makes the
 peak its own.
 
-The problem comes from an .npz written by ``common.save_problem`` (the
-runner writes it from ``b1_problem``'s initial weights and λ, and every
-implementation reads the same file); the dynamics and objective are
-``b1_problem``'s, with the file's initial weights, data and λ.
+The problem is the .npz that ``b1.py --write`` saves (every implementation
+reads the same file); ``b1.build`` makes our dynamics and objective from it.
 
     python benchmarks/run_ours.py reverse --problem b1.npz --json --save-grads ours.npz
-    python benchmarks/run_ours.py forward-m --m 64 --problem b1.npz --no-train --json
+    python benchmarks/run_ours.py forward --hparams first-m-lr --m 64 --problem b1.npz --no-train --json
 
-Methods: reverse, checkpoint (``--checkpoint-every``), truncated
-(``--truncate``), forward-4lr (the 4 per-layer learning rates, m = 4),
-reversible and drmad (when the library has them), and for the sweep over
-the number of hyperparameters m, reverse-m and forward-m: λ is the first m
-entries of the flattened (T, 4) learning-rate schedule, the rest fixed.
+METHOD is a name of ``hypergradient.apps.methods`` (``--checkpoint-every``
+and ``--truncate`` set checkpoint's and truncated's parameter). ``--hparams``
+says which λ is differentiated (``b1.HPARAMS``): all 4 + 8T hyperparameters,
+the 4 per-layer learning rates, or the first m entries of the flattened (T, 4)
+learning-rate schedule; by default Forward gets the 4 per-layer learning
+rates and every other method all of them (``b1.measured_on``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -41,114 +38,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.peers import common  # noqa: E402
 
-METHOD_NAMES = ("reverse", "checkpoint", "truncated", "forward-4lr", "reversible", "drmad",
-                "reverse-m", "forward-m")
-
-# Methods a colleague is adding: taken from ``hg`` when exported there, else
-# from their module (so the runner serves them before the export lands).
-_OPTIONAL = {"Reversible": "hypergradient.methods.reversible", "DrMAD": "hypergradient.methods.drmad"}
-
-
-def method_class(name: str):
-    """``hg.<name>``, or the class from its module; None when neither exists."""
-    import hypergradient as hg
-
-    if hasattr(hg, name):
-        return getattr(hg, name)
-    try:
-        return getattr(importlib.import_module(_OPTIONAL[name]), name)
-    except (ImportError, AttributeError, KeyError):
-        return None
-
-
-def available_methods() -> list[str]:
-    """The B1 methods this checkout can run (reversible/drmad only when present)."""
-    names = ["reverse", "checkpoint", "truncated", "forward-4lr"]
-    names += [n for n, cls in (("reversible", "Reversible"), ("drmad", "DrMAD")) if method_class(cls)]
-    return names
-
-
-def make_method(name: str, args):
-    import hypergradient as hg
-
-    if name in ("reverse", "reverse-m"):
-        return hg.Reverse()
-    if name == "checkpoint":
-        return hg.Reverse(checkpoint_every=args.checkpoint_every)
-    if name == "truncated":
-        return hg.Truncated(args.truncate)
-    if name in ("forward-4lr", "forward-m"):
-        return hg.Forward()
-    cls = method_class({"reversible": "Reversible", "drmad": "DrMAD"}[name])
-    if cls is None:
-        raise SystemExit(f"{name}: this checkout of hypergradient has no such method")
-    return cls()
-
-
-def from_problem(problem: common.B1Problem):
-    """B1 as ``b1_problem`` builds it, but with the problem's data, initial weights and λ."""
-    import jax.numpy as jnp
-
-    import hypergradient as hg
-    from b1_schedules import b1_problem
-
-    split = types.SimpleNamespace
-    data = split(
-        train=split(x=problem.x_train, y=problem.y_train.astype(np.int32)),
-        val=split(x=problem.x_val, y=problem.y_val.astype(np.int32)),
-        n_classes=common.LAYER_SIZES[-1],
-    )
-    dyn, objective, _ = b1_problem(steps=problem.T, batch_size=problem.batch_size, data=data)
-    w0 = [{"W": jnp.asarray(W), "b": jnp.asarray(b)} for W, b in problem.weights]
-    dyn = hg.Dynamics(w0, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, dyn.data, dyn.steps)
-    lam = {k: jnp.asarray(v) for k, v in problem.hparams().items()}
-    return dyn, objective, lam
-
-
-def first_m_lr_problem(dyn, lam, m: int):
-    """λ = the first m entries of the flattened (T, L) lr schedule; the others, log_l2 and μ fixed."""
-    import jax.numpy as jnp
-
-    import hypergradient as hg
-
-    T, L = lam["lr"].shape
-    if not 1 <= m <= T * L:
-        raise SystemExit(f"--m {m} must lie in [1, T*L = {T * L}]")
-    fixed = lam
-
-    def hparams(free, t):
-        lr = jnp.concatenate([free["lr_first"], fixed["lr"].reshape(-1)[m:]]).reshape(T, L)
-        return {"lr": list(lr[t]), "momentum": list(fixed["momentum"][t])}
-
-    def loss(w, free, batch):
-        return dyn.loss(w, fixed, batch)
-
-    small = hg.Dynamics(dyn.init, loss, dyn.optimizer, hparams, dyn.data, dyn.steps)
-    return small, {"lr_first": fixed["lr"].reshape(-1)[:m]}
-
-
-def full_shape_grads(name, grad, lam, m=None) -> dict:
-    """The method's gradient as {log_l2, lr, momentum} numpy arrays where it has them.
-
-    forward-4lr gives d/d lr_layer = Σ_t d/d lr[t, l]: returned as ``lr_layer``.
-    """
-    if name == "forward-4lr":
-        return {"lr_layer": np.asarray(grad["lr_layer"])}
-    if name in ("forward-m", "reverse-m"):
-        return {"lr_first": np.asarray(grad["lr_first"])}
-    return {k: np.asarray(grad[k]) for k in common.HPARAM_KEYS}
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", choices=METHOD_NAMES)
-    ap.add_argument("--problem", required=True, help=".npz written by common.save_problem")
+    ap.add_argument("name", metavar="METHOD", help="a name of hypergradient.apps.methods")
+    ap.add_argument("--problem", required=True, help=".npz written by b1.py --write")
     ap.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: the file's dtype (float64 turns on jax_enable_x64)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--truncate", type=int, default=10)
-    ap.add_argument("--m", type=int, default=4, help="hyperparameters of reverse-m / forward-m")
+    ap.add_argument("--hparams", default=None, help="which λ: all, per-layer-lr or first-m-lr (b1.HPARAMS)")
+    ap.add_argument("--m", type=int, default=4, help="m of --hparams first-m-lr")
     ap.add_argument("--no-train", action="store_true", help="time the hypergradient only")
     ap.add_argument("--cache-dir", default=None,
                     help="JAX persistent compilation cache (saves recompiling in every process)")
@@ -166,27 +67,27 @@ def main(argv=None) -> int:
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    import b1
     import hypergradient as hg
-    from hypergradient.methods import base
+    from hypergradient.apps.methods import make
+    from hypergradient.hypergrad import compiled
 
-    dyn, objective, lam = from_problem(problem)
-    if args.name == "forward-4lr":
-        from b1_schedules import per_layer_lr_problem
-
-        dyn, lam = per_layer_lr_problem(dyn, lam)
-    elif args.name in ("forward-m", "reverse-m"):
-        dyn, lam = first_m_lr_problem(dyn, lam, args.m)
-    method = make_method(args.name, args)
+    hparams = args.hparams or b1.measured_on(args.name)
+    if hparams not in b1.HPARAMS:
+        raise SystemExit(f"--hparams {hparams}: not one of {', '.join(b1.HPARAMS)}")
+    dyn, objective, lam = b1.build(problem)
+    dyn, lam = b1.HPARAMS[hparams](dyn, lam, args.m)
+    method = make(args.name, truncation=args.truncate, checkpoint_every=args.checkpoint_every)
     stats, compile_info = {}, {}
 
     def prepare():
         # Compile without running, so that the cold call's peak is the run's.
-        _, compile_info["seconds"], _ = base.compiled(dyn, objective, lam=lam, method=method)
+        _, compile_info["seconds"], _ = compiled(dyn, objective, method, lam)
 
     def hypergrad():
         res = hg.hypergrad(dyn, objective, lam, method)
         stats.update(res.stats)
-        return float(res.value), full_shape_grads(args.name, res.grad, lam)
+        return float(res.value), {k: np.asarray(g) for k, g in res.grad.items()}
 
     def train():
         return jax.block_until_ready(dyn.run(lam))
@@ -198,6 +99,7 @@ def main(argv=None) -> int:
         "impl": "ours",
         "name": args.name,
         "method": repr(method),
+        "hparams": hparams,
         "T": problem.T,
         "dtype": problem.dtype,
         "repeats": args.repeats,

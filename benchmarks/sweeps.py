@@ -5,9 +5,9 @@
     python benchmarks/sweeps.py --only T   # one of the two sweeps
 
 Sweep over T (B1 with T steps, the same data, initial weights and λ shapes
-(T, 4)): every method of ours (Reverse, Reverse with checkpoints every
+(T, 4)): every method of ``b1.METHODS`` (Reverse, Reverse with checkpoints every
 round(√T) steps, Truncated(10), Forward on the 4 per-layer learning rates,
-Reversible and DrMAD when present) and the three PyTorch peers (which store
+Reversible and DrMAD) and the three PyTorch peers (which store
 the trajectory). Each point is one process (``run_ours.py`` /
 ``peers/run_peer.py``, the protocol of ``common.measure``): a warm-up
 training run, a cold hypergradient (its peak resident memory above the
@@ -19,9 +19,12 @@ more than ``--max-gib`` (16) of memory or ``--max-seconds`` (180) per call
 is skipped and listed as such.
 
 Sweep over m (T = 100): Forward and Reverse with the first m entries of the
-flattened (T, 4) learning-rate schedule as the hyperparameters, m in
-{1, 4, 16, 64, 256}; Forward's cost grows with m, Reverse's does not; the
-plot shows where they cross.
+flattened (T, 4) learning-rate schedule as the hyperparameters (``run_ours.py
+--hparams first-m-lr``), m in {1, 4, 16, 64, 256}; Forward's cost grows with
+m, Reverse's does not; the plot shows where they cross.
+
+Every library runs at its own defaults unless ``--pin``, ``--threads`` or
+``--omp-passive`` asks otherwise (as in ``bench.py``); the JSON records which.
 
 Writes ``benchmarks/results/sweep_T.{json,png}``, ``sweep_m.{json,png}`` and
 ``sweeps.md``.
@@ -42,7 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import PEER_LABEL, RESULTS, git_commit, machine, our_methods, run_impl, write_problem  # noqa: E402
+from bench import (  # noqa: E402
+    PEER_LABEL, RESULTS, add_settings, describe, git_commit, machine, our_methods, run_impl, settings, write_problem,
+)
 from benchmarks.peers import PEERS  # noqa: E402
 
 STORES_TRAJECTORY = {"reverse"} | set(PEERS)
@@ -50,7 +55,7 @@ LABEL = {
     "reverse": "ours: Reverse",
     "checkpoint": "ours: Reverse + checkpoints (k = √T)",
     "truncated": "ours: Truncated(10)",
-    "forward-4lr": "ours: Forward (m = 4 per-layer lrs)",
+    "forward": "ours: Forward (m = 4 per-layer lrs)",
     "reversible": "ours: Reversible",
     "drmad": "ours: DrMAD",
     **{p: f"peer: {label}" for p, label in PEER_LABEL.items()},
@@ -97,7 +102,7 @@ def sweep_T(args, tmp: Path) -> dict:
                 extra = extra + ["--no-train"]
             else:
                 extra = ["--no-train"]
-            rec = run_impl(impl, name, path, repeats=repeats, extra=extra, cache_dir=args.cache_dir,
+            rec = run_impl(impl, name, path, args.run, repeats=repeats, extra=extra, cache_dir=args.cache_dir,
                            timeout=max(600, 6 * args.max_seconds))
             rec["T"] = T
             if name == "checkpoint":
@@ -139,11 +144,12 @@ def sweep_m(args, tmp: Path) -> dict:
     path = str(tmp / "b1_T100.npz")
     if not Path(path).exists():
         write_problem(path, 100)
-    points = {"forward-m": [], "reverse-m": []}
+    points = {"forward": [], "reverse": []}
     for i, m in enumerate(args.ms):
-        names = ["forward-m", "reverse-m"] if i % 2 == 0 else ["reverse-m", "forward-m"]
+        names = ["forward", "reverse"] if i % 2 == 0 else ["reverse", "forward"]
         for name in names:
-            rec = run_impl("ours", name, path, repeats=args.m_repeats, extra=["--m", str(m), "--no-train"],
+            rec = run_impl("ours", name, path, args.run, repeats=args.m_repeats,
+                           extra=["--hparams", "first-m-lr", "--m", str(m), "--no-train"],
                            cache_dir=args.cache_dir, timeout=900)
             rec["m"] = m
             points[name].append(_short(rec))
@@ -151,8 +157,8 @@ def sweep_m(args, tmp: Path) -> dict:
                                        f"peak +{rec['peak_rss_delta_mb']:.0f} MB")
             print(f"m={m} {name}: {msg}", file=sys.stderr)
     crossing = None
-    fw = {p["m"]: p for p in points["forward-m"] if "error" not in p}
-    rv = {p["m"]: p for p in points["reverse-m"] if "error" not in p}
+    fw = {p["m"]: p for p in points["forward"] if "error" not in p}
+    rv = {p["m"]: p for p in points["reverse"] if "error" not in p}
     ms = sorted(set(fw) & set(rv))
     for a, b in zip(ms, ms[1:]):
         da = fw[a]["hypergrad_s"] - rv[a]["hypergrad_s"]
@@ -188,7 +194,7 @@ def plot_T(res: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"B1 scaling with T ({res.get('date', '')}, 2 threads, load {res.get('load', '')})", fontsize=10)
+    fig.suptitle(f"B1 scaling with T ({res.get('date', '')}, load {res.get('load', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -201,7 +207,7 @@ def plot_m(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, label in (("forward-m", "Forward"), ("reverse-m", "Reverse")):
+    for name, label in (("forward", "Forward"), ("reverse", "Reverse")):
         pts = [p for p in res["points"][name] if "error" not in p]
         ms = [p["m"] for p in pts]
         axes[0].plot(ms, [p["hypergrad_s"] for p in pts], marker="o", label=label)
@@ -225,7 +231,8 @@ def markdown(T_res, m_res) -> str:
         Ts = T_res["Ts"]
         lines += ["### Hypergradient time (s, wall) and peak memory (MB) against T",
                   "",
-                  f"{T_res['date']} · load average at start {T_res['load']} · one process per point",
+                  f"{T_res['date']} · load average at start {T_res['load']} · one process per point · "
+                  f"{describe(T_res['settings'])}",
                   "",
                   "| implementation | " + " | ".join(f"T = {T}" for T in Ts) + " |",
                   "|---|" + "---:|" * len(Ts)]
@@ -273,7 +280,7 @@ def markdown(T_res, m_res) -> str:
         lines += ["### Forward against Reverse as the number of hyperparameters m grows (T = 100)", "",
                   "| m | " + " | ".join(str(m) for m in m_res["ms"]) + " |",
                   "|---|" + "---:|" * len(m_res["ms"])]
-        for name, label in (("forward-m", "Forward"), ("reverse-m", "Reverse")):
+        for name, label in (("forward", "Forward"), ("reverse", "Reverse")):
             by_m = {p["m"]: p for p in m_res["points"][name]}
             cells = [("failed" if "error" in by_m[m] else f"{by_m[m]['hypergrad_s']:.2f} s, "
                       f"{by_m[m]['peak_rss_delta_mb']:.0f} MB") if m in by_m else "—" for m in m_res["ms"]]
@@ -294,7 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=180.0)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--cache-dir", default=None)
+    add_settings(ap)
     args = ap.parse_args(argv)
+    args.run = settings(args)
     args.Ts = [100, 300] if args.quick else [100, 300, 1000, 3000]
     args.ms = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256]
     args.m_repeats = 1 if args.quick else 2
@@ -302,7 +311,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "machine": machine(), "load_avg_start": list(os.getloadavg())}
+            "machine": machine(), "settings": args.run, "load_avg_start": list(os.getloadavg())}
     T_res = m_res = None
     with tempfile.TemporaryDirectory(prefix="hg-sweeps-") as tmpdir:
         tmp = Path(tmpdir)

@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import hypergradient as hg
 from hypergradient.apps import cli, experiments
+from hypergradient.apps.experiments import folder, runner
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+HOLD_FOLDER = """
+import sys, time
+from pathlib import Path
+from hypergradient.apps.experiments import folder, runner
+
+with folder.claim(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+# Runs the command line with the packages that only an extra brings hidden, as after a plain
+# `pip install hypergradient`.
+PLAIN_INSTALL = """
+import sys
+
+sys.modules.update(dict.fromkeys({blocked!r}))  # None: imports fail, find_spec finds nothing
+from hypergradient.apps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_list_shows_every_experiment_with_its_description(capsys):
@@ -58,6 +91,22 @@ def test_bad_hyper_steps(capsys):
     assert code == 2 and "positive integer" in err
 
 
+def test_negative_seed_is_a_usage_error(capsys):
+    code, err = error_of(["run", "distill", "--seed", "-1"], capsys)
+    assert code == 2 and "--seed: expected a non-negative integer, got -1" in err
+
+
+@pytest.mark.parametrize("command", [["run", "distill"], ["compare", "schedules", "--methods", "hypergradient"]])
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_out_naming_a_file_is_a_usage_error(capsys, tmp_path, command, below):
+    file = tmp_path / "file"
+    file.write_text("mine")
+    code, err = error_of([*command, "--out", str(file / below)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.rstrip().endswith(f"cannot write the results to {file / below}: {file} is a file, not a folder")
+    assert file.read_text() == "mine"
+
+
 def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("HYPERGRADIENT_MNIST_DIR", raising=False)
     empty = tmp_path / "empty"
@@ -66,6 +115,32 @@ def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2
     assert "MNIST not found" in err and str(empty) in err and "--data-dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_data_file_is_a_one_line_error_naming_it(capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in IDX_FILES:  # as an interrupted copy leaves them
+        (data / f"{stem}.gz").write_bytes(gzip.compress(bytes(4096))[:30])
+    code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(data),
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith(f"hypergradient: error: {data / 'train-images-idx3-ubyte.gz'}: truncated")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_dir_fails_even_with_the_dataset_elsewhere(capsys, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for stem in IDX_FILES:
+        (elsewhere / stem).touch()
+    monkeypatch.setenv("HYPERGRADIENT_FASHION_MNIST_DIR", str(elsewhere))
+    code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "typo"),
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "Fashion-MNIST not found" in err and f"{tmp_path / 'typo'} (no such folder)" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -84,6 +159,15 @@ def test_ctrl_c_says_how_to_resume(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "config.json").exists()
 
 
+def test_a_checkpoint_of_another_problem_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    def mismatch(config, out_dir, progress=None):
+        raise hg.CheckpointMismatchError(f"checkpoint {out_dir}/checkpoints is from a different problem")
+
+    monkeypatch.setattr(experiments.get("distill"), "run", mismatch)
+    code, err = error_of(["run", "distill", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "is from a different problem" in err
+
+
 def test_default_results_folder_names_experiment_dataset_and_method(capsys, tmp_path, monkeypatch):
     module = experiments.get("l2-per-weight")
     seen = {}
@@ -100,3 +184,86 @@ def test_default_results_folder_names_experiment_dataset_and_method(capsys, tmp_
     assert seen["config"].seed == 3 and seen["config"].hyper_steps == 7
     assert seen["config"].method == "truncated"
     assert "val_loss_shared" in capsys.readouterr().out
+
+
+def extras_only_modules() -> set[str]:
+    """The installed top-level modules that only an extra of pyproject.toml brings."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+
+    def names(requirements):
+        return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", r).group(0)).lower() for r in requirements}
+
+    core = names(project["dependencies"])
+    extras = set().union(*map(names, project["optional-dependencies"].values())) - core
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if names(dists) <= extras}
+
+
+def plain_install(*argv):
+    script = PLAIN_INSTALL.format(blocked=extras_only_modules())
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                          timeout=600, env=os.environ)
+
+
+def test_plain_install_runs_the_default_job_and_names_the_extra_of_compare(tmp_path):
+    assert {"optuna", "pytest"} <= extras_only_modules()
+    done = plain_install("run", "schedules", "--tiny", "--hyper-steps", "2", "--no-progress",
+                         "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["plots"]
+
+    refused = plain_install("compare", "schedules", "--tiny", "--out", str(tmp_path / "compare"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        "hypergradient compare: error: random and tpe need optuna, which is not installed: "
+        "pip install 'hypergradient[compare]' (or leave them out: --methods hypergradient,online)")
+    assert not (tmp_path / "compare").exists()
+
+
+def test_license_is_an_spdx_expression_the_required_setuptools_reads():
+    tomllib = pytest.importorskip("tomllib")
+    licenses = pytest.importorskip("packaging.licenses")
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    license = pyproject["project"]["license"]  # a table is deprecated: a warning at every install
+    assert isinstance(license, str) and licenses.canonicalize_license_expression(license) == license
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert "76" not in setuptools.specifier and "77.0" in setuptools.specifier  # PEP 639 support began at 77
+
+
+def test_a_second_run_into_a_held_folder_is_refused_until_the_holder_dies(capsys, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=os.environ)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = error_of(["run", "distill", "--tiny", "--no-progress", "--out", str(out)], capsys)
+        assert code == 2
+        assert f"{out} is in use by another run (pid {holder.pid})" in err
+        assert not (out / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with folder.claim(out):  # the system released the lock with the process
+        assert (out / folder.LOCK_FILE).read_text() == str(os.getpid())
+
+
+def test_a_run_killed_after_config_json_leaves_no_results_of_another_configuration(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "optimize").mkdir(parents=True)  # a finished run with seed 0
+    (out / "checkpoints" / "optimize" / "optimize.npz").write_bytes(b"old")
+    folder.write_json(out / "config.json", experiments.get("distill").tiny().resolved())
+    folder.write_json(out / "result.json", {"plots": ["distilled_images.png"], "arrays": ["distilled_images.npy"]})
+    for name in ("history.csv", "distilled_images.png", "distilled_images.npy", "notes.txt"):
+        (out / name).write_text("old")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if killed once the stages begin
+
+    monkeypatch.setattr(runner, "_stages", killed)
+    code, _ = error_of(["run", "distill", "--tiny", "--seed", "1", "--no-progress", "--out", str(out)], capsys)
+    assert code == 130
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt"]  # not the run's: kept

@@ -116,6 +116,15 @@ def test_missing_dataset_names_every_place(tmp_path, monkeypatch, no_system_data
     assert str(tmp_path / "system-mnist") in str(info.value)
 
 
+def test_a_given_data_dir_is_the_only_place_read(tmp_path, monkeypatch, no_system_data):
+    make_idx_dataset(tmp_path / "env")
+    monkeypatch.setenv(FASHION_ENV, str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError) as info:  # a mistyped folder does not fall back to another copy
+        datasets.load("fashion-mnist", data_dir=tmp_path / "typo", n_train=1, n_val=1, n_test=1)
+    assert f"{tmp_path / 'typo'} (no such folder)" in str(info.value)
+    assert f"{tmp_path / 'env'} (holds the files; used when no data_dir is given)" in str(info.value)
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_bad_magic_names_the_file(tmp_path, gz):
     make_idx_dataset(tmp_path, gz=(False,) * 4)
@@ -132,6 +141,41 @@ def test_truncated_file_is_rejected(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte"):
+        datasets.load("fashion-mnist", data_dir=tmp_path, n_train=1, n_val=1, n_test=1)
+
+
+def cut_gzip(raw: bytes) -> bytes:
+    return gzip.compress(raw)[: len(gzip.compress(raw)) // 2]  # an interrupted copy
+
+
+def bad_crc(raw: bytes) -> bytes:
+    data = bytearray(gzip.compress(raw))
+    data[-8] ^= 0xFF  # the CRC-32 of the uncompressed data, just before its length
+    return bytes(data)
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (cut_gzip, "truncated"),
+    (lambda raw: gzip.compress(raw)[:5], "truncated"),  # cut inside the gzip header
+    (bad_crc, "CRC"),
+    (lambda raw: raw, "Not a gzipped file"),  # named .gz, but plain
+    (lambda raw: gzip.compress(raw[:-3]), "IDX header says shape"),  # short payload
+])
+def test_unreadable_gzip_file_names_the_file(tmp_path, spoil, reason):
+    make_idx_dataset(tmp_path, gz=(True,) * 4)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(spoil(gzip.decompress(path.read_bytes())))
+    with pytest.raises(ValueError, match=f"^{path}: .*{reason}") as info:
+        datasets.load("fashion-mnist", data_dir=tmp_path, n_train=1, n_val=1, n_test=1)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_names_the_file(tmp_path):
+    make_idx_dataset(tmp_path, gz=(False,) * 4)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.chmod(0)
+    with pytest.raises(ValueError, match=f"^{path}: cannot be read \\(Permission denied\\)"):
         datasets.load("fashion-mnist", data_dir=tmp_path, n_train=1, n_val=1, n_test=1)
 
 

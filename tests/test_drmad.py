@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import hypergradient as hg
+from hypergradient.methods.drmad import UNSTABLE_GROWTH as DrMAD_UNSTABLE
 from hypergradient.methods.drmad import DrMAD
 from problems import mlp_problem
 
@@ -90,3 +91,33 @@ def test_approximate_but_informative_on_the_mlp():
     res = hg.hypergrad(dyn, objective, lam, DrMAD())
     for group in ("log_l2", "log_scale", "example_logit"):
         assert cosine(res.grad[group], reference.grad[group]) > 0.9, group
+
+
+def rosenbrock(steps):
+    """SGD down Rosenbrock's curved valley from (−1, 1): the straight line from w_0 to w_T cuts
+    across the valley, through curvature (−400 along x at (0, 1)) that training never meets."""
+    dyn = hg.Dynamics(
+        init=jnp.asarray([-1.0, 1.0]),
+        loss=lambda w, lam, batch: (1 - w[0]) ** 2 + 100 * (w[1] - w[0] ** 2) ** 2,
+        optimizer=hg.optim.sgd(),
+        optimizer_hparams=lambda lam, t: {"lr": lam["lr"]},
+        steps=steps,
+    )
+    return dyn, lambda w, lam: jnp.sum((w - 1.0) ** 2), {"lr": jnp.asarray(1.5e-3)}
+
+
+def test_a_backward_pass_that_blows_up_is_refused_with_the_exact_alternative():
+    dyn, objective, lam = rosenbrock(1000)
+    sol = hg.value_and_grad(dyn, objective, lam, DrMAD())
+    assert int(sol.result) == hg.Failure.APPROXIMATION_UNSTABLE
+    assert float(sol.stats["backward_growth"]) > 1e60  # the gradient is ~1e77, the exact one −717
+    with pytest.raises(hg.MethodError, match=r"DrMAD: the backward recursion .* grew .*hg.Reverse\(checkpoint_every"):
+        hg.hypergrad(dyn, objective, lam, DrMAD())
+    exact = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    assert exact.stats["backward_growth"] < 10
+
+
+def test_a_stable_backward_pass_reports_its_growth():
+    dyn, objective, lam = rosenbrock(300)
+    res = hg.hypergrad(dyn, objective, lam, DrMAD())
+    assert 1 <= res.stats["backward_growth"] < DrMAD_UNSTABLE

@@ -9,12 +9,15 @@ deterministic; the margins asserted are far from the measured ones.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 
 import pytest
 
 from hypergradient.apps.cli import main
-from hypergradient.apps import experiments
+from hypergradient.apps import datasets, experiments
+from hypergradient.apps.experiments import plots, runner
 
 
 def run_tiny(tmp_path, capsys, name, *extra):
@@ -80,6 +83,58 @@ def test_l2_per_weight_improves_on_the_best_shared_strength(tmp_path, capsys):
     assert result["val_loss_per_weight"] < result["val_loss_shared"]
     assert result["hyperparameters"] == 64 * 10
     assert result["l2_min"] < result["best_shared_l2"] < result["l2_max"]
+
+
+def test_l2_per_weight_by_reversible_learning(tmp_path, capsys):
+    result, config, _, _ = run_tiny(tmp_path, capsys, "l2-per-weight", "--method", "reversible")
+    assert config["method"] == "reversible"
+    assert result["val_loss_per_weight"] < result["val_loss_shared"]
+
+
+@pytest.mark.parametrize("name", [n for n in experiments.names() if "reversible" in experiments.get(n).METHODS])
+def test_reversible_is_offered_only_where_the_optimizer_declares_its_reversal(name, monkeypatch):
+    module = experiments.get(name)
+    monkeypatch.setattr(runner, "run", lambda experiment, *args: experiment)
+    experiment = module.run(module.tiny(), "unused")
+    config = dataclasses.replace(module.tiny(), method="reversible").resolved()
+    data = datasets.load(config.dataset, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test)
+    assert experiment(config, data).dynamics.optimizer.reversal is not None
+
+
+def test_a_resumed_run_says_from_which_hyper_step(tmp_path, capsys):
+    run_tiny(tmp_path, capsys, "l2-per-weight", "--hyper-steps", "3")
+    result, _, rows, captured = run_tiny(tmp_path, capsys, "l2-per-weight", "--hyper-steps", "5")
+    assert "resuming optimize from its checkpoint: 3 of 5 hyper-steps done" in captured.err
+    assert len(rows) == result["hyper_steps"] == 5
+
+
+def test_realtime_with_more_hyper_steps_starts_afresh(tmp_path, capsys):
+    run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "2")
+    result, _, _, captured = run_tiny(tmp_path, capsys, "realtime", "--hyper-steps", "3")  # a longer training run
+    assert "starting afresh" in captured.err and result["hyper_updates"] == 3
+
+
+def test_the_summary_says_which_hyper_step_is_selected_and_its_value(tmp_path, capsys):
+    result, _, rows, captured = run_tiny(tmp_path, capsys, "l2-per-weight")
+    values = [float(r["value"]) for r in rows]
+    step, value = result["selected_hyper_step"], result["selected_value"]
+    assert 0 <= step <= len(values) and value <= min(values)  # the lowest seen, the final λ included
+    if step < len(values):
+        assert value == pytest.approx(values[step], rel=1e-6)
+    assert f"selected the λ of hyper-step {step}" in captured.err
+    assert re.search(rf"selected_hyper_step +{step}\n", captured.out)
+    assert re.search(r"selected_value +\d", captured.out)
+
+
+def test_the_learning_curve_marks_the_selected_hyper_step(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "savefig", lambda fig, path: drawn.setdefault("fig", fig))
+    tuned = runner.Tuned("optimize", None, None, {"value": [0.9, 0.5, 0.2, 0.4]}, 2, 0.2, "")
+    plots.learning_curve(tmp_path, tuned, 1.0, "tuned", "baseline")
+    (ax,) = drawn["fig"].axes
+    (mark,) = [line for line in ax.get_lines() if line.get_label() == "selected: hyper-step 2"]
+    assert list(mark.get_xdata()) == [2] and list(mark.get_ydata()) == [0.2]
+    assert "selected: hyper-step 2" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_every_experiment_has_a_tiny_config_a_description_and_methods():

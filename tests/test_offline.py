@@ -98,7 +98,9 @@ CHILD = textwrap.dedent(
     import jax
     jax.config.update("jax_enable_x64", True)
     import optax
+    from hypergradient.drivers import checkpoint
     from hypergradient.drivers.offline import optimize
+    checkpoint.CHECKPOINT_SECONDS = 0.0  # a write after every hyper-step, so the kill finds one to resume
     from problems import ridge_problem
 
     kill_at = int(sys.argv[2])
@@ -131,7 +133,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
     script.write_text(CHILD)
     killed = run_child(script, tmp_path / "a", kill_at=5)
     assert killed.returncode == -9, killed.stderr
-    assert (tmp_path / "a" / "optimize.npz").exists()
+    assert (tmp_path / "a" / "optimize").is_dir()
     resumed = run_child(script, tmp_path / "a", kill_at=-1)
     assert resumed.returncode == 0, resumed.stderr
     reference = run_child(script, tmp_path / "b", kill_at=-1)
@@ -160,7 +162,10 @@ def test_refuses_a_checkpoint_of_another_problem(tmp_path):
         optimize(dyn, objective, lam, hyper_optimizer=optax.adam(0.02), hyper_steps=3, checkpoint_dir=tmp_path)
     resumed = optimize(dyn, objective, lam, hyper_optimizer=optax.adam(1e-2), hyper_steps=3, checkpoint_dir=tmp_path)
     assert resumed.steps == 3  # an equal hyper-optimizer written again resumes
-    (tmp_path / "optimize.npz").write_bytes(b"not a checkpoint")
+    for step in (tmp_path / "optimize").iterdir():  # damage every stored step
+        for f in step.rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         optimize(dyn, objective, lam, hyper_steps=3, checkpoint_dir=tmp_path)
 
@@ -274,7 +279,7 @@ def test_a_second_call_with_the_same_objects_traces_nothing():
 
 def test_best_hyperparameters_are_the_lowest_objective_seen():
     dyn, objective, lam = ridge_problem(steps=10)
-    res = optimize(dyn, objective, lam, hyper_optimizer=optax.sgd(3.0), hyper_steps=6)  # overshoots
+    res = optimize(dyn, objective, lam, hyper_optimizer=push_lr(0.05), hyper_steps=8)  # goes past the best lr
     seen = list(res.history["value"]) + [res.value]
     assert res.best_value == min(seen) and res.best_step == int(np.argmin(seen))
     assert res.best_value < res.value  # the last λ is not the best here
@@ -286,3 +291,33 @@ def test_divergence_at_lambda0_says_so_not_the_hyper_learning_rate():
     with pytest.raises(HyperDivergenceError, match="diverges at the initial hyperparameters") as info:
         optimize(dyn, objective, {**lam, "lr": jnp.asarray(1e40)}, hyper_steps=3)
     assert "hyper learning rate is not the cause" in str(info.value)
+
+
+def test_a_population_of_runs_equals_the_runs_one_by_one():
+    dyn, objective, lam = ridge_problem(steps=10)
+    scales = jnp.asarray([0.5, 1.0, 2.0])
+    members = [{"log_l2": lam["log_l2"] + s, "lr": lam["lr"] * s} for s in scales]
+    population = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    opt = optax.adam(0.05)
+    res = optimize(dyn, objective, population, hyper_optimizer=opt, hyper_steps=4, population_axis=0, progress=False)
+    alone = [optimize(dyn, objective, m, hyper_optimizer=opt, hyper_steps=4, progress=False) for m in members]
+    np.testing.assert_allclose(res.population_values, [a.value for a in alone], rtol=1e-10)
+    best = int(np.argmin([a.value for a in alone]))
+    for k in lam:
+        np.testing.assert_allclose(np.asarray(res.hparams[k]), np.asarray(alone[best].hparams[k]), rtol=1e-10)
+    assert res.value == pytest.approx(alone[best].value, rel=1e-10)
+    assert res.history["value"].shape == (4, 3)
+    np.testing.assert_allclose(res.history["value"][:, 1], alone[1].history["value"], rtol=1e-10)
+    assert res.best_value == pytest.approx(min(min(a.best_value for a in alone), res.best_value))
+
+
+def test_a_population_member_that_diverges_is_held_not_fatal(tmp_path):
+    dyn, objective, lam = ridge_problem(steps=10)
+    population = {"log_l2": jnp.stack([lam["log_l2"]] * 2), "lr": jnp.asarray([0.1, 1e40])}
+    res = optimize(dyn, objective, population, hyper_steps=3, population_axis=0, checkpoint_dir=tmp_path,
+                   progress=False)
+    assert np.isinf(res.history["value"][:, 1]).all() and np.isfinite(res.history["value"][:, 0]).all()
+    assert float(res.hparams["lr"]) != 1e40 and np.isinf(res.population_values[1])
+    again = optimize(dyn, objective, population, hyper_steps=5, population_axis=0, checkpoint_dir=tmp_path,
+                     progress=False)  # resumes from hyper-step 3
+    assert again.history["value"].shape == (5, 2)

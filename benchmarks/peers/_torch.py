@@ -8,10 +8,6 @@ import torch.nn.functional as F
 
 from .common import B1Problem, batch_rows
 
-# The benchmark machine has 2 cores shared with others; peers and our JAX
-# code are timed on the same budget.
-torch.set_num_threads(2)
-
 
 class Data:
     """The problem's arrays as tensors (views of the numpy arrays, no copies)."""

@@ -1,7 +1,7 @@
 """Check that the PyTorch peers compute the same hypergradient, in float64.
 
-Builds a small B1 (Fashion-MNIST rows if the IDX files are there, else
-random data), runs the three peers, and prints for each the largest
+Builds a small B1 with ``b1.arrays`` (1000 training and 1000 validation
+rows, batch 100, float64) and random hyperparameters, runs the three peers, and prints for each the largest
 difference of its hypergradient from torch_plain's, relative to the largest
 entry of torch_plain's (per hyperparameter), and central finite differences
 of the objective on a few coordinates. Exits 1 if a peer differs by more
@@ -21,31 +21,25 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import b1  # noqa: E402
 from benchmarks.peers import PEERS, common  # noqa: E402
 
 
-def small_problem(T=10, n_train=1000, n_val=1000, batch_size=100, data_dir=None):
-    try:
-        data = common.load_fashion_mnist(data_dir, n_train=n_train, n_val=n_val)
-        source = "fashion-mnist"
-    except OSError:
-        data = common.random_data(n_train, n_val)
-        source = "random"
+def small_problem(T=10, n_train=1000, n_val=1000, batch_size=100):
+    data = b1.load_data(n_train=n_train, n_val=n_val)
+    prob = b1.arrays(steps=T, batch_size=batch_size, dtype="float64", data=data)
     rng = np.random.default_rng(1)
     # Hyperparameters away from the constant defaults, so that every entry
     # of the tables matters and a mix-up of steps or layers shows.
-    L = len(common.LAYER_SIZES) - 1
-    prob = common.make_b1(
-        *data,
+    L = prob.n_layers
+    prob = prob.replace(
         log_l2=rng.uniform(-5.0, -3.0, L),
         lr=rng.uniform(0.2, 0.6, (T, L)),
         momentum=rng.uniform(0.5, 0.95, (T, L)),
-        T=T,
-        batch_size=batch_size,
-        dtype="float64",
     )
-    return prob, source
+    return prob, data.name
 
 
 def objective(plain, problem):
@@ -65,10 +59,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=10)
     ap.add_argument("--tol", type=float, default=1e-8)
-    ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
 
-    problem, source = small_problem(T=args.T, data_dir=args.data_dir)
+    problem, source = small_problem(T=args.T)
     print(f"B1 small: {source} data, N_train={len(problem.y_train)}, "
           f"N_val={len(problem.y_val)}, B={problem.batch_size}, T={problem.T}, float64")
     modules = {name: importlib.import_module(f"benchmarks.peers.{name}") for name in PEERS}

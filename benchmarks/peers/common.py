@@ -1,26 +1,18 @@
-"""Benchmark problem B1 as plain numpy data, and the peers' common interface.
+"""Benchmark problem B1 as plain numpy data, and the measuring protocol every implementation shares.
 
-B1 (after Maclaurin, Duvenaud & Adams 2015, section 3.1):
+``benchmarks/b1.py`` builds B1 (the spec is in its docstring) and writes its data, initial weights
+and λ to one .npz with :func:`save_problem`; every implementation reads that file with
+:func:`load_problem`, so all start from the same point. The arrays:
 
-- data: Fashion-MNIST training images [0:10000] for training and
-  [10000:20000] for validation, pixels / 255, shape (N, 784);
-- model: MLP 784-50-50-50-10, tanh hidden units; ``weights`` is a list of
-  four ``(W, b)`` pairs with ``W`` of shape (fan_in, fan_out). The initial
-  weights are data of the problem, so every implementation starts from the
-  same point (``init_weights`` draws W ~ N(0, 1) / sqrt(fan_in), b = 0);
-- T steps; minibatch t (t = 0..T-1) is train[(t * B) mod N : +B], B = 200
-  (rows are taken modulo N, which is the plain slice whenever B divides N);
-- training loss at step t: mean cross-entropy on the minibatch
-  + sum_l exp(log_l2[l]) * ||W_l||^2 (weights only, not biases);
-- hyperparameters: ``log_l2`` (4,), ``lr`` (T, 4), ``momentum`` (T, 4),
-  per step and per layer;
+- ``x_train``, ``x_val``: images (N, 784) in [0, 1]; ``y_train``, ``y_val``: int64 labels;
+- ``weights``: a list of four ``(W, b)`` pairs, ``W`` of shape (fan_in, fan_out);
+- minibatch t (t = 0..T-1) is train[(t * B) mod N : +B] (:func:`batch_rows`);
+- hyperparameters ``log_l2`` (L,), ``lr`` (T, L), ``momentum`` (T, L), per step and per layer;
 - optimizer, per layer l, on both W_l and b_l, with v_0 = 0:
       v_t = mu[t, l] * v_{t-1} + (1 - mu[t, l]) * g_t
       w_t = w_{t-1} - lr[t, l] * v_t
-- objective: mean validation cross-entropy at w_T over all validation rows.
-
-The hypergradient is the gradient of the objective with respect to
-``log_l2``, ``lr`` and ``momentum``.
+- training loss: mean cross-entropy + sum_l exp(log_l2[l]) * ||W_l||^2 (weights only);
+  objective: mean validation cross-entropy at w_T.
 
 Peer interface (each module in this package):
 
@@ -37,23 +29,12 @@ This module imports numpy only.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-LAYER_SIZES = (784, 50, 50, 50, 10)
 HPARAM_KEYS = ("log_l2", "lr", "momentum")
-DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
-LR_INIT = 0.5
-MOMENTUM_INIT = 0.9
-# The spec leaves the initial L2 strength open; exp(-6) ~ 2.5e-3 makes the
-# penalty a visible but small part of the training loss. A runner that wants
-# another value passes its own arrays.
-LOG_L2_INIT = -6.0
 
 
 @dataclasses.dataclass
@@ -86,56 +67,23 @@ class B1Problem:
 
     def replace(self, **changes) -> "B1Problem":
         """A copy with some fields replaced (arrays are re-cast to the dtype)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields.update(changes)
-        return make_b1(**{k: v for k, v in fields.items()})
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "T"}
+        return make_b1(**(fields | changes))
 
 
-def init_weights(seed: int = 0, sizes=LAYER_SIZES) -> list:
-    """W ~ N(0, 1) / sqrt(fan_in), b = 0, in float64 (cast by ``make_b1``)."""
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.standard_normal((m, n)) / np.sqrt(m), np.zeros(n))
-        for m, n in zip(sizes[:-1], sizes[1:])
-    ]
-
-
-def make_b1(
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    weights=None,
-    log_l2=None,
-    lr=None,
-    momentum=None,
-    T: int = 100,
-    batch_size: int = 200,
-    dtype: str = "float32",
-    seed: int = 0,
-) -> B1Problem:
-    """Build B1 from numpy arrays; missing pieces get the spec's defaults.
+def make_b1(x_train, y_train, x_val, y_val, weights, log_l2, lr, momentum,
+            batch_size: int = 200, dtype: str = "float32") -> B1Problem:
+    """A checked :class:`B1Problem` from arrays, every float array cast to ``dtype``.
 
     Args:
       x_train, y_train, x_val, y_val: images (N, 784) scaled to [0, 1] and
         integer labels.
-      weights: list of (W, b) pairs; default ``init_weights(seed)``.
-      log_l2: (n_layers,); default ``LOG_L2_INIT`` everywhere.
-      lr, momentum: (T, n_layers); default 0.5 and 0.9 everywhere.
-      T, batch_size: steps and minibatch size.
-      dtype: "float32" or "float64"; every float array is cast to it.
-      seed: seed of the default initial weights.
+      weights: list of (W, b) pairs.
+      log_l2: (n_layers,); lr, momentum: (T, n_layers).
+      batch_size: minibatch size.
+      dtype: "float32" or "float64".
     """
     dt = np.dtype(dtype)
-    if weights is None:
-        weights = init_weights(seed)
-    n_layers = len(weights)
-    if log_l2 is None:
-        log_l2 = np.full(n_layers, LOG_L2_INIT)
-    if lr is None:
-        lr = np.full((T, n_layers), LR_INIT)
-    if momentum is None:
-        momentum = np.full((T, n_layers), MOMENTUM_INIT)
 
     def f(a):
         return np.ascontiguousarray(np.asarray(a), dtype=dt)
@@ -152,7 +100,7 @@ def make_b1(
         log_l2=f(log_l2),
         lr=f(lr),
         momentum=f(momentum),
-        T=int(T),
+        T=int(np.shape(lr)[0]),
         batch_size=int(batch_size),
         dtype=dt.name,
     )
@@ -183,49 +131,11 @@ def batch_rows(t: int, batch_size: int, n: int):
     return (start + np.arange(batch_size)) % n
 
 
-# ---------------------------------------------------------------- data
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_fashion_mnist(data_dir=None, n_train: int = 10000, n_val: int = 10000):
-    """Training images [0:n_train] and [n_train:n_train+n_val] from IDX files.
-
-    A stand-in for ``hypergradient.datasets.load`` so the peers run without
-    the library. Returns float32 (N, 784) images / 255 and int64 labels:
-    ``x_train, y_train, x_val, y_val``.
-    """
-    d = Path(data_dir or os.environ.get("FASHION_MNIST_DIR") or DEFAULT_DATA_DIR)
-    images = _read_idx(d / "train-images-idx3-ubyte.gz")
-    labels = _read_idx(d / "train-labels-idx1-ubyte.gz")
-    n = n_train + n_val
-    x = images[:n].reshape(n, -1).astype(np.float32) / np.float32(255.0)
-    y = labels[:n].astype(np.int64)
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-
-
-def random_data(n_train=1000, n_val=1000, seed=0):
-    """Random images in [0, 1) and labels, for tests without the IDX files."""
-    rng = np.random.default_rng(seed)
-    return (
-        rng.random((n_train, LAYER_SIZES[0]), dtype=np.float32),
-        rng.integers(0, LAYER_SIZES[-1], n_train),
-        rng.random((n_val, LAYER_SIZES[0]), dtype=np.float32),
-        rng.integers(0, LAYER_SIZES[-1], n_val),
-    )
-
-
 # ---------------------------------------------------------------- files
 
 
 def save_problem(path, problem: B1Problem) -> None:
-    """Write a problem to an .npz (W0..W{L-1}, b0.., hyperparameters, T, ...)."""
+    """Write a problem to an .npz (W0..W{L-1}, b0.., the data, the hyperparameters, batch_size)."""
     arrays = {
         "x_train": problem.x_train,
         "y_train": problem.y_train,
@@ -234,7 +144,6 @@ def save_problem(path, problem: B1Problem) -> None:
         "log_l2": problem.log_l2,
         "lr": problem.lr,
         "momentum": problem.momentum,
-        "T": np.int64(problem.T),
         "batch_size": np.int64(problem.batch_size),
     }
     for l, (W, b) in enumerate(problem.weights):
@@ -257,7 +166,6 @@ def load_problem(path, dtype=None) -> B1Problem:
             log_l2=z["log_l2"],
             lr=z["lr"],
             momentum=z["momentum"],
-            T=int(z["T"]),
             batch_size=int(z["batch_size"]),
             dtype=dtype or z["x_train"].dtype.name,
         )
@@ -327,47 +235,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def time_peer(module, problem: B1Problem, repeats: int = 5) -> dict:
-    """Median wall-clock seconds of ``train`` and ``hypergrad`` after one warm-up each.
-
-    The two calls alternate within each repeat so that load from other
-    processes falls on both alike. Returns train_s, hypergrad_s, ratio
-    (hypergrad_s / train_s), the medians of process CPU seconds
-    (``*_cpu_s``: with one thread, the compute time whatever the load from
-    other processes), the minima (``*_min_s``), the per-run wall and CPU
-    seconds, and the last value and gradients.
-    """
-    module.train(problem)
-    module.hypergrad(problem)
-    wall = {"train": [], "hypergrad": []}
-    cpu = {"train": [], "hypergrad": []}
-    value = grads = None
-    for _ in range(repeats):
-        for key in ("train", "hypergrad"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = getattr(module, key)(problem)
-            wall[key].append(time.perf_counter() - t0)
-            cpu[key].append(time.process_time() - c0)
-            if key == "hypergrad":
-                value, grads = out
-    tr, hy = statistics.median(wall["train"]), statistics.median(wall["hypergrad"])
-    return {
-        "train_s": tr,
-        "hypergrad_s": hy,
-        "ratio": hy / tr,
-        "train_cpu_s": statistics.median(cpu["train"]),
-        "hypergrad_cpu_s": statistics.median(cpu["hypergrad"]),
-        "train_min_s": min(wall["train"]),
-        "hypergrad_min_s": min(wall["hypergrad"]),
-        "train_samples": wall["train"],
-        "hypergrad_samples": wall["hypergrad"],
-        "train_cpu_samples": cpu["train"],
-        "hypergrad_cpu_samples": cpu["hypergrad"],
-        "value": value,
-        "grads": grads,
-    }
 
 
 def measure(train, hypergrad, repeats: int = 5, with_train: bool = True,

@@ -7,10 +7,36 @@ state, no host round trip.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def shard(tree: Any, mesh: Mesh, axis: str = "data", process_local: bool = False) -> Any:
+    """Every array of ``tree`` sharded along its leading axis over the mesh axis ``axis``.
+
+    With D devices on ``axis``, device d holds the d-th contiguous block of n/D rows (replicated
+    over the mesh's other axes). ``process_local=True``: each process passes only its own
+    contiguous share (the rows of its devices' blocks) and the global array is assembled without
+    any process holding all of it (``jax.make_array_from_process_local_data``).
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    size = mesh.shape[axis]
+
+    def put(a):
+        a = np.asarray(a)
+        if process_local:
+            return jax.make_array_from_process_local_data(sharding, a)
+        if a.ndim == 0 or a.shape[0] % size:
+            raise ValueError(f"shard: a leading axis of {a.shape[0] if a.ndim else 'no'} rows does not split into "
+                             f"{size} equal blocks over the mesh axis {axis!r}")
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(put, tree)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -24,14 +50,26 @@ class Batches:
     With a ``key`` every epoch is a fresh permutation drawn from
     ``fold_in(key, e)``, reproducible for any ``t``.
 
+    Data parallel, with a ``mesh``: the D devices on the mesh axis ``axis`` each hold a
+    contiguous block of n/D examples (see :func:`shard`), and step t's global batch is, for each
+    d in order, rows [i·b/D, (i+1)·b/D) of block d, with i = t mod nb and nb = (n/D) // (b/D).
+    With a key, each block is permuted per epoch on its own device (from ``fold_in(fold_in(key,
+    e), d)``). No step moves examples between devices: the gradient's all-reduce is the only
+    communication of a training step.
+
     Args:
       arrays: a pytree of arrays sharing their leading dimension ``n``
         (for example ``(x, y)``).
-      batch_size: examples per step, ``1 <= batch_size <= n``.
+      batch_size: examples per step, ``1 <= batch_size <= n`` (with a mesh, a multiple of D).
       key: optional ``jax.random`` key for per-epoch shuffling.
+      mesh: a ``jax.sharding.Mesh`` to spread the examples over (``None``: one device).
+      axis: the mesh axis the examples are split along.
+      process_local: with several processes, each passes only its own contiguous share of
+        ``arrays`` (its devices' blocks); ``n`` is then the global count.
     """
 
-    def __init__(self, arrays: Any, batch_size: int, key: jax.Array | None = None):
+    def __init__(self, arrays: Any, batch_size: int, key: jax.Array | None = None, mesh: Mesh | None = None,
+                 axis: str = "data", process_local: bool = False):
         leaves = jax.tree.leaves(arrays)
         if not leaves:
             raise ValueError("Batches needs at least one array")
@@ -41,41 +79,78 @@ class Batches:
                 "Batches: every array needs the same leading (example) dimension; got shapes "
                 f"{[jnp.shape(a) for a in leaves]}"
             )
-        (n,) = sizes
+        if process_local and mesh is None:
+            raise ValueError("Batches: process_local=True needs a mesh (each process passes its share of it)")
+        if mesh is not None:
+            if axis not in mesh.shape:
+                raise ValueError(f"Batches: the mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)})")
+            arrays = shard(arrays, mesh, axis, process_local)
+        else:
+            arrays = jax.tree.map(jnp.asarray, arrays)
+        n = jax.tree.leaves(arrays)[0].shape[0]
+        devices = 1 if mesh is None else mesh.shape[axis]
         if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
             raise ValueError(f"Batches: batch_size must be an int in [1, {n}] (n examples), got {batch_size!r}")
-        self.arrays = jax.tree.map(jnp.asarray, arrays)
+        if batch_size % devices or n % devices:
+            raise ValueError(
+                f"Batches: {devices} devices on mesh axis {axis!r} need n ({n}) and batch_size ({batch_size}) "
+                "to be multiples of it"
+            )
+        self.arrays = arrays
         self.batch_size = batch_size
         self.key = key
+        self.mesh = mesh
+        self.axis = axis
 
     @property
     def size(self) -> int:
         return jax.tree.leaves(self.arrays)[0].shape[0]
 
     @property
+    def devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[self.axis]
+
+    @property
     def n_batches(self) -> int:
-        return self.size // self.batch_size
+        return (self.size // self.devices) // (self.batch_size // self.devices)
 
     def __call__(self, t) -> Any:
-        epoch, i = jnp.divmod(t, self.n_batches)
-        start = i * self.batch_size
+        if self.mesh is None:
+            return _batch(self.arrays, t, self.key, self.batch_size, self.n_batches, None)
+        spec = PartitionSpec(self.axis)
+        take = functools.partial(_batch, size=self.batch_size // self.devices, n_batches=self.n_batches,
+                                 axis=self.axis)
         if self.key is None:
-            return jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, start, self.batch_size, axis=0), self.arrays
-            )
-        perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.size)
-        idx = jax.lax.dynamic_slice_in_dim(perm, start, self.batch_size)
-        return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), self.arrays)
+            return jax.shard_map(lambda a, t: take(a, t, None), mesh=self.mesh, in_specs=(spec, PartitionSpec()),
+                                 out_specs=spec)(self.arrays, t)
+        return jax.shard_map(lambda a, t, key: take(a, t, key), mesh=self.mesh,
+                             in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=spec)(self.arrays, t, self.key)
 
     def tree_flatten(self):
-        return (self.arrays, self.key), self.batch_size
+        return (self.arrays, self.key), (self.batch_size, self.mesh, self.axis)
 
     @classmethod
-    def tree_unflatten(cls, batch_size, children):
+    def tree_unflatten(cls, static, children):
         obj = object.__new__(cls)
         obj.arrays, obj.key = children
-        obj.batch_size = batch_size
+        obj.batch_size, obj.mesh, obj.axis = static
         return obj
 
     def __repr__(self) -> str:
-        return f"Batches(n={self.size}, batch_size={self.batch_size}, shuffled={self.key is not None})"
+        spread = "" if self.mesh is None else f", devices={self.devices}"
+        return f"Batches(n={self.size}, batch_size={self.batch_size}, shuffled={self.key is not None}{spread})"
+
+
+def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
+    """Batch ``t mod n_batches`` of ``size`` rows of ``arrays`` (one device's block when ``axis``
+    names the mesh axis being mapped over), in a per-epoch permutation when ``key`` is given."""
+    epoch, i = jnp.divmod(t, n_batches)
+    start = i * size
+    if key is None:
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), arrays)
+    key = jax.random.fold_in(key, epoch)
+    if axis is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    idx = jax.lax.dynamic_slice_in_dim(jax.random.permutation(key, n), start, size)
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)

@@ -28,6 +28,7 @@ from ._pytree import Skeleton, has_only_arrays, is_array, partition
 from .data import Batches
 from .errors import DivergenceError
 from .optim import Optimizer
+from .precision import library_precision
 
 Params = Any
 
@@ -69,14 +70,19 @@ def check_finite(tree: Any, what: str) -> None:
     """Raise ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf (traced leaves
     are not checked)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not is_array(leaf) or isinstance(leaf, jax.core.Tracer):
+        if not is_array(leaf) or isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.inexact):
             continue
-        a = np.asarray(leaf)
-        if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+        # this process's shards of an array spread over several processes, each checked where it lives
+        pieces = [(s.index, s.data) for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [((), leaf)]
+        for index, piece in pieces:
+            a = np.asarray(piece)
+            if np.isfinite(a).all():
+                continue
             bad = np.argwhere(~np.isfinite(a))[0]
-            value = a[tuple(bad)]
+            at = tuple(int(i) + (sl.start or 0 if isinstance(sl, slice) else 0) for i, sl in
+                       zip(bad, tuple(index) + (slice(None),) * (a.ndim - len(index))))
             raise ValueError(
-                f"{what} {jax.tree_util.keystr(path) or ''} holds {value} (first at index {tuple(int(i) for i in bad)}): "
+                f"{what} {jax.tree_util.keystr(path) or ''} holds {a[tuple(bad)]} (first at index {at}): "
                 "NaN and inf cannot be trained on or tuned; clean the input first".replace("  ", " ")
             )
 
@@ -270,5 +276,6 @@ def _shapes(tree):
 @jax.jit
 def train(dyn: Dynamics, lam) -> tuple[State, jax.Array]:
     """The training run: the final state s_T and the training loss of every step (compiled once
-    per dynamics functions and shapes)."""
-    return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)
+    per dynamics functions and shapes; float32 products at :mod:`~hypergradient.precision`'s)."""
+    with library_precision():
+        return dyn.rollout(dyn.initial_state(lam), lam, 0, dyn.steps)

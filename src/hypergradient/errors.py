@@ -25,6 +25,8 @@ class Failure(enum.IntEnum):
     NOT_STATIONARY = 8  # Implicit: w_T is not a stationary point of the training loss
     SOLVE_NOT_CONVERGED = 9  # Implicit: the linear solve did not reach its tolerance
     CHAOTIC = 10  # the backward pass grew so much that the hypergradient measures chaos, not a trend
+    GRADIENT_NOT_REPRODUCED = 11  # Reversible: the backward pass's gradient at the same weights differed
+    APPROXIMATION_UNSTABLE = 12  # DrMAD: the backward recursion along the approximate path blew up
 
 
 class DivergenceError(FloatingPointError):

@@ -21,6 +21,7 @@ from .dynamics import Dynamics, check_finite, first_nonfinite, train
 from .errors import DivergenceError, Failure
 from .methods.base import Method, Objective, Solution
 from .methods.reverse import Reverse
+from .precision import library_precision, matmul_precision
 
 
 def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | None = None) -> Solution:
@@ -29,7 +30,8 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     Composes with ``jax.jit``, ``jax.vmap`` (over λ, or over the arrays a Dynamics or a
     callable-pytree objective holds) and sharding. Nothing is raised for a run that fails:
     ``Solution.diverged`` and ``Solution.result`` say what went wrong (see :func:`hypergrad`
-    for the raising host version).
+    for the raising host version). Float32 products run at full precision unless JAX's
+    ``default_matmul_precision`` says otherwise (:mod:`hypergradient.precision`).
 
     Args:
       dyn: the training run.
@@ -46,7 +48,8 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     _check_types(dyn, method)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
         method = method.resolve(dyn, lam, objective)
-    sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
+    with library_precision():
+        sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
     train_ok = jnp.all(jnp.isfinite(sol.losses))
     value_ok = jnp.isfinite(sol.value)
     grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(sol.grad)]))
@@ -116,7 +119,8 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
     sol = jax.block_until_ready(exe(dyn, arrays, lam))
     seconds = time.perf_counter() - start
     stats = {k: np.asarray(v).item() for k, v in sol.stats.items()}
-    raise_failure(method, Failure(int(sol.result)), stats, sol, dyn.steps)
+    raise_failure(method, Failure(int(sol.result)), stats, sol, dyn.steps,
+                  locate=lambda: nonfinite_origin(dyn, objective, lam))
     stats = {
         "method": repr(method),
         "seconds": seconds,
@@ -129,9 +133,9 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
     return HypergradResult(sol.value, sol.grad, dyn.model(sol.params), stats, sol.losses)
 
 
-def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, steps: int) -> None:
+def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, steps: int, locate=None) -> None:
     """Raise the exception that names ``result`` (warn instead for a method's caveat; nothing for
-    ``Failure.OK``)."""
+    ``Failure.OK``); ``locate()`` names where a non-finite hypergradient came from."""
     error = method.failure(result, stats) if result != Failure.OK else None
     if isinstance(error, Warning):  # the result stands, with a caveat, unless it diverged
         warnings.warn(error, stacklevel=3)
@@ -142,11 +146,50 @@ def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, s
     step = first_nonfinite(sol.losses)
     if step is not None:
         raise DivergenceError(f"training diverged: the training loss is not finite at step {step} of {steps}", step)
-    what = "objective" if not np.isfinite(float(sol.value)) else "hypergradient"
+    if not np.isfinite(float(sol.value)):
+        raise DivergenceError(f"training stayed finite but the objective is not (value {float(sol.value)}); "
+                              "check the objective and the scale of λ")
+    origin = locate() if locate is not None else None
+    where = (f": on the backward pass, α_t first became non-finite at training step {origin[0]}, in the state's "
+             f"{origin[1]}" if origin else "")
     raise DivergenceError(
-        f"training stayed finite but the {what} is not (value {float(sol.value)}); "
-        "check the objective and the scale of λ"
+        f"training stayed finite but the hypergradient is not (value {float(sol.value)}){where}; check the scale of "
+        "λ, and for adaptive optimizers a weight whose gradient is exactly zero (the derivative of the square root at 0)"
     )
+
+
+def nonfinite_origin(dyn: Dynamics, objective: Objective, lam) -> tuple[int, str] | None:
+    """Where the Reverse-HG recursion α_{t-1} = α_t A_t first produces NaN or inf: ``(t, part of
+    the state)``, or None. A diagnosis after a failure: it stores the trajectory (T·d memory)."""
+    state0 = jax.eval_shape(dyn.initial_state, lam)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state0)[0]]
+    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(state0)]
+
+    @jax.jit
+    def flags(dyn, lam):
+        def forward(s, t):
+            return dyn.step(s, lam, t)[0], s
+
+        s_T, states = jax.lax.scan(forward, dyn.initial_state(lam), jnp.arange(dyn.steps))
+        alpha = jax.grad(lambda s: objective(dyn.model(s.params), lam), allow_int=True)(s_T)
+
+        def backward(alpha, t_s):
+            t, s = t_s
+            _, vjp = jax.vjp(lambda s: dyn.step(s, lam, t)[0], s)
+            (alpha,) = vjp(alpha)
+            ok = [jnp.all(jnp.isfinite(a)) if f else jnp.asarray(True) for a, f in zip(jax.tree.leaves(alpha), floating)]
+            return alpha, jnp.stack(ok)
+
+        return jax.lax.scan(backward, alpha, (jnp.arange(dyn.steps), states), reverse=True)[1]
+
+    try:
+        ok = np.asarray(flags(dyn, lam))
+    except Exception:  # a diagnosis must not hide the error it explains
+        return None
+    for t in range(ok.shape[0] - 1, -1, -1):
+        if not ok[t].all():
+            return t, paths[int(np.argmin(ok[t]))]
+    return None
 
 
 def _check_types(dyn, method) -> None:
@@ -203,7 +246,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     """
     method = method.resolve(dyn, lam, objective)  # a no-op when hypergrad has resolved it already
     arrays, skeleton = partition(objective)
-    key = (signature(dyn), skeleton, signature(arrays), method, signature(lam))
+    key = (signature(dyn), skeleton, signature(arrays), method, signature(lam), matmul_precision())
     hit = _programs.get(key)
     if hit is not None:
         return hit[0], 0.0, hit[1]
@@ -237,13 +280,14 @@ def evaluate(dyn: Dynamics, objective: Objective, lam):
     """Plain training at λ and the objective there: ``(w_T, f(λ), losses)``, nothing
     differentiated; compiled once per problem like :func:`compiled`, nothing raised."""
     arrays, skeleton = partition(objective)
-    key = (signature(dyn), skeleton, signature(arrays), signature(lam))
+    key = (signature(dyn), skeleton, signature(arrays), signature(lam), matmul_precision())
     program = _evaluations.get(key)
     if program is None:
 
         def run(dyn, arrays, lam):
-            state, losses = train(dyn, lam)
-            return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
+            with library_precision():
+                state, losses = train(dyn, lam)
+                return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
 
         program = _evaluations.put(key, jax.jit(run))
     params, value, losses = program(dyn, arrays, lam)

@@ -3,11 +3,14 @@
     hypergradient list
     hypergradient run EXPERIMENT [--dataset NAME] [--data-dir DIR] [--method M]
                                  [--hyper-steps N] [--seed S] [--out DIR] [--tiny]
+                                 [--trials N [--ray local|ADDRESS] [--search random|optuna]
+                                  [--scheduler asha] [--gpus-per-trial G] [--mlflow [URI]]]
     hypergradient plan EXPERIMENT [--memory-budget BYTES] [--dataset NAME] [--data-dir DIR] [--tiny]
 
 ``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
-2 a usage error: unknown experiment, dataset or method, or a dataset that is
-not on disk; 130 interrupted), so it can be called in-process.
+2 a usage error: unknown experiment, dataset or method, a dataset that is not
+on disk or not readable, an --out that is a file or that another run holds;
+130 interrupted), so it can be called in-process.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
 from . import compare, datasets, experiments
+from .experiments import folder
 from . import methods as method_names
-from .terminal import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, integer, positive_int
+from .terminal import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, nonnegative_int,
+                       not_a_folder, positive_int)
 
 _EPILOG = """\
 examples:
@@ -33,6 +38,7 @@ examples:
   hypergradient run hyper-cleaning --dataset fashion-mnist
   hypergradient run realtime --method trho --hyper-steps 30
   hypergradient run distill --tiny --out /tmp/distill
+  hypergradient run distill --tiny --trials 8 --search optuna   # 8 runs on a local Ray (extra `ray`)
 
 Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,
 result.json, PNG plots). Interrupted with Ctrl-C, a run keeps its checkpoints
@@ -73,14 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
-                     "searched before the environment variable and the system folder")
+                     "when given, the only place read (not the environment variable or the system folder)")
     run.add_argument("--method", metavar="M",
                      help="how to compute the hypergradient (default: the experiment's first method); "
                      "the methods each experiment accepts and what each does are listed below")
     run.add_argument("--hyper-steps", type=positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
-    run.add_argument("--seed", type=integer, default=0, metavar="S",
+    run.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
                      help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
     run.add_argument("--out", metavar="DIR",
                      help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
@@ -89,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (by default they are shown when stderr is a terminal)")
+    trials = run.add_argument_group("trials on Ray (extra `ray`; see docs/tune.md)")
+    trials.add_argument("--trials", type=positive_int, metavar="N",
+                        help="run N tuning runs under Ray Tune, each with its own hyper learning rate and seed; "
+                        "write trials.csv, trials.png and best/ (the experiment at the best trial's settings)")
+    trials.add_argument("--ray", metavar="local|ADDRESS", default="local",
+                        help="a new local Ray instance (default) or a running cluster's address (HOST:PORT)")
+    trials.add_argument("--search", choices=("random", "optuna"), default="random",
+                        help="how the outer settings are drawn: at random (default) or by Optuna's TPE")
+    trials.add_argument("--scheduler", choices=("asha",), help="asha: stop poor trials early")
+    trials.add_argument("--gpus-per-trial", type=float, default=0, metavar="G",
+                        help="GPUs each trial holds (default 0; a fraction shares one)")
+    trials.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                        help="log every trial's settings, metrics and files to MLflow "
+                        "(default: a local store, OUT/mlflow.db and OUT/mlartifacts)")
 
     compare.add_arguments(sub.add_parser(
         "compare",
@@ -145,6 +165,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         changes["hyper_steps"] = args.hyper_steps
     config = dataclasses.replace(config, **changes)
     out = Path(args.out) if args.out else Path("results") / _folder_name(args, method)
+    if problem := not_a_folder(out):
+        return _error(f"cannot write the results to {out}: {problem}")
+    if args.trials:
+        return _trials(args, config, out)
 
     print(f"hypergradient run {args.experiment}: dataset {args.dataset}, method {method}"
           f"{' (tiny)' if args.tiny else ''} -> {out}", file=sys.stderr, flush=True)
@@ -155,7 +179,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
               "from the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ExperimentError, hg.MethodError, FileNotFoundError) as e:
+    except (ExperimentError, hg.MethodError, hg.CheckpointMismatchError, FileNotFoundError) as e:
         return _error(str(e))
     except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)
@@ -196,12 +220,39 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _trials(args: argparse.Namespace, config, out: Path) -> int:
+    """``run --trials N``: N runs of the experiment under Ray Tune, then the best one in full in OUT/best."""
+    if install := missing_extra("ray", "ray"):
+        return _error(f"--trials runs on Ray, which is not installed: {install}")
+    from . import tune
+
+    print(f"hypergradient run {args.experiment} --trials {args.trials}: {args.search} search on Ray "
+          f"({args.ray}) -> {out}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        found, result = tune.run_experiment(args.experiment, config, args.trials, out, address=args.ray,
+                                            search=args.search, scheduler=args.scheduler,
+                                            gpus_per_trial=args.gpus_per_trial, mlflow=args.mlflow)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Tune's records are in {out / 'ray'}.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ExperimentError, ImportError, ConnectionError) as e:
+        return _error(str(e))
+    columns = [k for k in found.rows[0] if k != "hyper_steps"]
+    print(_table(columns, [[r[k] for k in columns] for r in found.rows]))
+    print(_summary(args.experiment, result, out / "best", time.perf_counter() - started))
+    print(f"best trial {found.best['trial']}; wrote trials.csv, trials.png to {out}")
+    return EXIT_OK
+
+
 def _folder_name(args: argparse.Namespace, method: str) -> str:
     name = f"{args.experiment}-{args.dataset}-{method}"
     if args.tiny:
         name += "-tiny"
     if args.seed:
         name += f"-seed{args.seed}"
+    if args.trials:
+        name += f"-trials{args.trials}"
     return name
 
 
@@ -234,7 +285,7 @@ def _table(header, rows) -> str:
 
 def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
     """The result's scalars as a table, then any list of records (such as per-R rows) as its own table."""
-    skip = {"experiment", "plots", "grid", "seconds", "note"}
+    skip = {"experiment", "plots", "arrays", "grid", "seconds", "note"}
 
     def is_records(v):
         return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
@@ -247,7 +298,7 @@ def _summary(name: str, result: dict, out: Path, seconds: float) -> str:
             parts += [f"\n{key}", _table(columns, [[r[k] for k in columns] for r in value])]
     if result.get("note"):
         parts.append(f"\nnote: {result['note']}")
-    files = ", ".join(["config.json", "history.csv", "result.json", *result.get("plots", [])])
+    files = ", ".join(["config.json", *folder.output_files(result)])
     parts.append(f"\nwrote {files} to {out}  ({seconds:.0f} s)")
     return "\n".join(parts)
 

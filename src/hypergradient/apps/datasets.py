@@ -2,9 +2,9 @@
 
 - ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images).
 - ``"fashion-mnist"`` and ``"mnist"``: the four standard IDX files (plain or
-  gzipped), found in ``data_dir``, then an environment variable, then a system
-  folder (Debian's ``dataset-fashion-mnist`` installs Fashion-MNIST under
-  ``/usr/share/datasets/fashion-mnist``).
+  gzipped), found in ``data_dir`` if given, else in an environment variable's
+  folder, then a system folder (Debian's ``dataset-fashion-mnist`` installs
+  Fashion-MNIST under ``/usr/share/datasets/fashion-mnist``).
 
 Every loader returns a :class:`Splits` of numpy arrays: images flattened to
 ``(N, H*W)`` float32 in [0, 1], labels int32.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -120,8 +121,9 @@ def load(
 
     Args:
       name: one of :data:`DATASETS`.
-      data_dir: folder holding the four IDX files (IDX datasets only); searched
-        before the environment variable and the system folder.
+      data_dir: folder holding the four IDX files (IDX datasets only); when
+        given, the only place read (else the environment variable, then the
+        system folder).
       n_train: training set size (default 800 for digits, 10000 otherwise).
       n_val: validation set size (default 500 for digits, 10000 otherwise).
       n_test: test set size (default: the rest for digits, 10000 otherwise).
@@ -130,7 +132,8 @@ def load(
       The :class:`Splits`.
 
     Raises:
-      ValueError: unknown name, or sizes larger than what is available.
+      ValueError: unknown name, sizes larger than what is available, or an IDX
+        file that cannot be read (truncated, corrupt, not IDX): one line naming it.
       FileNotFoundError: the IDX files are in none of the searched places.
     """
     if name == "digits":
@@ -227,7 +230,8 @@ def _load_idx_dataset(
 
 
 def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    """Returns the four IDX paths from the first place holding all of them."""
+    """Returns the four IDX paths from ``data_dir`` if given (the other places only named in the
+    error, so a mistyped folder never falls back silently), else from the first place holding them."""
     source = _IDX_SOURCES[name]
     env_dir = os.environ.get(source.env_var)
     places = [
@@ -235,6 +239,7 @@ def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]
         (f"${source.env_var}", env_dir),
         ("system folder", source.system_dir),
     ]
+    given = data_dir not in (None, "")
     looked = []
     for label, folder in places:
         if folder is None or folder == "":
@@ -242,9 +247,11 @@ def _find_idx_files(name: str, data_dir: str | os.PathLike | None) -> list[Path]
             continue
         folder = Path(folder)
         found = [_idx_path(folder, stem) for stem in _IDX_FILES]
-        if all(found):
+        if all(found) and (not given or folder == Path(data_dir)):
             return found
-        if not folder.is_dir():
+        if all(found):
+            looked.append(f"  - {label}: {folder} (holds the files; used when no data_dir is given)")
+        elif not folder.is_dir():
             looked.append(f"  - {label}: {folder} (no such folder)")
         else:
             missing = ", ".join(s for s, f in zip(_IDX_FILES, found) if f is None)
@@ -275,8 +282,14 @@ def _read_idx(path: Path) -> np.ndarray:
 def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
     del mtime_ns, size  # cache keys only
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except EOFError:  # gzip's way of saying the compressed stream was cut short
+        raise ValueError(f"{path}: truncated (the compressed data end early); copy the file again") from None
+    except (OSError, zlib.error) as e:  # unreadable, not gzip, or corrupt (a bad CRC)
+        raise ValueError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); "
+                         "copy the file again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]

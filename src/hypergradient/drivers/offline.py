@@ -34,12 +34,13 @@ from ..methods.reverse import Reverse
 from ..hypergrad import ProgramCache
 from . import checkpoint as ckpt
 from . import fingerprint
+from .population import optimize_population
 from .progress import ProgressMeter, meter_for, tick
 
 #: The hyperparameter trajectory is kept in the history only up to this many numbers per λ.
 MAX_RECORDED_HPARAMS = 4096
 
-CHECKPOINT_FILE = "optimize.npz"
+CHECKPOINT_FILE = "optimize"
 
 #: The hyper-optimizer when none is given; one object, so compiled programs keyed on it are reused.
 DEFAULT_HYPER_OPTIMIZER = optax.adam(1e-2)
@@ -67,6 +68,9 @@ class OptimizeResult(NamedTuple):
         (scored by the objective at the interval's end) and the final λ.
       best_value: that lowest objective.
       best_step: the hyper-step at which it was seen (``steps`` for the final λ).
+      population_values: with ``population_axis``, every member's final objective (shape
+        ``(K,)``); ``hparams``, ``params`` and ``value`` are then the best member's, and the
+        history's ``value`` and ``grad_norm`` have one column per member.
     """
 
     hparams: Any
@@ -78,6 +82,7 @@ class OptimizeResult(NamedTuple):
     best_hparams: Any = None
     best_value: float = float("nan")
     best_step: int = -1
+    population_values: Any = None
 
 
 def divergence_message(driver: str, hyper_step: int, step: int | None, total_steps: int, cause: str,
@@ -204,6 +209,7 @@ def optimize(
     callback: Callable[[int, Any, float, Any], bool | None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool | ProgressMeter | None = None,
+    population_axis: int | None = None,
 ) -> OptimizeResult:
     """Tune λ by gradient descent on f(λ) = objective(w_T(λ), λ), training from scratch each hyper-step.
 
@@ -221,9 +227,11 @@ def optimize(
         hyper-step with λ_k, f(λ_k) and ∇f(λ_k) before λ is updated; returning
         True stops the run there, returning λ_k (the hyperparameters the
         callback saw) without applying that step's update.
-      checkpoint_dir: a directory; after every hyper-step the driver's state
-        (λ, the hyper-optimizer state, the history, the step) is written to
-        ``checkpoint_dir/optimize.npz`` atomically, and a call with the same
+      checkpoint_dir: a directory; the driver's state (λ, the hyper-optimizer
+        state, the history, the step) is written to ``checkpoint_dir/optimize``
+        atomically (orbax) after a hyper-step when ``checkpoint.CHECKPOINT_SECONDS`` have
+        passed since the last write, after the last one, and when the run is
+        interrupted (Ctrl-C) or fails; a call with the same
         directory resumes from it. A checkpoint of another problem (other
         structure or shapes of λ, weights or optimizer state, or another
         number of training steps) is refused with ``CheckpointMismatchError``.
@@ -232,6 +240,10 @@ def optimize(
       progress: a :class:`~hypergradient.drivers.progress.ProgressMeter`, or ``True``
         (a tqdm bar with the objective), ``False`` (nothing), ``None`` (default: a bar
         when stderr is a terminal, a line every 10 s otherwise).
+      population_axis: run K independent tuning runs at once: every leaf of ``lam0`` has
+        the K members on this axis, and each hyper-step is one vmapped program (sharded
+        when ``lam0`` is, e.g. ``hg.data.shard(lam0, mesh, "pop")``). A member that diverges
+        keeps its λ and scores inf. Not with ``callback``.
 
     Returns:
       An :class:`OptimizeResult`. ``params`` and ``value`` come from one
@@ -250,6 +262,15 @@ def optimize(
     hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
     if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, (int, np.integer)) or hyper_steps < 0:
         raise ValueError(f"hyper_steps must be a non-negative int, got {hyper_steps!r}")
+    if population_axis is not None:
+        if callback is not None:
+            raise ValueError("optimize: population_axis runs K members at once and takes no callback")
+        lam = as_hparams(lam0)
+        check_common(dyn, jax.tree.map(lambda x: jnp.take(x, 0, axis=population_axis), lam), hyper_optimizer,
+                     constraint, None)
+        return optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_steps, constraint,
+                                   checkpoint_dir, progress, population_axis,
+                                   hyper_update_fn(hyper_optimizer, constraint), OptimizeResult)
     lam = check_common(dyn, lam0, hyper_optimizer, constraint, callback)
     lam_template = lam
     opt_state = hyper_optimizer.init(lam)
@@ -306,6 +327,8 @@ def optimize(
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
     stopped = False
+    saved = done = start
+    last_save = time.monotonic()
     try:
         for k in range(start, hyper_steps):
             t0 = time.perf_counter()
@@ -335,8 +358,14 @@ def optimize(
                 stopped = True
                 break
             lam = new_lam
-            if path is not None:
-                write_checkpoint(k + 1)
+            done = k + 1
+            if path is not None and (time.monotonic() - last_save >= ckpt.CHECKPOINT_SECONDS or done == hyper_steps):
+                write_checkpoint(done)
+                saved, last_save = done, time.monotonic()
+    except BaseException:  # interrupted or failed: keep every hyper-step that finished
+        if path is not None and done > saved:
+            write_checkpoint(done)
+        raise
     finally:
         meter.close(run)
 

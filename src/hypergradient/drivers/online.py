@@ -39,6 +39,7 @@ from ..hypergrad import ProgramCache
 from ..methods.base import Method, Segmented
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
+from ..precision import library_precision, matmul_precision
 from . import checkpoint as ckpt
 from . import fingerprint
 from .progress import NoProgressMeter, ProgressMeter, meter_for, tick
@@ -52,7 +53,7 @@ from .offline import (
     hyper_update_fn,
 )
 
-CHECKPOINT_FILE = "online.npz"
+CHECKPOINT_FILE = "online"
 
 
 class Carry(NamedTuple):
@@ -114,7 +115,7 @@ def online(
         (must be traceable: it runs inside the compiled loop).
       checkpoint_dir: save the whole carry (state, tangent, λ, optimizer
         state) and history atomically after every chunk to
-        ``checkpoint_dir/online.npz``; a later call with the same directory
+        ``checkpoint_dir/online`` (orbax); a later call with the same directory
         resumes. A checkpoint of another problem is refused.
       chunk: hyper-steps per compiled call (default: all of them in one
         ``lax.scan``, or ⌈n/10⌉ with a ``checkpoint_dir``). Divergence is
@@ -264,7 +265,7 @@ def _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint,
     call on the same problem compiles nothing. The objective's functions are compared by identity, as
     ``jax.jit`` does; the hyper-optimizer and the constraint by what they compute (:mod:`fingerprint`)."""
     key = (signature(dyn), signature(lam), skeleton, signature(arrays), method, every,
-           fingerprint.key(hyper_optimizer), fingerprint.key(constraint), record, ticking)
+           fingerprint.key(hyper_optimizer), fingerprint.key(constraint), record, ticking, matmul_precision())
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -321,9 +322,11 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
 
     @jax.jit
     def run_chunk(dyn, arrays, carry, ks, meter_index):
-        return jax.lax.scan(lambda c, k: body(dyn, arrays, c, k, meter_index), carry, ks)
+        with library_precision():
+            return jax.lax.scan(lambda c, k: body(dyn, arrays, c, k, meter_index), carry, ks)
 
     @jax.jit
+    @library_precision()
     def finish(dyn, arrays, carry):
         state = method.state(carry.inner)
         state, losses = (dyn.rollout(state, carry.hparams, n_updates * every, remainder)

@@ -145,20 +145,46 @@ def rational(fmt: Format, mu):
     return jnp.where(ok, y, 1).astype(fmt.uint_dtype), jnp.sum(~ok)
 
 
-def divmod_small(fmt: Format, x, d):
-    """(x // d, x % d) for unsigned x and d >= 1 whose quotient is below 2^22 (float32
-    formats) or 2^51 (float64 formats).
+def _divide(a, b):
+    """a / b in floating point: the backend's division, correctly rounded or not (a GPU's float32
+    division is not); :func:`floor_divmod` is exact either way."""
+    return a / b
 
-    x86 has no vector integer division. Here x/d is a float division, within ±1 of the
-    quotient in that range, followed by one correction. The remainder is computed
-    modulo 2^B and lies in (−d, 2d), so a wrapped value is >= 2^(B−1).
+
+def floor_divmod(fmt: Format, x, d, wide: bool = False):
+    """(⌊x / d⌋, x mod d), exactly, for integers x of the format's types (signed or unsigned) and
+    divisors 1 <= d <= 2^(B/2), with quotients below 2^(p−8) in magnitude (p = 24 or 53, the float's
+    precision), or below 2^(B−2) when ``wide``.
+
+    x86 has no vector integer division, so the quotient is estimated by a float division and the
+    estimate corrected in exact integer arithmetic. With u = 2^-p and the backend's division within
+    K ulp (relative error <= 2K·u; conversions are correctly rounded everywhere), an estimate
+    ⌊fl(y) / d⌋ is within |y/d|·η + 1 of y/d, η = (2K + 2)·u. Then:
+
+    - |x/d| < 2^(p−8): |x/d|·η < (2K + 2)/256 < 1, so the estimate is ⌊x/d⌋ or off by one and
+      r = x − q·d (computed modulo 2^B) lies in [−d, 2d): one correction step each way ends it.
+    - ``wide``: r0 = x − q0·d has |r0| <= |x|·η + d < 2^(B−1), exact as a signed integer, and a
+      second estimate of r0/d is off by at most 2^B·η² + η < 1 of it, which leaves the case above.
+
+    Both hold for K <= 126 in float32 formats (2^B·η² < 1 with B = 32, p = 24) and K < 2^20 in
+    float64 formats: far beyond any backend's division.
     """
-    q = jnp.floor(x.astype(fmt.float_dtype) / d.astype(fmt.float_dtype)).astype(fmt.uint_dtype)
-    r = x - q * d
-    low = r >= fmt.u(1 << (fmt.bits - 1))
-    q, r = jnp.where(low, q - 1, q), jnp.where(low, r + d, r)
-    high = r >= d
-    return jnp.where(high, q + 1, q), jnp.where(high, r - d, r)
+    fd = d.astype(fmt.float_dtype)
+    d_int = d.astype(fmt.int_dtype)
+
+    def estimate(y):  # ⌊y / d⌋ up to the error above, as a signed integer
+        return jnp.floor(_divide(y.astype(fmt.float_dtype), fd)).astype(fmt.int_dtype)
+
+    q = estimate(x)
+    r = (x - q.astype(x.dtype) * d).astype(fmt.int_dtype)
+    if wide:
+        q1 = estimate(r)
+        q, r = q + q1, r - q1 * d_int
+    low = r < 0
+    q, r = jnp.where(low, q - 1, q), jnp.where(low, r + d_int, r)
+    high = r >= d_int
+    q, r = jnp.where(high, q + 1, q), jnp.where(high, r - d_int, r)
+    return q.astype(x.dtype), r.astype(x.dtype)
 
 
 def mul(fmt: Format, v, n, s):
@@ -178,17 +204,10 @@ def mul(fmt: Format, v, n, s):
 def mul_inverse(fmt: Format, v, e, n):
     """Inverse of :func:`mul`: from v' and the popped e recover v and the symbol s to push back."""
     b = fmt.mu_bits
-    # q = v // n, k = v mod n without a wide integer division: with v = a·2^b + l, a // n is a
-    # float division exact for |a| < 2^(B−2−b), far inside the mantissa (the error of a/n is below
-    # its distance 1/n to the next integer), and (a mod n)·2^b + l < n·2^b has a quotient < 2^b.
-    a = jax.lax.shift_right_arithmetic(v, fmt.i(b))
-    l = (v & fmt.i((1 << b) - 1)).astype(fmt.uint_dtype)
-    qa = jnp.floor(a.astype(fmt.float_dtype) / n.astype(fmt.float_dtype)).astype(fmt.int_dtype)
-    ra = (a - qa * n.astype(fmt.int_dtype)).astype(fmt.uint_dtype)  # in [0, n)
-    ql, k = divmod_small(fmt, jax.lax.shift_left(ra, fmt.u(b)) | l, n)
-    q = qa * fmt.i(1 << b) + ql.astype(fmt.int_dtype)
-    z = jax.lax.shift_left(k, fmt.u(b)) | e  # < n·2^b <= 2^(2b)
-    zq, zr = divmod_small(fmt, z, n)  # quotient < 2^b
+    # v'·2^b + e = v·n + s with s < n: with v' = q·n + k, v = q·2^b + ⌊(k·2^b + e) / n⌋
+    q, k = floor_divmod(fmt, v, n.astype(fmt.int_dtype), wide=True)  # |v'| < 2^(B−2): the stored range
+    z = jax.lax.shift_left(k.astype(fmt.uint_dtype), fmt.u(b)) | e  # < n·2^b <= 2^(2b)
+    zq, zr = floor_divmod(fmt, z, n)
     return q * fmt.i(1 << b) + zq.astype(fmt.int_dtype), zr
 
 
@@ -281,7 +300,7 @@ def encode(fmt: Format, buf: Buffer, s, c) -> Buffer:
     _, q, r = c if isinstance(c, Alphabet) else alphabet(fmt, c)
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
-    return _push(fmt, buf, f, cum, lambda x: divmod_small(fmt, x, f))  # x < 2^w·f: quotient < 2^w
+    return _push(fmt, buf, f, cum, lambda x: floor_divmod(fmt, x, f))  # x < 2^w·f: quotient < 2^w
 
 
 def decode(fmt: Format, buf: Buffer, c):
@@ -292,7 +311,7 @@ def decode(fmt: Format, buf: Buffer, c):
     slot = x & fmt.u((1 << m) - 1)
     # the first r symbols own q+1 slots each (from 0), the others q (from r·(q+1))
     first = slot < r * (q + 1)
-    s, _ = divmod_small(fmt, jnp.where(first, slot, slot - r), jnp.where(first, q + 1, q))
+    s, _ = floor_divmod(fmt, jnp.where(first, slot, slot - r), jnp.where(first, q + 1, q))
     f = q + (s < r).astype(fmt.uint_dtype)
     cum = s * q + jnp.minimum(s, r)
     x = f * jax.lax.shift_right_logical(x, fmt.u(m)) + slot - cum

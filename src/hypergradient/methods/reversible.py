@@ -80,7 +80,10 @@ class Reversible(Method):
     fill), ``buffer_bytes`` (allocated), ``buffer_bytes_used``,
     ``trajectory_bytes_equivalent`` (the T·d states Reverse would keep),
     ``exact_reversal`` (1.0 when w_0, v_0 and the empty buffer were
-    re-created bit for bit) and the error counts ``reversal_error``,
+    re-created bit for bit), ``reversal_departed_at_step`` (the step at which
+    the backward pass left the forward trajectory, -1 if none; a gradient not
+    reproduced there is ``Failure.GRADIENT_NOT_REPRODUCED``, integers gone
+    wrong ``Failure.REVERSAL_MISMATCH``) and the error counts ``reversal_error``,
     ``range_overflow``, ``buffer_overflow``, ``momentum_out_of_range``
     (all 0 in a good run; ``Solution.result`` holds the failure otherwise, and
     :func:`hypergradient.hypergrad` raises :class:`ReversalError`).
@@ -138,12 +141,25 @@ class Reversible(Method):
                 f"per weight per step; this run needs about {need:.3g}, i.e. log2(1/μ)); "
                 f"use Reversible(max_bits_per_step={1.25 * need:.3g}) or more"
             )
+        step = int(get("reversal_departed_at_step"))
+        lost = (
+            f"Reversible: the backward pass did not re-create the initial state bit for bit "
+            f"({int(get('reversal_error'))} mismatched integers"
+            + (f"; it left the forward trajectory at step {step}): " if step >= 0 else "): ")
+        )
+        if result == Failure.GRADIENT_NOT_REPRODUCED:
+            return ReversalError(
+                lost + "there the loss gradient at bit-identical weights differed from the forward pass's. "
+                "Reversal needs the gradient to be a deterministic function of (w, λ, t) in both loops: a "
+                "loss that draws fresh random numbers breaks it, and so does a backend that computes the "
+                "same product differently in the two loops (a GPU's matrix-product algorithms); use "
+                "hg.Reverse(checkpoint_every=...)"
+            )
         if result == Failure.REVERSAL_MISMATCH:
             return ReversalError(
-                f"Reversible: the backward pass did not re-create the initial state bit for bit "
-                f"({int(get('reversal_error'))} mismatched integers); the forward and backward gradients "
-                "differ in their last bits, which happens when the loss is not a deterministic function "
-                "of (w, λ, t); use hg.Reverse(checkpoint_every=...)"
+                lost + "the integers went wrong with the gradients reproduced: this backend's arithmetic is "
+                "not the exact inverse the coder needs (integers modulo 2^B, float division within 126 ulp "
+                "in float32); use hg.Reverse(checkpoint_every=...)"
             )
         return None
 
@@ -228,6 +244,7 @@ class Reversible(Method):
         # -- forward: the fixed-point training run ---------------------------------
         def forward(carry, t):
             w, v, buf, bad_range, bad_mu = carry
+            w_in = w
             loss, g = gradient(w, t)
             lr, mu, n, bmu = hparams(t)
             if has_v:
@@ -241,12 +258,13 @@ class Reversible(Method):
             else:
                 u, bad = fp.to_fixed(fmt, lr * g)
                 buf = fp.push_raw(fmt, buf, u)
+                dv = u
             w, b4 = fp.add(fmt, w, -u)
             bad_range = bad_range + (bad + b4).astype(jnp.int32)
-            return (w, v, buf, bad_range, bad_mu + bmu), loss
+            return (w, v, buf, bad_range, bad_mu + bmu), (loss, checksums(w_in, dv))
 
         zero = jnp.zeros((), jnp.int32)
-        (wT, vT, bufT, bad_range, bad_mu), losses = jax.lax.scan(
+        (wT, vT, bufT, bad_range, bad_mu), (losses, sums) = jax.lax.scan(
             forward, (w0, v0, buf0, bad0, zero), jnp.arange(T)
         )
 
@@ -277,6 +295,7 @@ class Reversible(Method):
                 buf = fp.encode(fmt, buf, s, n)
                 opt_state = to_tree(v)
             else:
+                dv = u  # popped, not recomputed: sgd's reversal does not depend on the gradient
                 opt_state = ()
 
             def update(g, opt_state, params, lam):
@@ -287,9 +306,9 @@ class Reversible(Method):
             dw2, dlam2 = grad_vjp((jnp.zeros_like(loss), dg))
             alpha = State(jax.tree.map(jnp.add, dw, dw2), dv_state)
             grad = jax.tree.map(lambda a, b, c: a + b + c, grad, dlam, dlam2)
-            return (w, v, buf, alpha, grad), None
+            return (w, v, buf, alpha, grad), checksums(w, dv)
 
-        (w_back, v_back, buf_back, alpha, grad), _ = jax.lax.scan(
+        (w_back, v_back, buf_back, alpha, grad), sums_back = jax.lax.scan(
             backward, (wT, vT, bufT, alpha, grad), jnp.arange(T), reverse=True
         )
         _, init_vjp = jax.vjp(dyn.initial_state, lam)
@@ -297,6 +316,12 @@ class Reversible(Method):
         grad = jax.tree.map(jnp.add, grad, dlam)
 
         mismatch = (jnp.sum(w_back != w0) + jnp.sum(v_back != 0) + jnp.sum(~fp.is_empty(fmt, buf_back))).astype(jnp.int32)
+        # the step at which the backward pass left the forward trajectory (the last that differs: it is met
+        # first), and whether its weights were still the forward's there, only the gradient not
+        differs = sums != sums_back  # (T, 2): weights, increment
+        departed = jnp.max(jnp.where(differs[:, 0] | differs[:, 1], jnp.arange(T), -1))
+        at = jnp.maximum(departed, 0)
+        gradient_first = (departed >= 0) & ~differs[at, 0] & differs[at, 1]
         bits = fp.stored_bits(fmt, bufT)
         state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
         buffer_bytes = float(buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4))  # past int32 at long T
@@ -308,6 +333,7 @@ class Reversible(Method):
             "trajectory_bytes_equivalent": float(T * state_bytes),
             "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
             "reversal_error": mismatch,
+            "reversal_departed_at_step": departed,
             "range_overflow": bad_range,
             "buffer_overflow": bufT.overflow,
             "buffer_underflow": bufT.underflow + buf_back.underflow,
@@ -321,11 +347,12 @@ class Reversible(Method):
             (bad_range, Failure.RANGE_OVERFLOW),
             (bad_mu, Failure.MOMENTUM_OUT_OF_RANGE),
             (bufT.overflow, Failure.BUFFER_OVERFLOW),
-            (mismatch + bufT.underflow + buf_back.underflow, Failure.REVERSAL_MISMATCH),
+            (mismatch + bufT.underflow + buf_back.underflow,
+             jnp.where(gradient_first, Failure.GRADIENT_NOT_REPRODUCED, Failure.REVERSAL_MISMATCH)),
         ]
         result = jnp.asarray(Failure.OK, jnp.int32)
         for count, code in reversed(failures):
-            result = jnp.where(count != 0, jnp.int32(code), result)
+            result = jnp.where(count != 0, jnp.asarray(code, jnp.int32), result)
         return solution(value, grad, paramsT, losses, stats, result)
 
 
@@ -340,3 +367,11 @@ def _mean_max_momentum_bits(dyn, lam):
         return jnp.max(jnp.stack([jnp.max(-jnp.log2(jnp.clip(jnp.asarray(m, jnp.float32), floor, 1.0))) for m in mu]))
 
     return jnp.mean(jax.vmap(bits)(jnp.arange(dyn.steps)))
+
+
+def checksums(w, dv):
+    """Sums (wrapping) of the integer weights a step's gradient is taken at and of the increment made
+    from that gradient: where the backward pass's differ from the forward's, it left the forward
+    trajectory, through its integer arithmetic (weights differ) or a gradient not reproduced (only
+    the increment differs)."""
+    return jnp.stack([jnp.sum(w, dtype=w.dtype), jnp.sum(dv, dtype=w.dtype)])

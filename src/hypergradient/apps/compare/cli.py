@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import datasets
-from ..terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, positive_int, positive_seconds, say
+from ..terminal import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, not_a_folder, positive_int,
+                        positive_seconds, say)
 from .problem import EXPERIMENTS, REGIMES
 from .report import print_summary
 from .run import compare
@@ -47,16 +48,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="the experiment's tiny configuration (a smoke test)")
 
 
+def _error(message: str) -> int:
+    print(f"hypergradient compare: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``hypergradient compare`` with parsed ``args``; print the summary; return the exit code."""
+    black_box = [m for m in args.methods if m in ("random", "tpe")]
+    install = missing_extra("optuna", "compare") if black_box else None
+    if install:
+        return _error(f"{' and '.join(black_box)} need optuna, which is not installed: {install} "
+                      "(or leave them out: --methods hypergradient,online)")
     regimes = REGIMES if args.regime == "both" else (args.regime,)
     out = Path(args.out) if args.out else Path("results") / (
         f"compare-{args.experiment}-{args.dataset}" + ("-tiny" if args.tiny else ""))
+    if problem := not_a_folder(out):
+        return _error(f"cannot write the results to {out}: {problem}")
     try:
         datasets.check(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
-        print(f"hypergradient compare: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(e))
     say(f"hypergradient compare {args.experiment}: dataset {args.dataset}{' (tiny)' if args.tiny else ''}, "
         f"{args.budget_seconds:g} s per method, regime and seed, {args.seeds} seed(s) -> {out}")
     try:

@@ -131,11 +131,11 @@ class Distill(runner.Experiment):
             "test_accuracy_random_real": random_real["test_accuracy"],
             "test_accuracy_distilled": distilled["test_accuracy"],
             "test_accuracy_class_means": class_means["test_accuracy"],
-            "selected_hyper_step": t.selected_step,
+            **t.selection(),
             "note": t.note,
         }
         figure = _plot(out_dir, self.data, self.real, learned, self.means)
-        return runner.Report(fields, [figure], history_columns(t.history))
+        return runner.Report(fields, [figure], history_columns(t.history), arrays=["distilled_images.npy"])
 
 
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:

@@ -1,24 +1,51 @@
-"""The results folder of a run: config.json (and whether its checkpoints still apply), history.csv, result.json."""
+"""The results folder of a run: who holds it, config.json (and whether its checkpoints still apply),
+history.csv, result.json."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hypergradient.errors import ExperimentError
+
 from ..terminal import say
 
-# Settings that may change between a run and its resumption: a checkpoint
-# taken with fewer hyper-steps is continued, not discarded.
-RESUMABLE_CHANGES = ("hyper_steps", "data_dir")
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def claim(out_dir: Path) -> Iterator[Path]:
+    """Create ``out_dir`` and hold it while the block runs: a second run into it meanwhile is refused.
+
+    The hold is an ``flock`` on ``out_dir/.lock``, which the system releases when this process
+    ends, however it ends (kill -9 included); the file holds the pid, for the refusal's message.
+
+    Raises:
+      ExperimentError: another process holds ``out_dir``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "unknown"
+            raise ExperimentError(f"{out_dir} is in use by another run (pid {holder}); wait for it to end, "
+                                  "or choose another --out") from None
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield out_dir
 
 
 def jsonable(x: Any) -> Any:
@@ -75,29 +102,43 @@ def history_columns(history: Mapping[str, Any], **extra: Sequence) -> dict:
     return cols
 
 
-def prepare(out_dir: Path, config) -> Path:
-    """Create ``out_dir`` and write ``config.json``.
+def prepare(out_dir: Path, config, resumable_changes: Sequence[str]) -> Path:
+    """Write ``config.json`` in ``out_dir``, once what another configuration left there is gone.
 
-    Checkpoints under ``out_dir/checkpoints`` are kept (a rerun resumes from
-    them) only if they were made with the same configuration, up to
-    :data:`RESUMABLE_CHANGES`; otherwise they are deleted.
+    With the same configuration everything is kept. With another one, the outputs of the previous
+    run (history.csv, result.json and the files it lists) are deleted, and so are the checkpoints
+    under ``out_dir/checkpoints`` unless only fields in ``resumable_changes`` differ (a rerun
+    resumes from them). All this happens before config.json is rewritten, so a run killed at any
+    moment never leaves a config.json beside another configuration's results.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = out_dir / "checkpoints"
-    if checkpoints.exists():
-        try:
-            before = json.loads((out_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            before = None
-        now = jsonable(config)
-        same = before is not None and all(
-            before.get(k) == v for k, v in now.items() if k not in RESUMABLE_CHANGES
-        ) and set(before) == set(now)
-        if same:
-            say(f"resuming from the checkpoints in {checkpoints}")
-        else:
+    before, now = _read_json(out_dir / "config.json"), jsonable(config)
+    if before != now:
+        _delete_outputs(out_dir)
+        resumable = before is not None and set(before) == set(now) and all(
+            before[k] == v for k, v in now.items() if k not in resumable_changes)
+        if not resumable and checkpoints.exists():
             say(f"the configuration differs from the one in {out_dir}: starting afresh")
             shutil.rmtree(checkpoints)
+    if checkpoints.exists():
+        say(f"resuming from the checkpoints in {checkpoints}")
     write_json(out_dir / "config.json", config)
     return out_dir
+
+
+def output_files(result: Mapping[str, Any]) -> list[str]:
+    """The files a run writes besides config.json, given its result.json (which comes last)."""
+    return [*result.get("plots", []), *result.get("arrays", []), "history.csv", "result.json"]
+
+
+def _delete_outputs(out_dir: Path) -> None:
+    for name in output_files(_read_json(out_dir / "result.json") or {}):
+        (out_dir / Path(name).name).unlink(missing_ok=True)  # .name: never outside out_dir
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

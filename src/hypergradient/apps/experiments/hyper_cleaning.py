@@ -150,7 +150,7 @@ class HyperCleaning(runner.Experiment):
             "flagged": int(flagged.sum()),
             "val_loss_before": float(history["value"][0]) if len(history["value"]) else float("nan"),
             "val_loss_after": float("inf") if params is None else float(self.objective(params, tuned.hparams)),
-            "selected_hyper_step": tuned.selected_step,
+            **tuned.selection(),
             "note": tuned.note,
         }
         runner.detail(f"R = {row['R']}: test accuracy {row['test_accuracy']:.4f}, F1 {row['f1']:.3f} "
@@ -161,11 +161,10 @@ class HyperCleaning(runner.Experiment):
         oracle, base = baseline
         # R is chosen on the validation loss, as a hyperparameter should be.
         best = min(scores, key=lambda r: r["val_loss_after"])
-        curves = {row["R"]: (np.asarray(t.history["value"]), np.asarray(t.hparams["weights"]))
-                  for row, t in zip(scores, tuned)}
-        columns = {"hyper_step": list(range(max(len(v) for v, _ in curves.values())))}
-        for radius, (values, _) in curves.items():
-            columns[f"val_loss_R={radius}"] = list(values)
+        curves = {row["R"]: t for row, t in zip(scores, tuned)}
+        columns = {"hyper_step": list(range(max(len(t.history["value"]) for t in tuned)))}
+        for radius, t in curves.items():
+            columns[f"val_loss_R={radius}"] = list(t.history["value"])
         fields = {
             "n_train": self.n,
             "flipped": int(self.flipped.sum()),
@@ -200,12 +199,12 @@ def _f1(flagged, truth) -> float:
 def _plot(out_dir: Path, curves, flipped, oracle, baseline, rows) -> str:
     plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for radius, (values, _) in curves.items():
-        axes[0].plot(values, label=f"R = {radius}")
+    for radius, tuned in curves.items():
+        plots.curve(axes[0], tuned, f"R = {radius}")
     axes[0].set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
     axes[0].legend(fontsize=7)
     radius = min(rows, key=lambda r: r["val_loss_after"])["R"]
-    weights = curves[radius][1]
+    weights = np.asarray(curves[radius].hparams["weights"])
     bins = np.linspace(0, 1, 21)
     axes[1].hist([weights[~flipped], weights[flipped]], bins=bins, label=["clean label", "flipped label"],
                  color=["tab:blue", "tab:red"])

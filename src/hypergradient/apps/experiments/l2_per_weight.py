@@ -27,7 +27,7 @@ from .folder import history_columns
 from .scoring import linear_logits
 
 NAME = "l2-per-weight"
-METHODS = ("reverse", "forward", "truncated")
+METHODS = ("reverse", "forward", "truncated", "reversible")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Config:
 
     Attributes:
       dataset, data_dir: which data.
-      method: one of :data:`METHODS` (``forward`` costs one tangent per weight).
+      method: one of :data:`METHODS` (``forward`` costs one tangent per weight; ``reversible``
+        reverses the heavy-ball steps exactly instead of storing them).
       hyper_steps: Adam steps on the strengths.
       hyper_lr: Adam's learning rate on log_l2.
       seed: unused by the inner training (full batch from zero); kept for
@@ -151,12 +152,12 @@ class L2PerWeight(runner.Experiment):
             "l2_median": float(np.median(strengths)),
             "l2_max": float(strengths.max()),
             "grid": {f"{s:g}": {m: v for m, v in r.items() if m != "weights"} for s, r in grid.items()},
-            "selected_hyper_step": t.selected_step,
+            **t.selection(),
             "note": t.note,
         }
         figures = [_plot(out_dir, self.data, strengths, learned["weights"], shared["weights"]),
-                   plots.learning_curve(out_dir, t.history, shared["val_loss"], "per-weight L2", "best shared L2")]
-        return runner.Report(fields, figures, history_columns(t.history))
+                   plots.learning_curve(out_dir, t, shared["val_loss"], "per-weight L2", "best shared L2")]
+        return runner.Report(fields, figures, history_columns(t.history), arrays=["l2_strengths.npy"])
 
 
 def run(config: Config, out_dir, progress: bool | None = None) -> dict:

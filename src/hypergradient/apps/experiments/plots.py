@@ -48,11 +48,20 @@ def class_names(dataset: str, n: int = 10) -> list[str]:
     return CLASS_NAMES.get(dataset, [str(i) for i in range(n)])
 
 
-def learning_curve(out_dir: Path, history, baseline: float, label: str, baseline_label: str) -> str:
-    """The validation loss per hyper-step against the baseline's, as ``learning_curve.png``."""
+def curve(ax, tuned, label: str) -> None:
+    """The validation objective per hyper-step of ``tuned`` (a ``runner.Tuned``) on ``ax``, with its
+    selected hyper-step marked (one past the curve when the final λ is selected)."""
+    line, = ax.plot(tuned.history["value"], label=label)
+    if np.isfinite(tuned.selected_value):
+        ax.plot([tuned.selected_step], [tuned.selected_value], "o", mfc="none", ms=8, color=line.get_color(),
+                label=f"selected: hyper-step {tuned.selected_step}")
+
+
+def learning_curve(out_dir: Path, tuned, baseline: float, label: str, baseline_label: str) -> str:
+    """The validation loss per hyper-step of ``tuned`` against the baseline's, as ``learning_curve.png``."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(history["value"], label=label)
+    curve(ax, tuned, label)
     ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
     ax.set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
     ax.legend()

@@ -92,6 +92,7 @@ def tiny(dataset: str = "digits") -> Config:
 
 class Realtime(runner.Experiment):
     name, methods = NAME, METHODS
+    resumable_changes = ("data_dir",)  # the one training run lasts hyper_steps·every steps
 
     def __init__(self, config: Config, data):
         super().__init__(config, data)

@@ -1,7 +1,7 @@
 """One runner for every experiment: prepare → baseline → tune → score → report.
 
 As in jaxline's ``experiment.py``, the runner owns the loop, the results folder
-(``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``), the
+(``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``; one run at a time), the
 timing and what happens when training diverges; an :class:`Experiment`
 supplies only what differs::
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -66,6 +67,8 @@ class Tuned:
         training diverged.
       history: the driver's history (up to the last good hyper-step).
       selected_step: the hyper-step of ``hparams`` (``len(history["value"])``: the final λ).
+      selected_value: the objective at ``hparams`` as the driver evaluated it (offline, the lowest
+        seen; ``nan`` when unknown: real time after a divergence).
       note: ``""`` or what went wrong.
     """
 
@@ -74,16 +77,23 @@ class Tuned:
     params: Any
     history: Mapping[str, Any]
     selected_step: int
+    selected_value: float
     note: str
+
+    def selection(self) -> dict:
+        """Which hyper-step's λ is reported, and its objective: result fields."""
+        return {"selected_hyper_step": self.selected_step, "selected_value": self.selected_value}
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """An experiment's own result fields, the plots it wrote and the columns of history.csv."""
+    """An experiment's own result fields, the plots it wrote, the columns of history.csv and the
+    names of the ``.npy`` arrays it wrote."""
 
     fields: dict
     plots: list[str]
     history: Mapping[str, Sequence]
+    arrays: list[str] = dataclasses.field(default_factory=list)
 
 
 class Experiment(abc.ABC):
@@ -92,10 +102,14 @@ class Experiment(abc.ABC):
     ``__init__(config, data)`` is the prepare stage: it sets ``self.dynamics`` (the ``hg.Dynamics``
     tuned), ``self.objective`` (``(w, λ)``, or ``(w, λ, k)`` for a real-time method) and
     ``self.logits`` (``(w, x) -> logits``, which :meth:`scores` reads).
+
+    ``resumable_changes`` names the config fields a rerun may change and still resume from the
+    checkpoints: by default more hyper-steps continue a finished run, and the data may move.
     """
 
     name: ClassVar[str]
     methods: ClassVar[tuple[str, ...]]
+    resumable_changes: ClassVar[tuple[str, ...]] = ("hyper_steps", "data_dir")
 
     def __init__(self, config, data: datasets.Splits):
         self.config, self.data = config, data
@@ -132,6 +146,28 @@ class Experiment(abc.ABC):
         return {"val_loss": v["loss"], "val_error": v["error"], "test_loss": t["loss"], "test_error": t["error"]}
 
 
+class _ResumeNotice(hg.ProgressMeter):
+    """The progress meter ``progress`` asks for, and a line saying how far a resumed run had got."""
+
+    def __init__(self, label: str, progress: bool | None):
+        self.label = label
+        if progress is False:
+            self.inner = hg.NoProgressMeter()
+        else:
+            self.inner = hg.TqdmProgressMeter() if progress or sys.stderr.isatty() else hg.TextProgressMeter()
+
+    def _start(self, total, initial, desc):
+        if initial:
+            detail(f"resuming {self.label} from its checkpoint: {initial} of {total} hyper-steps done")
+        return self.inner._start(total, initial, desc)
+
+    def _step(self, run, value):
+        self.inner._step(run, value)
+
+    def _end(self, run):
+        self.inner._end(run)
+
+
 def detail(message: str) -> None:
     """A status line under the current stage's."""
     say("      " + message)
@@ -147,12 +183,20 @@ def fill_defaults(config, **defaults: tuple[Any, Any]):
 
 
 def run(experiment: type[Experiment], config, out_dir, progress: bool | None = None) -> dict:
-    """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict."""
+    """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict.
+
+    Raises:
+      ExperimentError: a method the experiment lacks, or another process running into ``out_dir``.
+    """
     config = config.resolved()
     if config.method not in experiment.methods:
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
-    out_dir = folder.prepare(Path(out_dir), config)
+    with folder.claim(Path(out_dir)) as out_dir:
+        return _stages(experiment, config, folder.prepare(out_dir, config, experiment.resumable_changes), progress)
+
+
+def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool | None) -> dict:
     started = time.perf_counter()
     data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
                          n_test=config.n_test)
@@ -166,7 +210,8 @@ def run(experiment: type[Experiment], config, out_dir, progress: bool | None = N
     scores = [exp.score(t) for t in tuned]
     report = exp.report(out_dir, base, tuned, scores)
     result = {"experiment": experiment.name, "dataset": config.dataset, "method": config.method,
-              **report.fields, "seconds": time.perf_counter() - started, "plots": report.plots}
+              **report.fields, "seconds": time.perf_counter() - started, "plots": report.plots,
+              "arrays": report.arrays}
     folder.write_csv(out_dir / "history.csv", report.history)
     folder.write_json(out_dir / "result.json", result)
     return result
@@ -187,7 +232,8 @@ def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
     config = exp.config
     options = dict(method=methods.make(config.method, config.truncation),
                    hyper_optimizer=optax.adam(config.hyper_lr), constraint=search.constraint,
-                   checkpoint_dir=out_dir / "checkpoints" / search.label, progress=progress)
+                   checkpoint_dir=out_dir / "checkpoints" / search.label,
+                   progress=_ResumeNotice(search.label, progress))
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
     if methods.METHODS[config.method].realtime:
         say(f"[3/4] tune {search.label}: {config.method} on {size} hyperparameters, one run of "
@@ -202,13 +248,13 @@ def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
     """``hg.online``: the λ and weights the run ends with, or on divergence the last good λ, retrained."""
     try:
         res = hg.online(exp.dynamics, exp.objective, search.lam0, every=exp.config.every, **options)
-        hparams, params, history, note = res.hparams, res.params, res.history, ""
+        hparams, params, history, value, note = res.hparams, res.params, res.history, float(res.value), ""
     except hg.HyperDivergenceError as e:
         note = f"training diverged at hyper-step {e.hyper_step}; reporting the run with the last good λ fixed"
         say("warning: " + note)
-        hparams, history = e.hparams, e.history
+        hparams, history, value = e.hparams, e.history, float("nan")
         params = exp.train(hparams)
-    return Tuned(search.label, hparams, params, history, len(history["value"]), note)
+    return Tuned(search.label, hparams, params, history, len(history["value"]), value, note)
 
 
 def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
@@ -241,10 +287,13 @@ def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
         history = e.history
     _restore_best_from_history(best, history)
     if final[0] <= best["value"] or best["hparams"] is None:
-        _, hparams, step = final
+        value, hparams, step = final
     else:
-        hparams, step = best["hparams"], best["step"]
-    return Tuned(search.label, hparams, exp.train(hparams), history, int(step), note)
+        value, hparams, step = best["value"], best["hparams"], best["step"]
+    if np.isfinite(value):
+        detail(f"selected the λ of hyper-step {step}{' (the final one)' if step == final[2] else ''}: "
+               f"objective {value:.6g}, the lowest seen")
+    return Tuned(search.label, hparams, exp.train(hparams), history, int(step), float(value), note)
 
 
 def _restore_best_from_history(best: dict, history: Mapping[str, Any]) -> None:

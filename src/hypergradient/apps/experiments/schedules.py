@@ -172,11 +172,11 @@ class Schedules(runner.Experiment):
             "test_loss_after": learned["test_loss"],
             "learned_init_scales": np.exp(np.asarray(lam["log_init_scale"])).tolist(),
             "grid": {f"{lr:g}": v for lr, v in grid.items()},
-            "selected_hyper_step": t.selected_step,
+            **t.selection(),
             "note": t.note,
         }
         figures = [_plot_schedules(out_dir, lam0, lam, self.layers),
-                   plots.learning_curve(out_dir, t.history, before["val_loss"], "learned schedules",
+                   plots.learning_curve(out_dir, t, before["val_loss"], "learned schedules",
                                         "best constant learning rate")]
         return runner.Report(fields, figures, history_columns(t.history))
 

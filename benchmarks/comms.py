@@ -1,0 +1,153 @@
+"""What data parallelism costs on B1: bytes communicated per step and memory per device.
+
+For D = 1, 2, 4, 8 devices (forced host devices on a CPU, one process per D; on a machine with D
+accelerators, the real ones), B1's examples are spread over a ``"data"`` mesh axis and the
+training run and each method's hypergradient are compiled, not run. From each compiled program:
+
+- the collectives (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all) in
+  every loop body (a loop of T iterations: per training step on the way forward or back; of T/k:
+  per checkpointed segment), in bytes and as a multiple of the gradient's size (the weights' bytes);
+- XLA's memory analysis per device (temporary + argument bytes), against D = 1.
+
+    python benchmarks/comms.py [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1, "s8": 1, "u8": 1}
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape in an HLO result type such as ``(f32[784,50]{1,0}, f32[50])``."""
+    total = 0
+    for dtype, dims in re.findall(r"\b(f64|f32|bf16|f16|s32|u32|s64|u64|pred|s8|u8)\[([\d,]*)\]", text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * DTYPE_BYTES[dtype]
+    return total
+
+
+def loop_collectives(hlo: str) -> list[dict]:
+    """One entry per while loop: its trip count and the collective bytes of one iteration
+    (counting the computations its body calls)."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(", line)  # computations start unindented
+        if head and line.rstrip().endswith("{"):
+            name = head.group(1)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+
+    def own(comp):
+        out = 0
+        for line in computations.get(comp, []):
+            m = re.match(r"\s*%?[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+            if m:
+                out += shape_bytes(m.group(1))
+        return out
+
+    def called(comp):
+        names = set()
+        for line in computations.get(comp, []):
+            names.update(re.findall(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)", line))
+        return names
+
+    def total(comp, seen=()):
+        return own(comp) + sum(total(c, seen + (comp,)) for c in called(comp) if c not in seen and c != comp)
+
+    loops = []
+    for comp, lines in computations.items():
+        for line in lines:
+            m = re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)
+            if m:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                loops.append({"trip_count": int(trips.group(1)) if trips else None,
+                              "bytes_per_iteration": total(m.group(1))})
+    return loops
+
+
+def measure(steps: int) -> dict:
+    """This process's devices, all on the data axis: B1's compiled programs."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import b1
+
+    from hypergradient import dynamics
+    from hypergradient._pytree import nbytes
+    from hypergradient.apps.methods import make
+    from hypergradient.hypergrad import compiled
+
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    dyn, objective, lam = b1.build(b1.arrays(steps=steps), mesh=mesh)
+    gradient_bytes = nbytes(dyn.init)
+    out = {"devices": len(devices), "platform": devices[0].platform, "gradient_bytes": gradient_bytes, "programs": {}}
+
+    def record(name, exe):
+        mem = exe.memory_analysis()
+        loops = loop_collectives(exe.as_text())
+        out["programs"][name] = {
+            "loops": loops,
+            "memory_per_device": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes),
+        }
+
+    record("train", dynamics.train.lower(dyn, lam).compile())
+    for name in ("reverse", "checkpoint", "forward", "truncated", "reversible", "drmad"):
+        method = make(name, truncation=10, checkpoint_every=10)
+        exe, _, _ = compiled(dyn, objective, method, lam)
+        record(name, exe)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="1,2,4,8", help="device counts to force on a CPU")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one D, in a child process
+    a = p.parse_args(argv)
+    if a.measure:
+        print(json.dumps(measure(a.steps)))
+        return 0
+    results = []
+    for d in map(int, a.devices.split(",")):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={d}"}
+        if env.get("JAX_PLATFORMS", "cpu") != "cpu":
+            env.pop("XLA_FLAGS")
+        run = subprocess.run([sys.executable, __file__, "--measure", "--steps", str(a.steps)], env=env,
+                             capture_output=True, text=True, check=False)
+        if run.returncode:
+            print(run.stderr[-2000:], file=sys.stderr)
+            return run.returncode
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    base = {k: v["memory_per_device"] for k, v in results[0]["programs"].items()}
+    lines = ["| program | D | collectives per loop iteration (× gradient) × iterations | memory per device (× D = 1) |",
+             "|---|---:|---|---:|"]
+    for r in results:
+        for name, prog in r["programs"].items():
+            per_step = ", ".join(f"{l['bytes_per_iteration'] / 1e3:.0f} kB ({l['bytes_per_iteration'] / r['gradient_bytes']:.2f}x)"
+                                 f" × {l['trip_count']}" for l in prog["loops"]) or "no loop"
+            lines.append(f"| {name} | {r['devices']} | {per_step} | {prog['memory_per_device'] / base[name]:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"steps": a.steps, "results": results, "table": table}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
