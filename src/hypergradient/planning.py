@@ -129,7 +129,8 @@ def traced(lam) -> bool:
 def _norm(model, lam):
     """The objective Auto plans with when it is given none: ½‖w‖², whose gradient costs nothing
     next to the run's."""
-    return 0.5 * sum(jnp.vdot(x, x) for x in jax.tree.leaves(model) if jnp.issubdtype(getattr(x, "dtype", int), jnp.inexact))
+    floats = [x for x in jax.tree.leaves(model) if jnp.issubdtype(getattr(x, "dtype", int), jnp.inexact)]
+    return 0.5 * sum(jnp.vdot(x, x) for x in floats)
 
 
 _choices: dict = {}
@@ -228,9 +229,9 @@ class Plan:
             table.append(("*" if r.method == self.choice else "", repr(r.method), "yes" if r.exact else "no",
                           _size(r.bytes), f"{r.seconds:.3g}", f"{r.cost:.3g}", "over budget" if over else ""))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        lines = ["  ".join(c.rjust(w) if i in (3, 4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-                 for row in table]
-        tail = f"choice: {self.choice!r}" if self.choice is not None else "choice: none, no exact method fits the budget"
+        lines = ["  ".join(c.rjust(w) if i in (3, 4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                 .rstrip() for row in table]
+        tail = f"choice: {self.choice!r}" if self.choice else "choice: none, no exact method fits the budget"
         return "\n".join([head, *lines, tail])
 
 
