@@ -1,7 +1,7 @@
 """hypergradient: tune hyperparameters by gradient descent through the training run.
 
 Layers, each importing only those above it in this list: ``dynamics``, ``data``, ``optim`` (the
-training run); ``methods`` (how to differentiate it); ``hypergrad`` (the entry points);
+training run); ``methods`` (how to differentiate it); ``hypergrad`` and ``planning`` (the entry points);
 ``drivers`` and ``constraints`` (tuning λ); ``apps`` (datasets, experiments, the CLI), which the
 rest never imports.
 """
@@ -39,5 +39,8 @@ from .methods import Reversible as Reversible
 from .methods import Segmented as Segmented
 from .methods import Solution as Solution
 from .methods import Truncated as Truncated
+from .planning import Auto as Auto
+from .planning import Plan as Plan
+from .planning import plan as plan
 
 __version__ = "0.1.0"

@@ -47,7 +47,7 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     method = Reverse() if method is None else method
     _check_types(dyn, method)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
-        method = method.resolve(dyn, lam)
+        method = method.resolve(dyn, lam, objective)
     with library_precision():
         sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
     train_ok = jnp.all(jnp.isfinite(sol.losses))
@@ -112,7 +112,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
     method = Reverse() if method is None else method
     _check_types(dyn, method)
     check_finite(lam, "hyperparameter")
-    method = method.resolve(dyn, lam)
+    method = method.resolve(dyn, lam, objective)
     exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
     arrays, _ = partition(objective)
     start = time.perf_counter()
@@ -244,7 +244,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     on a hit; ``sizes`` holds XLA's peak temporary memory (``temp_bytes``, -1 if unknown), the
     bytes of one training state and the number of hyperparameters.
     """
-    method = method.resolve(dyn, lam)  # a no-op when hypergrad has resolved it already
+    method = method.resolve(dyn, lam, objective)  # a no-op when hypergrad has resolved it already
     arrays, skeleton = partition(objective)
     key = (signature(dyn), skeleton, signature(arrays), method, signature(lam), matmul_precision())
     hit = _programs.get(key)
@@ -258,14 +258,19 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     program = jax.jit(lambda d, a, l: value_and_grad(d, skeleton.combine(a), l, method))
     exe = program.lower(dyn, arrays, lam).compile()
     seconds = time.perf_counter() - start
-    memory = exe.memory_analysis()
     sizes = {
-        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
+        "temp_bytes": temp_bytes(exe),
         "state_bytes": nbytes(jax.eval_shape(dyn.initial_state, lam)),
         "hparam_numbers": sum(int(np.size(x)) for x in jax.tree.leaves(lam)),
     }
     _programs.put(key, (exe, sizes))
     return exe, seconds, sizes
+
+
+def temp_bytes(exe) -> int:
+    """XLA's peak temporary memory of a compiled program (-1 if the backend does not say)."""
+    memory = exe.memory_analysis()
+    return int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1
 
 
 _evaluations = ProgramCache(64)

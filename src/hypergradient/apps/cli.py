@@ -5,6 +5,7 @@
                                  [--hyper-steps N] [--seed S] [--out DIR] [--tiny]
                                  [--trials N [--ray local|ADDRESS] [--search random|optuna]
                                   [--scheduler asha] [--gpus-per-trial G] [--mlflow [URI]]]
+    hypergradient plan EXPERIMENT [--memory-budget BYTES] [--dataset NAME] [--data-dir DIR] [--tiny]
 
 ``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
 2 a usage error: unknown experiment, dataset or method, a dataset that is not
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare random search, Optuna's TPE and hypergradient descent (offline and real time) "
         "on one experiment, at the same wall-clock budget; write trace.csv, summary.csv/.md and trace.png.",
     ))
+    _plan_arguments(sub)
     return parser
 
 
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list()
     if args.command == "compare":
         return compare.main(args)
+    if args.command == "plan":
+        return _plan(args)
     return _run(parser, args)
 
 
@@ -180,6 +184,39 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)
     print(_summary(args.experiment, result, out, time.perf_counter() - started))
+    return EXIT_OK
+
+
+def _plan_arguments(sub) -> None:
+    plan = sub.add_parser(
+        "plan", help="every hypergradient method for an experiment's training run: memory, time, the choice",
+        description="Print hg.plan's table for the experiment's training run at its first λ_0: each method's "
+        "XLA temporary memory (compiled, not run), its predicted time (from a short timed training run) "
+        "and whether it is exact; the choice is the fastest exact method within the budget (what --method "
+        "auto runs).")
+    plan.add_argument("experiment", metavar="EXPERIMENT", choices=experiments.names(),
+                      help="which experiment: " + ", ".join(experiments.names()))
+    plan.add_argument("--memory-budget", type=positive_int, metavar="BYTES",
+                      help="XLA temporary memory the hypergradient may use (default: no limit)")
+    plan.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="as for run")
+    plan.add_argument("--data-dir", metavar="DIR", help="as for run")
+    plan.add_argument("--tiny", action="store_true", help="the tiny configuration of run --tiny")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    module = experiments.get(args.experiment)
+    if method_names.METHODS[module.METHODS[0]].realtime:
+        return _error(f"experiment {args.experiment!r} is tuned in real time (hg.online); plan covers the "
+                      "methods of hg.hypergrad")
+    try:
+        datasets.check(args.dataset, args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
+    from .experiments import runner  # imported with the experiment, as run does
+
+    dyn, objective, lam = runner.problem(module, dataclasses.replace(config, data_dir=args.data_dir))
+    print(hg.plan(dyn, objective, lam, args.memory_budget))
     return EXIT_OK
 
 

@@ -42,6 +42,8 @@ METHODS: dict[str, Entry] = {
                         lambda k, c: hg.Reversible()),
     "drmad": Entry("DrMAD: reverse pass along the straight line from w_0 to w_T (approximate; memory ~2d)",
                    lambda k, c: hg.DrMAD()),
+    "auto": Entry("the fastest exact method whose program fits in memory (hg.Auto; `hypergradient plan` shows why)",
+                  lambda k, c: hg.Auto()),
     "implicit": Entry("implicit function theorem at w_T (exact at a stationary point; memory ~d)",
                       lambda k, c: hg.Implicit()),
     "rtho": Entry("real-time forward (RTHO): λ updated every Δ steps of one run, tangent carried",

@@ -72,9 +72,10 @@ class Method(abc.ABC):
     def check(self, dyn: Dynamics) -> None:
         """Raise :class:`~hypergradient.errors.MethodError` if this method cannot serve ``dyn``."""
 
-    def resolve(self, dyn: Dynamics, lam) -> Method:
+    def resolve(self, dyn: Dynamics, lam, objective: Objective | None = None) -> Method:
         """This method with any setting left to be chosen from a concrete λ filled in (the
-        default has nothing to choose)."""
+        default has nothing to choose); ``objective(model, λ)``, when the caller has it, is the
+        user's (``Auto`` measures its candidates' programs with it)."""
         return self
 
     def failure(self, result: Failure, stats: dict) -> Exception | None:

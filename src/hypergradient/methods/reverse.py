@@ -12,6 +12,12 @@ residuals) of the forward pass: memory ~T·d. With ``checkpoint_every=k``
 only every k-th state is stored and each segment of k steps is recomputed
 on the way back: memory ~(T/k + k)·d for one extra forward pass.
 
+Multi-level checkpointing, ``checkpoint_every=(k_1, ..., k_L)`` with k_1 > ... > k_L, nests the
+segments: the run is a scan of remat-segments of k_1 steps, each of them a scan of remat-segments
+of k_2 steps, and so on. The backward pass keeps T/k_1 + k_1/k_2 + ... + k_L states and recomputes
+each level once: memory ~(T/k_1 + Σ k_i/k_{i+1} + k_L)·d for L extra forward passes. With
+k_i ≈ T^((L+1-i)/(L+1)) that is ~(L+1)·T^(1/(L+1))·d, and with L ≈ log2 T levels of ratio 2, ~2·log2(T)·d.
+
 On the way back the norm of every α_t's weight part is measured (a probe whose cotangent is ‖α_t‖):
 ``stats["backward_growth"]`` = max_t ‖α_t‖ / ‖α_T‖. Past ``CHAOS_GROWTH`` the run is chaotic
 in its weights and the hypergradient measures that chaos; :func:`hypergradient.hypergrad` warns.
@@ -38,19 +44,30 @@ class Reverse(Method):
 
     Args:
       checkpoint_every: store the state every k steps and recompute the
-        segments between on the backward pass (``None``: store everything).
+        segments between on the backward pass (``None``: store everything);
+        a decreasing tuple ``(k_1, ..., k_L)`` nests L levels of segments.
     """
 
-    checkpoint_every: int | None = None
+    checkpoint_every: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         k = self.checkpoint_every
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"checkpoint_every must be a positive int or None, got {k!r}")
+        ks = k if isinstance(k, tuple) else (k,)
+        positive = all(not isinstance(x, bool) and isinstance(x, int) and x >= 1 for x in ks)
+        if k is not None and not (positive and ks and all(a > b for a, b in zip(ks, ks[1:]))):
+            raise ValueError(
+                f"checkpoint_every must be a positive int, a strictly decreasing tuple of them, or None; got {k!r}"
+            )
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The segment lengths, outermost first (``()``: no checkpointing)."""
+        k = self.checkpoint_every
+        return () if k is None else k if isinstance(k, tuple) else (k,)
 
     def value_and_grad(self, dyn, objective, lam):
         def f(lam, probes):
-            state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.checkpoint_every, probes)
+            state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
             state = _probe_weights(state, probes[-1])
             return objective(state.params, lam), (state.params, losses)
 
@@ -111,17 +128,19 @@ def _scan(dyn, state, lam, start, length: int, probes):
                         (start + jnp.arange(length), probes))
 
 
-def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | None, probes):
-    """The run from ``start`` for ``length`` steps, remat-segmented every ``checkpoint_every`` steps;
-    ``probes[i]`` measures α before step ``start + i``."""
-    k = checkpoint_every
-    if k is None or k >= length:
+def rollout(dyn, state, lam, start: int, length: int, levels: tuple[int, ...], probes):
+    """The run from ``start`` for ``length`` steps, remat-segmented every ``levels[0]`` steps, each
+    segment remat-segmented every ``levels[1]`` steps, and so on; ``probes[i]`` measures α before
+    step ``start + i``."""
+    ks = tuple(k for k in levels if k < length)  # a segment as long as the run is no segment
+    if not ks:
         return _scan(dyn, state, lam, start, length, probes[:length])
+    k, inner = ks[0], ks[1:]
     n_seg, rest = divmod(length, k)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot merge the recomputation
     def segment(s, lam, seg_start, seg_probes):
-        return _scan(dyn, s, lam, seg_start, k, seg_probes)
+        return rollout(dyn, s, lam, seg_start, k, inner, seg_probes)
 
     def body(s, i_p):
         i, p = i_p
@@ -130,6 +149,6 @@ def rollout(dyn, state, lam, start: int, length: int, checkpoint_every: int | No
     state, losses = jax.lax.scan(body, state, (jnp.arange(n_seg), probes[: n_seg * k].reshape(n_seg, k)))
     losses = losses.reshape(-1)
     if rest:
-        state, tail = _scan(dyn, state, lam, start + n_seg * k, rest, probes[n_seg * k : length])
+        state, tail = rollout(dyn, state, lam, start + n_seg * k, rest, inner, probes[n_seg * k : length])
         losses = jnp.concatenate([losses, tail])
     return state, losses

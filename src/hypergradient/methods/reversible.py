@@ -97,7 +97,7 @@ class Reversible(Method):
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
             raise ValueError(f"max_bits_per_step must be a positive number or None, got {b!r}")
 
-    def resolve(self, dyn, lam) -> Reversible:
+    def resolve(self, dyn, lam, objective=None) -> Reversible:
         """Size the buffer from the concrete momentum schedule (when ``max_bits_per_step`` is None)."""
         if self.max_bits_per_step is not None:
             return self
@@ -324,13 +324,13 @@ class Reversible(Method):
         gradient_first = (departed >= 0) & ~differs[at, 0] & differs[at, 1]
         bits = fp.stored_bits(fmt, bufT)
         state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
-        buffer_bytes = buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4)
+        buffer_bytes = float(buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4))  # past int32 at long T
         stats = {
             "bits_per_weight_per_step": jnp.mean(bits) / T,
             "bits_needed_per_step": jnp.max(bits) / T,
             "buffer_bytes": buffer_bytes,
             "buffer_bytes_used": jnp.sum(jnp.maximum(bits, 0)) / 8,
-            "trajectory_bytes_equivalent": T * state_bytes,
+            "trajectory_bytes_equivalent": float(T * state_bytes),
             "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
             "reversal_error": mismatch,
             "reversal_departed_at_step": departed,

@@ -217,6 +217,17 @@ def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool 
     return result
 
 
+def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
+    """The training run, objective and first λ_0 (after the baseline) of the experiment in ``module``
+    with ``config``, prepared and not tuned: what ``hypergradient plan`` examines."""
+    kind = next(v for v in vars(module).values()
+                if isinstance(v, type) and issubclass(v, Experiment) and v.__module__ == module.__name__)
+    config = config.resolved()
+    exp = kind(config, datasets.load(config.dataset, config.data_dir, n_train=config.n_train,
+                                     n_val=config.n_val, n_test=config.n_test))
+    return exp.dynamics, exp.objective, exp.searches(exp.baseline())[0].lam0
+
+
 def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
     config = exp.config
     options = dict(method=methods.make(config.method, config.truncation),
