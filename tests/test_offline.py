@@ -321,3 +321,22 @@ def test_a_population_member_that_diverges_is_held_not_fatal(tmp_path):
     again = optimize(dyn, objective, population, hyper_steps=5, population_axis=0, checkpoint_dir=tmp_path,
                      progress=False)  # resumes from hyper-step 3
     assert again.history["value"].shape == (5, 2)
+
+
+def scale_lr(factor):
+    """A 'hyper-optimizer' that multiplies λ['lr'] by ``factor`` at every step, whatever the gradient."""
+
+    def update(updates, state, params):
+        return jax.tree.map(jnp.zeros_like, updates) | {"lr": (factor - 1) * params["lr"]}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def test_a_divergence_carries_the_best_lambda_seen_before_it():
+    dyn, objective, lam = ridge_problem(steps=10)
+    with pytest.raises(HyperDivergenceError) as info:
+        optimize(dyn, objective, lam, hyper_optimizer=scale_lr(10.0), hyper_steps=40)
+    e = info.value
+    values = list(e.history["value"])
+    assert e.best_step == int(np.argmin(values)) and e.best_value == min(values)
+    np.testing.assert_allclose(float(hg.hypergrad(dyn, objective, e.best_hparams).value), e.best_value, rtol=1e-12)

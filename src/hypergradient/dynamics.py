@@ -72,15 +72,18 @@ def check_finite(tree: Any, what: str) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not is_array(leaf) or isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.inexact):
             continue
-        # this process's shards of an array spread over several processes, each checked where it lives
-        pieces = [(s.index, s.data) for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [((), leaf)]
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            # spread over several processes: this process checks one copy of each of its shards
+            pieces = [(s.index, s.data) for s in leaf.addressable_shards if s.replica_id == 0]
+        else:
+            pieces = [((), leaf)]
         for index, piece in pieces:
             a = np.asarray(piece)
             if np.isfinite(a).all():
                 continue
             bad = np.argwhere(~np.isfinite(a))[0]
-            at = tuple(int(i) + (sl.start or 0 if isinstance(sl, slice) else 0) for i, sl in
-                       zip(bad, tuple(index) + (slice(None),) * (a.ndim - len(index))))
+            offsets = [sl.start or 0 for sl in index] + [0] * (a.ndim - len(index))
+            at = tuple(int(i) + o for i, o in zip(bad, offsets))
             raise ValueError(
                 f"{what} {jax.tree_util.keystr(path) or ''} holds {a[tuple(bad)]} (first at index {at}): "
                 "NaN and inf cannot be trained on or tuned; clean the input first".replace("  ", " ")

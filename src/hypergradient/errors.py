@@ -52,13 +52,17 @@ class HyperDivergenceError(DivergenceError):
       hparams: the last good hyperparameters (those of the last hyper-step
         whose run was finite; λ_0 if the very first one diverged).
       history: the history up to the last good hyper-step.
+      best_hparams, best_value, best_step: the λ with the lowest objective seen before the
+        divergence, as the drivers' results give it (``None``, inf, -1 when none was finite).
     """
 
-    def __init__(self, message: str, hyper_step: int, step: int | None, hparams, history: dict):
+    def __init__(self, message: str, hyper_step: int, step: int | None, hparams, history: dict,
+                 best: tuple = (None, float("inf"), -1)):
         super().__init__(message, step)
         self.hyper_step = hyper_step
         self.hparams = hparams
         self.history = history
+        self.best_hparams, self.best_value, self.best_step = best
 
 
 class MethodError(ValueError):

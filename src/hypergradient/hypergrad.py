@@ -232,6 +232,11 @@ class ProgramCache:
             self._items.popitem(last=False)
         return program
 
+    def get_or_build(self, key, build):
+        """The program stored under ``key``, or ``build()`` stored there now."""
+        hit = self.get(key)
+        return hit if hit is not None else self.put(key, build())
+
 
 _programs = ProgramCache(64)
 
@@ -276,19 +281,19 @@ def temp_bytes(exe) -> int:
 _evaluations = ProgramCache(64)
 
 
+def trained_objective(dyn: Dynamics, objective: Objective, lam):
+    """Traceable: the trained arrays w_T, objective(w_T, λ) and the per-step losses."""
+    with library_precision():
+        state, losses = train(dyn, lam)
+        return state.params, objective(dyn.model(state.params), lam), losses
+
+
 def evaluate(dyn: Dynamics, objective: Objective, lam):
     """Plain training at λ and the objective there: ``(w_T, f(λ), losses)``, nothing
     differentiated; compiled once per problem like :func:`compiled`, nothing raised."""
     arrays, skeleton = partition(objective)
     key = (signature(dyn), skeleton, signature(arrays), signature(lam), matmul_precision())
-    program = _evaluations.get(key)
-    if program is None:
-
-        def run(dyn, arrays, lam):
-            with library_precision():
-                state, losses = train(dyn, lam)
-                return state.params, skeleton.combine(arrays)(dyn.model(state.params), lam), losses
-
-        program = _evaluations.put(key, jax.jit(run))
+    program = _evaluations.get_or_build(
+        key, lambda: jax.jit(lambda d, a, l: trained_objective(d, skeleton.combine(a), l)))
     params, value, losses = program(dyn, arrays, lam)
     return dyn.model(params), value, losses

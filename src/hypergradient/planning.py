@@ -46,7 +46,7 @@ import numpy as np
 from ._pytree import partition, signature
 from .dynamics import Dynamics, train
 from .errors import MethodError
-from .hypergrad import compiled, temp_bytes, value_and_grad
+from .hypergrad import ProgramCache, compiled, temp_bytes, value_and_grad
 from .methods import DrMAD, Forward, Method, Reverse, Reversible, Truncated
 from .methods.base import Objective
 
@@ -133,7 +133,7 @@ def _norm(model, lam):
     return 0.5 * sum(jnp.vdot(x, x) for x in floats)
 
 
-_choices: dict = {}
+_choices = ProgramCache(64)  # the chosen method per (Auto, problem shapes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +169,8 @@ class Auto(Method):
         objective = _norm if objective is None else objective
         arrays, skeleton = partition(objective)
         key = (self, signature(dyn), signature(lam), skeleton, signature(arrays))
-        if key not in _choices:
-            if len(_choices) >= 64:
-                _choices.clear()
-            _choices[key] = self._choose(dyn, lam, objective)
-        return _choices[key] if traced(lam) else _choices[key].resolve(dyn, lam)
+        choice = _choices.get_or_build(key, lambda: self._choose(dyn, lam, objective))
+        return choice if traced(lam) else choice.resolve(dyn, lam)
 
     def value_and_grad(self, dyn, objective, lam):
         return self.resolve(dyn, lam).value_and_grad(dyn, objective, lam)

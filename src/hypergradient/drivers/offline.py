@@ -152,7 +152,7 @@ def jitted_update(hyper_optimizer: optax.GradientTransformation, constraint: Cal
     them, so that a later ``optimize`` with an equal pair (``optax.adam(0.1)`` written again)
     compiles nothing."""
     k = (fingerprint.key(hyper_optimizer), fingerprint.key(constraint))
-    return _updates.get(k) or _updates.put(k, jax.jit(hyper_update_fn(hyper_optimizer, constraint)))
+    return _updates.get_or_build(k, lambda: jax.jit(hyper_update_fn(hyper_optimizer, constraint)))
 
 
 def check_common(dyn, lam0, hyper_optimizer, constraint, callback):
@@ -338,7 +338,7 @@ def optimize(
                             f"(resuming would diverge again: change the settings or the directory).") if path else ""
                     raise HyperDivergenceError(
                         divergence_message("optimize", k, e.step, dyn.steps, str(e), good_step, note),
-                        k, e.step, good, finish_history(history, lam_template),
+                        k, e.step, good, finish_history(history, lam_template), (best, best_value, best_step),
                     ) from e
                 value = float(res.value)
                 good, good_step = lam, k
@@ -368,7 +368,7 @@ def optimize(
         raise HyperDivergenceError(
             divergence_message("optimize", k, step, dyn.steps, "training at the final hyperparameters "
                                f"(after the last update) diverged at step {step}", good_step),
-            k, step, good, finish_history(history, lam_template),
+            k, step, good, finish_history(history, lam_template), (best, best_value, best_step),
         )
     value = float(value)
     steps = len(history["value"])

@@ -238,9 +238,9 @@ def online(
             divergence_message("online", n_updates, step, dyn.steps,
                                "the steps after the last update (or the final objective) are not finite",
                                n_updates - 1),
-            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss),
+            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss), _best(carry),
         )
-    best, best_value, best_step = carry.best[0], float(carry.best[1]), int(carry.best[2])
+    best, best_value, best_step = _best(carry)
     if float(value) < best_value or best_step < 0:
         best, best_value, best_step = carry.hparams, float(value), n_updates
     return OptimizeResult(carry.hparams, dyn.model(state.params), float(value),
@@ -266,11 +266,8 @@ def _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint,
     ``jax.jit`` does; the hyper-optimizer and the constraint by what they compute (:mod:`fingerprint`)."""
     key = (signature(dyn), signature(lam), skeleton, signature(arrays), method, every,
            fingerprint.key(hyper_optimizer), fingerprint.key(constraint), record, ticking, matmul_precision())
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    return _cache.put(key, _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record,
-                                  ticking))
+    return _cache.get_or_build(key, lambda: _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint,
+                                                   lam, record, ticking))
 
 
 def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record, ticking) -> _Programs:
@@ -361,5 +358,10 @@ def _raise_divergence(rows, carry, lam0, every, steps, seconds, path):
     kept = {key: (jax.tree.map(lambda a: a[:k], v) if key == "hparams" else v[:k]) for key, v in rows.items()}
     raise HyperDivergenceError(
         divergence_message("online", k, step, steps, cause, k - 1 if k > 0 else None, note),
-        k, step, carry.good_hparams, _history(kept, seconds[:k], train_loss),
+        k, step, carry.good_hparams, _history(kept, seconds[:k], train_loss), _best(carry),
     )
+
+
+def _best(carry: Carry) -> tuple:
+    """(λ, objective, hyper-step) of the lowest objective the loop has seen."""
+    return carry.best[0], float(carry.best[1]), int(carry.best[2])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,8 @@ import numpy as np
 
 from .._pytree import partition, signature
 from ..errors import HyperDivergenceError
-from ..dynamics import train
-from ..hypergrad import ProgramCache, value_and_grad
+from ..hypergrad import ProgramCache, trained_objective, value_and_grad
+from ..precision import matmul_precision
 from . import checkpoint as ckpt
 from . import fingerprint
 from .progress import meter_for, tick
@@ -44,7 +43,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
     method = method.resolve(dyn, first)  # settings chosen from member 0 serve every member
     method.check(dyn)
     arrays, skeleton = partition(objective)
-    step = _program(dyn, skeleton, arrays, method, first)
+    step, final = _programs_for(dyn, skeleton, arrays, method, first)
     update = jax.jit(jax.vmap(update_fn))
     opt_state = jax.vmap(hyper_optimizer.init)(lam)
     history = {"value": [], "grad_norm": [], "seconds": []}
@@ -72,6 +71,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
 
     meter = meter_for(progress)
     run = meter.open(hyper_steps, min(start, hyper_steps))
+
     def write(step):
         ckpt.save(path, {"hparams": lam, "opt_state": opt_state, "best_hparams": best[0],
                          "history": {key: np.asarray(v) for key, v in history.items()}},
@@ -86,7 +86,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
                 if not ok.any():
                     raise HyperDivergenceError(
                         f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
-                        "holds their λ before it", k, None, jax.tree.map(np.asarray, lam), _history(history))
+                        "holds their λ before it", k, None, jax.tree.map(np.asarray, lam), _history(history), best)
                 values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
                 i = int(np.argmin(values))
                 if values[i] < best[1]:
@@ -102,7 +102,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
     finally:
         meter.close(run)
 
-    params, values, losses = _final(dyn, skeleton, arrays, lam)
+    params, values, losses = final(dyn, arrays, lam)
     values = np.where(np.isfinite(np.asarray(losses)).all(axis=1), np.asarray(values, np.float64), np.inf)
     i = int(np.argmin(values))
     member = jax.tree.map(lambda x: x[i], lam)
@@ -124,27 +124,18 @@ def _where_members(ok, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _program(dyn, skeleton, arrays, method, first):
-    """The vmapped hypergradient of every member, compiled once per problem."""
-    key = (signature(dyn), skeleton, signature(arrays), method, signature(first))
-    hit = _programs.get(key)
-    if hit is None:
-        hit = _programs.put(key, jax.jit(lambda d, a, lam: jax.vmap(
-            lambda l: value_and_grad(d, skeleton.combine(a), l, method))(lam)))
-    return hit
+def _programs_for(dyn, skeleton, arrays, method, first):
+    """Two programs over every member, compiled once per problem: the hypergradients
+    ``(dyn, arrays, λ) -> Solution`` and the final evaluation ``(dyn, arrays, λ) -> (w_T, f, losses)``."""
 
+    def build():
+        def per_member(fn):
+            return jax.jit(lambda d, a, lam: jax.vmap(lambda l: fn(d, skeleton.combine(a), l))(lam))
 
-@jax.jit
-def _train_all(dyn, lam):
-    return jax.vmap(lambda l: train(dyn, l))(lam)
+        return (per_member(lambda d, o, l: value_and_grad(d, o, l, method)), per_member(trained_objective))
 
-
-def _final(dyn, skeleton, arrays, lam):
-    """Every member's final weights, objective and training losses."""
-    state, losses = _train_all(dyn, lam)
-    objective = skeleton.combine(arrays)
-    values = jax.vmap(lambda w, l: objective(dyn.model(w), l))(state.params, lam)
-    return state.params, values, losses
+    key = (signature(dyn), skeleton, signature(arrays), method, signature(first), matmul_precision())
+    return _programs.get_or_build(key, build)
 
 
 def _history(history: dict) -> dict:

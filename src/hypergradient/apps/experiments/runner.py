@@ -267,41 +267,20 @@ def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
     result). A divergence part-way is not fatal either: the experiment goes
     on with the best finite λ and says so.
     """
-    best = {"value": np.inf, "hparams": None, "step": -1}
-
-    def keep_best(step, hparams, value, grad):
-        if np.isfinite(value) and value < best["value"]:
-            best.update(value=float(value), hparams=hparams, step=int(step))
-        return False
-
     note = ""
     try:
-        res = hg.optimize(exp.dynamics, exp.objective, search.lam0, hyper_steps=exp.config.hyper_steps,
-                          callback=keep_best, **options)
-        final = (res.value, res.hparams, res.steps)
-        history = res.history
+        res = hg.optimize(exp.dynamics, exp.objective, search.lam0, hyper_steps=exp.config.hyper_steps, **options)
+        final, best, history = (res.value, res.hparams, res.steps), (res.best_hparams, res.best_value,
+                                                                     res.best_step), res.history
     except hg.HyperDivergenceError as e:
         note = f"{search.label}: training diverged at hyper-step {e.hyper_step}; kept the best λ before it"
         say("warning: " + note)
-        final = (np.inf, e.hparams, -1)
-        history = e.history
-    _restore_best_from_history(best, history)
-    if final[0] <= best["value"] or best["hparams"] is None:
+        final, best, history = (np.inf, e.hparams, -1), (e.best_hparams, e.best_value, e.best_step), e.history
+    if final[0] <= best[1] or best[0] is None:  # on a tie, the final λ
         value, hparams, step = final
     else:
-        value, hparams, step = best["value"], best["hparams"], best["step"]
+        hparams, value, step = best
     if np.isfinite(value):
         detail(f"selected the λ of hyper-step {step}{' (the final one)' if step == final[2] else ''}: "
                f"objective {value:.6g}, the lowest seen")
     return Tuned(search.label, hparams, exp.train(hparams), history, int(step), float(value), note)
-
-
-def _restore_best_from_history(best: dict, history: Mapping[str, Any]) -> None:
-    """After a resume the callback saw only the later steps: look at the recorded ones too."""
-    values = np.asarray(history.get("value", []), np.float64)
-    if "hparams" not in history or not len(values) or not np.isfinite(values).any():
-        return
-    k = int(np.nanargmin(np.where(np.isfinite(values), values, np.inf)))
-    if values[k] < best["value"]:
-        best.update(value=float(values[k]), step=k,
-                    hparams=jax.tree.map(lambda a: np.asarray(a[k]), history["hparams"]))
