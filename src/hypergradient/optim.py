@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._roots import zero_safe_roots
+
 Params = Any
 State = Any
 
@@ -252,6 +254,15 @@ def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: 
     may set. Built on ``optax.inject_hyperparams``, which keeps the
     hyperparameters in the optimizer state where gradients reach them.
 
+    Adaptive rules divide by sqrt(v), and v = 0 for a weight that has seen only zero
+    gradients (a feature absent from training, a dead unit). There sqrt's derivative is
+    infinite and the step's derivative in the gradient is 1/ε ≈ 10⁸, so the hypergradient
+    is NaN (0 · ∞) or overflows on the backward pass, although nothing about that weight
+    depends on λ. So square roots are differentiated as 0 at 0, and until a weight's first
+    nonzero gradient its gradient reaches optax as a constant. Values are unchanged; the
+    derivative dropped is that of a gradient that is exactly zero, which is zero for
+    such structural zeros.
+
     Example::
 
         opt = hg.optim.from_optax(optax.adam, learning_rate=1e-3, b1=0.9)
@@ -263,12 +274,14 @@ def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: 
             "from_optax(optax.sgd, learning_rate=0.1)"
         )
     inner = optax.inject_hyperparams(factory)(**hparams)
+    update = zero_safe_roots(inner.update)
     schedules = {k for k, v in hparams.items() if callable(v)}
 
     def init(params):
-        return inner.init(params)
+        return inner.init(params), jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), bool), params)
 
-    def rule(g, state, w, h):
+    def rule(g, carried, w, h):
+        state, seen = carried
         overridden = sorted(k for k in schedules if not callable(h[k]))
         if overridden:
             raise ValueError(
@@ -278,8 +291,10 @@ def from_optax(factory: Callable[..., optax.GradientTransformation], **hparams: 
         # Keep the dtypes of the state's own copies so the scan carry is stable.
         given = {k: jnp.asarray(v, jnp.result_type(state.hyperparams[k])) for k, v in h.items() if k not in schedules}
         state = state._replace(hyperparams={**state.hyperparams, **given})
-        updates, state = inner.update(g, state, w)
-        return optax.apply_updates(w, updates), state
+        seen = jax.tree.map(lambda s, g: s | (g != 0), seen, g)
+        g = jax.tree.map(lambda s, g: jnp.where(s, g, jax.lax.stop_gradient(g)), seen, g)
+        updates, state = update(g, state, w)
+        return optax.apply_updates(w, updates), (state, seen)
 
     name = f"optax.{getattr(factory, '__name__', 'optimizer')}"
     return Optimizer(name, init, rule, (), tuple(hparams.items()), broadcast=False)
