@@ -1,6 +1,5 @@
 """Implicit differentiation: exact at a stationary point, against the ridge closed form and Reverse."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
