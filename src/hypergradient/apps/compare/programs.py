@@ -64,12 +64,18 @@ class Programs:
             state = self.initial(dyn, lam)
             jax.block_until_ready(self.segment(dyn, state, lam, jnp.asarray(0, jnp.int32)))
         if "hypergradient" in methods:
-            try:
-                hg.hypergrad(dyn, self.problem.objective, lam, self.reverse)
-            except hg.DivergenceError:
-                pass
+            self._warm_optimize(dyn, lam, self.problem.hyper_lr)
         jax.block_until_ready(self.problem.test(dyn.run(lam)))
         return time.perf_counter() - t0
+
+    def _warm_optimize(self, dyn, lam, lr: float) -> None:
+        """One hyper-step of ``hg.optimize`` at hyper learning rate ``lr``: compiles its hypergradient,
+        its hyper-update (Adam at ``lr`` and the box) and its final evaluation."""
+        try:
+            hg.optimize(dyn, self.problem.objective, lam, method=self.reverse, hyper_optimizer=self.adam(lr),
+                        hyper_steps=1, constraint=self.box, progress=False)
+        except hg.HyperDivergenceError:
+            pass
 
     def evaluate(self, dyn, lam) -> float:
         """f(λ): one plain training run and the validation loss (``inf`` if training diverged)."""
