@@ -1,14 +1,13 @@
 """Trials on a two-node Ray cluster on loopback: the worker node dies while trials run, and every
 trial still finishes with all its hyper-steps, the killed one resumed from its checkpoint.
 
-The test starts the two nodes itself (``ray start --block``, each in a session of its own) and
-kills exactly their process trees; it never runs ``ray stop``, which would stop every Ray
-instance of the machine's user.
+The test starts the two nodes itself (``ray start --block``, each in a session of its own) and the
+driver (``programs/tune_cluster.py``, which runs ``tune.run``), and kills exactly their process
+trees; it never runs ``ray stop``, which would stop every Ray instance of the machine's user.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -23,41 +22,18 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-import jax  # noqa: E402
+pytest.importorskip("ray")
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import psutil  # noqa: E402
-from ray import cloudpickle  # noqa: E402
-from ray import tune as rt  # noqa: E402
 
 import hypergradient as hg  # noqa: E402
 import problems  # noqa: E402
-from hypergradient.apps import tune  # noqa: E402
 
-HYPER_STEPS = 12
-SECONDS_PER_OBJECTIVE = 0.4  # a slow training run that leaves the CI's two cores free
-HYPER_LRS = (1e-2, 3e-2, 1e-1)
+TESTS = Path(__file__).resolve().parent
+SETTINGS = {"hyper_steps": 12, "hyper_lrs": [1e-2, 3e-2, 1e-1], "steps": 10,
+            "seconds_per_objective": 0.4}  # > 5 hyper-steps a trial between driver checkpoints (2 s)
 STARTUP_SECONDS = 120
-
-cloudpickle.register_pickle_by_value(problems)
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def build_slow(config, *, marks):
-    """The ridge problem, its objective slowed down; appends the node it runs on to ``marks/TRIAL_ID``
-    (one line per start of the trial)."""
-    from ray import tune as rt
-
-    with open(Path(marks) / rt.get_context().get_trial_id(), "a") as f:
-        f.write(ray.get_runtime_context().get_node_id() + "\n")
-    dyn, objective, lam = problems.ridge_problem(steps=config["steps"])
-
-    def slow_objective(w, lam):
-        jax.debug.callback(lambda: time.sleep(SECONDS_PER_OBJECTIVE))
-        return objective(w, lam)
-
-    return dyn, slow_objective, lam
 
 
 def free_port() -> int:
@@ -76,9 +52,9 @@ def start_node(temp_dir: Path, env: dict, *args: str) -> subprocess.Popen:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_node(proc: subprocess.Popen) -> None:
-    """SIGKILL the node's process tree: its process group and the workers its raylet started
-    (each in a process group of its own)."""
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started here and its descendants: its process group, and the workers a
+    raylet started (each in a process group of its own)."""
     try:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -112,21 +88,14 @@ def port_open(port: int) -> bool:
         return False
 
 
-def alive_nodes(count: int) -> list[dict] | None:
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    return alive if len(alive) == count else None
-
-
 @pytest.fixture
-def cluster(monkeypatch):
-    """A head and a worker node on 127.0.0.1, this process connected to them; yields
-    ``(worker process, worker node id, head node id)``."""
+def cluster():
+    """A head and a worker node on 127.0.0.1; yields ``(address, worker process, environment)``."""
+    src = Path(hg.__file__).resolve().parents[1]  # the workers import this checkout, not an installed one
     # Ray 2.60 turns token authentication on for `ray start --head` wherever ~/.ray/auth_token
     # exists (any local ray.init creates it), but not for a node joining by address, which then
-    # never gets in: off for both nodes and for this process.
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    src = Path(hg.__file__).resolve().parents[1]  # the workers import this checkout, not an installed one
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
+    # never gets in: off for both nodes and the driver.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
            "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     root = Path(tempfile.mkdtemp(prefix="hg-ray-"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
@@ -135,70 +104,76 @@ def cluster(monkeypatch):
         nodes.append(start_node(root / "head", env, "--head", f"--port={port}", "--include-dashboard=false"))
         wait_for(lambda: port_open(port), "head node")
         nodes.append(start_node(root / "worker", env, f"--address=127.0.0.1:{port}"))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        alive = wait_for(lambda: alive_nodes(2), "second node")
-        head = next(n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"])
-        worker = next(n["NodeID"] for n in alive if n["NodeID"] != head)
-        yield nodes[1], worker, head
+        yield f"127.0.0.1:{port}", nodes[1], env
     finally:
-        ray.shutdown()
         for proc in reversed(nodes):
-            kill_node(proc)
+            kill_tree(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def kill_when_checkpointed(proc, worker: str, marks: Path, storage: Path, killed: dict) -> None:
+def kill_when_checkpointed(proc, marks: Path, out: Path, killed: dict) -> None:
     """Kill the worker node once a trial on it has a Tune checkpoint in storage."""
     def checkpointed_there():
         for mark in marks.iterdir():
-            if mark.read_text().startswith(worker) and any(storage.glob(f"*{mark.name}*/checkpoint_*")):
+            if mark.read_text().startswith(worker) and any((out / "ray").glob(f"*{mark.name}*/checkpoint_*")):
                 return mark.name
         return None
 
     try:
+        worker = wait_for(lambda: (out / "nodes.json").is_file() and json.loads((out / "nodes.json").read_text()),
+                          "cluster of two nodes")["worker"]
         killed["trial"] = wait_for(checkpointed_there, "checkpoint of a trial on the worker node")
-        kill_node(proc)
+        kill_tree(proc)
     except TimeoutError as e:
         killed["error"] = str(e)
 
 
 def reference_curve(hyper_lr: float) -> list[float]:
     """f(λ_k) of an uninterrupted run in this process."""
-    dyn, objective, lam = problems.ridge_problem(steps=10)
-    res = hg.optimize(dyn, objective, lam, hyper_optimizer=optax.adam(hyper_lr), hyper_steps=HYPER_STEPS,
-                      progress=False)
+    dyn, objective, lam = problems.ridge_problem(steps=SETTINGS["steps"])
+    res = hg.optimize(dyn, objective, lam, hyper_optimizer=optax.adam(hyper_lr),
+                      hyper_steps=SETTINGS["hyper_steps"], progress=False)
     return list(res.history["value"])
 
 
 @pytest.mark.slow
 def test_trials_survive_the_death_of_a_worker_node(cluster, tmp_path):
-    worker_proc, worker, head = cluster
+    address, worker_proc, env = cluster
     marks, out = tmp_path / "marks", tmp_path / "out"
     marks.mkdir()
     killed: dict = {}
-    killer = threading.Thread(target=kill_when_checkpointed, args=(worker_proc, worker, marks, out / "ray", killed))
+    killer = threading.Thread(target=kill_when_checkpointed, args=(worker_proc, marks, out, killed))
     killer.start()
+    driver = subprocess.Popen([sys.executable, str(TESTS / "programs" / "tune_cluster.py"), str(TESTS), address,
+                               str(marks), str(out), json.dumps(SETTINGS)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
-        space = {"hyper_lr": rt.grid_search(list(HYPER_LRS)), "hyper_steps": HYPER_STEPS, "steps": 10}
-        found = tune.run(functools.partial(build_slow, marks=str(marks)), space, trials=1, out=out)
+        _, err = driver.communicate(timeout=600)
     finally:
+        if driver.poll() is None:
+            kill_tree(driver)
         killer.join()
+    assert driver.returncode == 0, err[-3000:]
     assert "trial" in killed, killed.get("error")
 
-    assert len(found.rows) == len(HYPER_LRS)
-    for row in found.rows:
-        assert row["status"] == "done" and row["hyper_steps_run"] == HYPER_STEPS, row
-        curve = found.curves[row["trial"]]
+    found = json.loads((out / "found.json").read_text())
+    nodes = json.loads((out / "nodes.json").read_text())
+    hyper_steps = SETTINGS["hyper_steps"]
+    assert sorted(r["hyper_lr"] for r in found["rows"]) == SETTINGS["hyper_lrs"]
+    for row in found["rows"]:
+        assert row["status"] == "done" and row["hyper_steps_run"] == hyper_steps, row
+        curve = found["curves"][row["trial"]]
         np.testing.assert_allclose(curve, reference_curve(row["hyper_lr"]), rtol=1e-9)
         assert row["best_objective"] <= min(curve)
     starts = {m.name: m.read_text().split() for m in marks.iterdir()}
-    assert {nodes[0] for nodes in starts.values()} == {worker, head}  # both nodes ran trials
+    assert {s[0] for s in starts.values()} == {nodes["worker"], nodes["head"]}  # both nodes ran trials
     # The killed trial started again on the head node and went on from its checkpoint: the new
     # worker process's first report is past hyper-step 0 and no later than where the first stopped.
-    assert starts[killed["trial"]] == [worker, head]
+    assert starts[killed["trial"]] == [nodes["worker"], nodes["head"]]
     reports = [json.loads(line) for line in next((out / "ray").glob(f"*{killed['trial']}*/result.json")).open()]
-    first, second = (sorted({r["pid"] for r in reports}, key=[r["pid"] for r in reports].index))
+    first, second = sorted({r["pid"] for r in reports}, key=[r["pid"] for r in reports].index)
     before = [r["hyper_step"] for r in reports if r["pid"] == first]
     after = [r["hyper_step"] for r in reports if r["pid"] == second and "hyper_step" in r]
     assert before == list(range(len(before))) and 0 < after[0] <= before[-1] + 1
-    assert after == list(range(after[0], HYPER_STEPS))
+    assert after == list(range(after[0], hyper_steps))
