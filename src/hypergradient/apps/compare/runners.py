@@ -56,17 +56,14 @@ def run_black_box(method: str, problem: Problem, seed: int, budget: float, stora
     from optuna.trial import TrialState
 
     programs = problem.programs
-    persistent, done, sampler_seed = _resume(storage, name, seed)
     if method == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+        sampler = optuna.samplers.TPESampler
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
                   if programs.chunks > 1 else optuna.pruners.NopPruner())
     else:
-        sampler, pruner = optuna.samplers.RandomSampler(seed=sampler_seed), optuna.pruners.NopPruner()
-    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
-    study.add_trials(done)
+        sampler, pruner = optuna.samplers.RandomSampler, optuna.pruners.NopPruner()
+    persistent, study, done, clock = _resume(storage, name, seed, sampler, pruner)
     dyn = problem.dynamics(seed)
-    clock = Clock(_elapsed(done))
     new = 0
     while clock() < budget:
         trial = study.ask()
@@ -94,18 +91,18 @@ def run_black_box(method: str, problem: Problem, seed: int, budget: float, stora
                          note=f"{len(done)} trials from storage, {new} new")
 
 
-def _resume(storage, name: str, seed: int):
-    """The persistent study ``name`` (created if new), its finished trials and a sampler seed."""
+def _resume(storage, name: str, seed: int, sampler, pruner=None):
+    """The persistent study ``name`` (created if new), the in-memory study that samples (by
+    ``sampler(seed=...)``, its history the persistent one's trials), those trials, and the clock,
+    which starts at the latest ``elapsed`` recorded."""
     optuna = _optuna()
     persistent = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize")
     done = persistent.get_trials(deepcopy=False)
     # A fresh sampler seed per resumption, so a resumed random search does not redraw its first points.
-    return persistent, done, int(np.random.SeedSequence([seed, len(done)]).generate_state(1)[0])
-
-
-def _elapsed(trials) -> float:
-    """Where a resumed study's clock starts: the latest ``elapsed`` recorded."""
-    return max((t.user_attrs.get("elapsed", 0.0) for t in trials), default=0.0)
+    sampler_seed = int(np.random.SeedSequence([seed, len(done)]).generate_state(1)[0])
+    study = optuna.create_study(sampler=sampler(seed=sampler_seed), pruner=pruner, direction="minimize")
+    study.add_trials(done)
+    return persistent, study, done, Clock(max((t.user_attrs.get("elapsed", 0.0) for t in done), default=0.0))
 
 
 def _persist(persistent, frozen) -> None:
@@ -183,11 +180,8 @@ def run_hybrid(problem: Problem, seed: int, budget: float, storage, name: str) -
     from optuna.trial import TrialState
 
     programs = problem.programs
-    persistent, done, sampler_seed = _resume(storage, name, seed)
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=sampler_seed), direction="minimize")
-    study.add_trials(done)
+    persistent, study, done, clock = _resume(storage, name, seed, optuna.samplers.TPESampler)
     dyn = problem.dynamics(seed)
-    clock = Clock(_elapsed(done))
     new = 0
     while clock() < budget:
         trial = study.ask()
