@@ -216,7 +216,7 @@ def test_plain_install_runs_the_default_job_and_names_the_extra_of_compare(tmp_p
     refused = plain_install("compare", "schedules", "--tiny", "--out", str(tmp_path / "compare"))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip() == (
-        "hypergradient compare: error: random and tpe need optuna, which is not installed: "
+        "hypergradient compare: error: random, tpe and hybrid need optuna, which is not installed: "
         "pip install 'hypergradient[compare]' (or leave them out: --methods hypergradient,online)")
     assert not (tmp_path / "compare").exists()
 

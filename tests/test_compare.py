@@ -1,10 +1,11 @@
 """`hypergradient compare`: a tiny comparison finishes, writes its files and resumes from its storage.
 
 One module-scoped comparison (digits, tiny schedules, both regimes, every
-method, one seed, a one-second budget) serves the checks on its files; a
-second invocation with the same storage and a larger budget must continue
-the TPE study. The second call reuses the first one's compiled programs
-(they are cached per process), so it costs about its budget.
+method, one seed, a one-second budget) serves the checks on its files and
+on the hybrid's trials; a second invocation with the same storage and a
+larger budget must continue the TPE and hybrid studies. The second call
+reuses the first one's compiled programs (they are cached per process), so
+it costs about its budget.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from hypergradient.apps import compare  # noqa: E402
+from hypergradient.apps.compare.problem import problems  # noqa: E402
+from hypergradient.apps.compare.runners import HYBRID_HYPER_STEPS  # noqa: E402
+from hypergradient.apps.compare.space import suggest_start  # noqa: E402
 
 BUDGET = 1.0
 
@@ -27,9 +31,9 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def tpe_trials(storage: str, regime: str = "few"):
+def study_trials(storage: str, method: str, regime: str = "few"):
     store = compare.open_storage(storage)
-    name = compare.study_name("schedules", "digits", True, regime, "tpe", 0)
+    name = compare.study_name("schedules", "digits", True, regime, method, 0)
     return optuna.load_study(study_name=name, storage=store).get_trials(deepcopy=False)
 
 
@@ -73,15 +77,37 @@ def test_tiny_comparison_writes_its_files(first, capsys):
     assert "| few | 3 | tpe |" in (out / "summary.md").read_text()
 
 
-def test_second_invocation_resumes_the_tpe_study(first, capsys):
+def test_hybrid_trials_run_hypergradient_descent_from_tpe_settings(first):
     out, storage, code = first
     assert code == 0
-    before = tpe_trials(storage)
+    with open(out / "summary.csv") as f:
+        summary = {(r["regime"], r["method"]): r for r in csv.DictReader(f)}
+    for regime in compare.REGIMES:
+        problem = problems("schedules", "digits", None, True)[regime]
+        dyn = problem.dynamics(0)
+        trials = [t for t in study_trials(storage, "hybrid", regime) if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(trials) > 1, regime
+        for t in trials:
+            values = [v for _, v in t.user_attrs["curve"]]
+            assert 0 < len(values) <= HYBRID_HYPER_STEPS + 1 and t.value == min(values)
+            # the curve starts at f of the start TPE drew (constant per entry of λ)
+            start = problem.programs.evaluate(dyn, suggest_start(optuna.trial.FixedTrial(t.params), problem.space))
+            assert values[0] == pytest.approx(start, rel=1e-4), (regime, t.number)
+        # hypergradient descent improved on some trial's start, and the run reports the best trial
+        assert any(t.value < t.user_attrs["curve"][0][1] for t in trials), regime
+        assert float(summary[regime, "hybrid"]["best_val_loss"]) == pytest.approx(min(t.value for t in trials), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tpe", "hybrid"])
+def test_second_invocation_resumes_the_study(first, capsys, method):
+    out, storage, code = first
+    assert code == 0
+    before = study_trials(storage, method)
     assert before and max(t.user_attrs["elapsed"] for t in before) >= BUDGET
-    args = parse("schedules", "--tiny", "--regime", "few", "--methods", "tpe", "--budget-seconds",
+    args = parse("schedules", "--tiny", "--regime", "few", "--methods", method, "--budget-seconds",
                  str(2 * BUDGET), "--out", str(out), "--storage", storage)
     assert compare.main(args) == 0
-    after = tpe_trials(storage)
+    after = study_trials(storage, method)
     assert len(after) > len(before)
     # The earlier trials are kept as they were, and the new ones come after them in time.
     old = {t.number: t for t in after[: len(before)]}
@@ -91,7 +117,7 @@ def test_second_invocation_resumes_the_tpe_study(first, capsys):
     assert all(t.user_attrs["elapsed"] > start for t in after[len(before):])
     printed = capsys.readouterr()
     assert f"{len(before)} trials from storage" in printed.err
-    assert "| few | 3 | tpe |" in printed.out
+    assert f"| few | 3 | {method} |" in printed.out
 
 
 def test_arguments_are_checked():

@@ -1,4 +1,4 @@
-"""Gradient against black box: random search, Optuna TPE and hypergradient descent at equal budget.
+"""Gradient against black box: random search, Optuna TPE, hypergradient descent and both at equal budget.
 
     hypergradient compare schedules --dataset fashion-mnist --budget-seconds 120 --seeds 2
 
@@ -17,31 +17,37 @@ and seed:
 - ``online``: ``hg.online`` (RTHO with ``hg.Forward()`` for the few
   hyperparameters, TRHO with ``hg.Truncated(Δ)`` for the many), repeated:
   each pass is one training run during which λ moves every Δ steps, the next
-  pass starts from the λ the previous one ended with.
+  pass starts from the λ the previous one ended with;
+- ``hybrid``: TPE over the outer settings of hypergradient descent (the
+  hyper learning rate, and where λ starts: one number per entry), each trial
+  ten hyper-steps of ``hg.optimize`` from there. The same hybrid as
+  ``hypergradient run --trials N --search optuna`` (Ray Tune's
+  ``OptunaSearch`` there, Optuna directly here, like ``tpe``).
 
 Two regimes: ``few`` (one learning rate, one momentum, one L2 strength) and
 ``many`` (a learning rate and a momentum per training step and per layer,
 and an L2 strength per layer: 2·T·L + L numbers). All methods search the same
 box (the black-box samplers draw from it, the gradient methods are projected
-onto it) and the gradient methods start from its centre.
+onto it); ``hypergradient`` and ``online`` start from its centre.
 
 Compilation is excluded from every method's clock: each regime's programs
 are compiled once, before any clock starts, and reused by every trial and
-hyper-step (``hg.online`` compiles its loop in the first pass and reuses it
-after; that compile is subtracted, see ``runners._online_loop_seconds``). Writes to the Optuna storage
-are excluded too (they are the machinery of resuming, which the other
-methods do not pay).
+hyper-step (the hyper-update of each of the hybrid's few hyper learning rates
+too; ``hg.online`` compiles its loop in the first pass and reuses it after;
+that compile is subtracted, see ``runners._online_loop_seconds``). Writes to
+the Optuna storage are excluded too (they are the machinery of resuming,
+which the other methods do not pay).
 
 Outputs in ``--out``: ``trace.csv``, ``summary.csv``, ``summary.md``,
 ``trace.png``, the Optuna storage (``optuna.journal`` unless ``--storage``)
 and ``runs/`` (one JSON per finished gradient run). Running the same command
-again resumes: the black-box studies continue from their storage (with a
-larger ``--budget-seconds`` they get the extra time), finished gradient runs
-with the same budget are read back, not redone.
+again resumes: the Optuna studies (random, tpe, hybrid) continue from their
+storage (with a larger ``--budget-seconds`` they get the extra time),
+finished gradient runs with the same budget are read back, not redone.
 
 The package, by job: ``space`` (λ and its box), ``problem`` (what is tuned),
 ``programs`` (compiled once per regime), ``clock`` (budgets and runs),
-``runners`` (the four methods), ``records`` (finished runs saved),
+``runners`` (the five methods), ``records`` (finished runs saved),
 ``report`` (tables and plot), ``run`` (the orchestration), ``cli``.
 """
 

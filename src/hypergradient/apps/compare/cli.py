@@ -12,7 +12,7 @@ from ..terminal import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, no
 from .problem import EXPERIMENTS, REGIMES
 from .report import print_summary
 from .run import compare
-from .runners import METHODS
+from .runners import METHODS, STUDIES
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
                         help="repetitions (weights, minibatch order, sampler seed); default 1")
     parser.add_argument("--storage", metavar="URL",
-                        help="Optuna storage of the random-search and TPE studies: a URL such as "
+                        help="Optuna storage of the random-search, TPE and hybrid studies: a URL such as "
                         "sqlite:///study.db, or a journal file path (default OUT/optuna.journal); "
                         "the same storage resumes an interrupted comparison")
     parser.add_argument("--out", metavar="DIR",
@@ -55,10 +55,11 @@ def _error(message: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``hypergradient compare`` with parsed ``args``; print the summary; return the exit code."""
-    black_box = [m for m in args.methods if m in ("random", "tpe")]
-    install = missing_extra("optuna", "compare") if black_box else None
+    studies = [m for m in args.methods if m in STUDIES]
+    install = missing_extra("optuna", "compare") if studies else None
     if install:
-        return _error(f"{' and '.join(black_box)} need optuna, which is not installed: {install} "
+        names = " and ".join([", ".join(studies[:-1]), studies[-1]] if len(studies) > 1 else studies)
+        return _error(f"{names} need{'s' if len(studies) == 1 else ''} optuna, which is not installed: {install} "
                       "(or leave them out: --methods hypergradient,online)")
     regimes = REGIMES if args.regime == "both" else (args.regime,)
     out = Path(args.out) if args.out else Path("results") / (

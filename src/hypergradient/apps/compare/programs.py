@@ -17,6 +17,7 @@ from .. import methods as method_names
 from .space import box_constraint, lam_centre
 
 PRUNING_CHUNKS = 4  # TPE reports the validation loss after each quarter of the training run
+HYBRID_DOUBLINGS = range(-3, 4)  # the hybrid's hyper learning rates: the problem's times 2^k
 
 
 class Programs:
@@ -63,13 +64,27 @@ class Programs:
         if "tpe" in methods:
             state = self.initial(dyn, lam)
             jax.block_until_ready(self.segment(dyn, state, lam, jnp.asarray(0, jnp.int32)))
-        if "hypergradient" in methods:
-            try:
-                hg.hypergrad(dyn, self.problem.objective, lam, self.reverse)
-            except hg.DivergenceError:
-                pass
+        lrs = {self.problem.hyper_lr} if "hypergradient" in methods else set()
+        if "hybrid" in methods:
+            lrs |= {self.hybrid_lr(k) for k in HYBRID_DOUBLINGS}
+        for lr in sorted(lrs):
+            self._warm_optimize(dyn, lam, lr)
         jax.block_until_ready(self.problem.test(dyn.run(lam)))
         return time.perf_counter() - t0
+
+    def hybrid_lr(self, doublings: int) -> float:
+        """The hybrid's hyper learning rate: the problem's times ``2**doublings``. A few fixed values
+        rather than a continuous range, so that each hyper-update is compiled once, in the warm-up."""
+        return self.problem.hyper_lr * 2.0**doublings
+
+    def _warm_optimize(self, dyn, lam, lr: float) -> None:
+        """One hyper-step of ``hg.optimize`` at hyper learning rate ``lr``: compiles its hypergradient,
+        its hyper-update (Adam at ``lr`` and the box) and its final evaluation."""
+        try:
+            hg.optimize(dyn, self.problem.objective, lam, method=self.reverse, hyper_optimizer=self.adam(lr),
+                        hyper_steps=1, constraint=self.box, progress=False)
+        except hg.HyperDivergenceError:
+            pass
 
     def evaluate(self, dyn, lam) -> float:
         """f(λ): one plain training run and the validation loss (``inf`` if training diverged)."""

@@ -12,7 +12,8 @@ from . import records
 from .clock import Run
 from .problem import REGIMES, problems
 from .report import summarize, write_outputs
-from .runners import METHODS, open_storage, run_black_box, run_hypergradient, run_online, score_choice, study_name
+from .runners import (METHODS, STUDIES, open_storage, run_black_box, run_hybrid, run_hypergradient, run_online,
+                      score_choice, study_name)
 from .space import space_size
 
 
@@ -23,7 +24,7 @@ def compare(experiment: str, dataset: str = "digits", data_dir: str | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage_spec = storage or str(out / "optuna.journal")
-    store = open_storage(storage_spec) if {"random", "tpe"} & set(methods) else None
+    store = open_storage(storage_spec) if set(STUDIES) & set(methods) else None
     built = problems(experiment, dataset, data_dir, tiny)
     runs: list[Run] = []
     compile_seconds = {}
@@ -37,9 +38,10 @@ def compare(experiment: str, dataset: str = "digits", data_dir: str | None = Non
                 key = {"experiment": experiment, "dataset": dataset, "tiny": tiny, "regime": regime,
                        "method": method, "seed": seed, "budget": budget}
                 started = time.perf_counter()
-                if method in ("random", "tpe"):
+                if method in STUDIES:
                     name = study_name(experiment, dataset, tiny, regime, method, seed)
-                    run = run_black_box(method, problem, seed, budget, store, name)
+                    run = (run_hybrid(problem, seed, budget, store, name) if method == "hybrid"
+                           else run_black_box(method, problem, seed, budget, store, name))
                 else:
                     run = records.load(out, key)
                     if run is not None:

@@ -1,4 +1,5 @@
-"""The four ways of tuning λ within a budget: random search, TPE, hypergradient descent, real time."""
+"""The ways of tuning λ within a budget: random search, TPE, hypergradient descent, real time, and
+TPE over the outer settings of hypergradient descent (hybrid)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import hypergradient as hg
 
 from .clock import Clock, Paused, Run, Tracker
 from .problem import Problem
-from .space import lam_centre, lam_from_params, suggest
+from .programs import HYBRID_DOUBLINGS
+from .space import lam_centre, lam_from_params, suggest, suggest_start
 
-METHODS = ("random", "tpe", "hypergradient", "online")
+METHODS = ("random", "tpe", "hypergradient", "online", "hybrid")
+STUDIES = ("random", "tpe", "hybrid")  # the methods that run as Optuna studies in the storage
+HYBRID_HYPER_STEPS = 10  # hyper-steps of hg.optimize per hybrid trial
 
 
 def _optuna():
@@ -49,24 +53,17 @@ def run_black_box(method: str, problem: Problem, seed: int, budget: float, stora
     measure the storage, not the sampler.
     """
     optuna = _optuna()
-    from optuna.trial import TrialState, create_trial
+    from optuna.trial import TrialState
 
     programs = problem.programs
-    persistent = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize")
-    done = persistent.get_trials(deepcopy=False)
-    # A fresh sampler seed per resumption, so a resumed random search does not redraw its first points.
-    sampler_seed = int(np.random.SeedSequence([seed, len(done)]).generate_state(1)[0])
     if method == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+        sampler = optuna.samplers.TPESampler
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
                   if programs.chunks > 1 else optuna.pruners.NopPruner())
     else:
-        sampler, pruner = optuna.samplers.RandomSampler(seed=sampler_seed), optuna.pruners.NopPruner()
-    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
-    study.add_trials(done)
-    offset = max((t.user_attrs.get("elapsed", 0.0) for t in done), default=0.0)
+        sampler, pruner = optuna.samplers.RandomSampler, optuna.pruners.NopPruner()
+    persistent, study, done, clock = _resume(storage, name, seed, sampler, pruner)
     dyn = problem.dynamics(seed)
-    clock = Clock(offset)
     new = 0
     while clock() < budget:
         trial = study.ask()
@@ -89,13 +86,34 @@ def run_black_box(method: str, problem: Problem, seed: int, budget: float, stora
             frozen = study.tell(trial, value)
         new += 1
         with Paused(clock):
-            persistent.add_trial(create_trial(
-                state=frozen.state, value=frozen.value, params=frozen.params,
-                distributions=frozen.distributions, user_attrs=frozen.user_attrs,
-                intermediate_values=frozen.intermediate_values,
-            ))
+            _persist(persistent, frozen)
     return black_box_run(method, problem, seed, budget, study.get_trials(deepcopy=False),
                          note=f"{len(done)} trials from storage, {new} new")
+
+
+def _resume(storage, name: str, seed: int, sampler, pruner=None):
+    """The persistent study ``name`` (created if new), the in-memory study that samples (by
+    ``sampler(seed=...)``, its history the persistent one's trials), those trials, and the clock,
+    which starts at the latest ``elapsed`` recorded."""
+    optuna = _optuna()
+    persistent = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize")
+    done = persistent.get_trials(deepcopy=False)
+    # A fresh sampler seed per resumption, so a resumed random search does not redraw its first points.
+    sampler_seed = int(np.random.SeedSequence([seed, len(done)]).generate_state(1)[0])
+    study = optuna.create_study(sampler=sampler(seed=sampler_seed), pruner=pruner, direction="minimize")
+    study.add_trials(done)
+    return persistent, study, done, Clock(max((t.user_attrs.get("elapsed", 0.0) for t in done), default=0.0))
+
+
+def _persist(persistent, frozen) -> None:
+    """Copy a finished trial of the in-memory study to the persistent one."""
+    from optuna.trial import create_trial
+
+    persistent.add_trial(create_trial(
+        state=frozen.state, value=frozen.value, params=frozen.params,
+        distributions=frozen.distributions, user_attrs=frozen.user_attrs,
+        intermediate_values=frozen.intermediate_values,
+    ))
 
 
 def black_box_run(method, problem, seed, budget, trials, note="") -> Run:
@@ -142,6 +160,81 @@ def run_hypergradient(problem: Problem, seed: int, budget: float) -> Run:
             lam, lr = e.hparams, lr / 2
             notes.append(f"diverged at hyper-step {e.hyper_step}: hyper lr halved to {lr:g}")
     return tracker.run("hypergradient", problem.regime, seed, "; ".join(notes))
+
+
+def run_hybrid(problem: Problem, seed: int, budget: float, storage, name: str) -> Run:
+    """TPE over the outer settings, hypergradient descent on λ inside each trial.
+
+    The hybrid of ``hypergradient run --trials N --search optuna`` (:mod:`hypergradient.apps.tune`,
+    through Ray Tune's ``OptunaSearch``), here with Optuna directly, like ``tpe``: an Optuna study
+    in the same storage, resumed the same way. Each trial draws the hyper learning rate (the
+    problem's times 2^k, k in ``HYBRID_DOUBLINGS``: each value's hyper-update is compiled in the
+    warm-up) and where λ starts (one number per entry, ``start_LABEL``: in the ``many`` regime a
+    constant schedule), then runs ``hg.optimize`` (Reverse-HG, Adam, projected onto the box) for
+    ``HYBRID_HYPER_STEPS`` hyper-steps. Every f(λ_k), and f at the final λ, is one evaluation;
+    the trial's value, told to TPE, is the lowest of them. A trial that diverges keeps the values
+    before the divergence. The trial records its ``curve`` ((seconds, f) within the budget) and
+    its ``best_lam``, from which :func:`hybrid_run` builds the run.
+    """
+    optuna = _optuna()
+    from optuna.trial import TrialState
+
+    programs = problem.programs
+    persistent, study, done, clock = _resume(storage, name, seed, optuna.samplers.TPESampler)
+    dyn = problem.dynamics(seed)
+    new = 0
+    while clock() < budget:
+        trial = study.ask()
+        lr = programs.hybrid_lr(trial.suggest_int("hyper_lr_doublings", HYBRID_DOUBLINGS[0], HYBRID_DOUBLINGS[-1]))
+        lam0 = suggest_start(trial, problem.space)
+        curve, best = [], {"value": np.inf, "lam": None}
+
+        def record(value, lam, curve=curve, best=best):
+            seconds = clock()
+            if seconds <= budget and np.isfinite(value):
+                curve.append((seconds, float(value)))
+                if value < best["value"]:
+                    best.update(value=float(value), lam={k: np.asarray(v).tolist() for k, v in lam.items()})
+            return seconds >= budget
+
+        try:
+            res = hg.optimize(dyn, problem.objective, lam0, method=programs.reverse, hyper_optimizer=programs.adam(lr),
+                              hyper_steps=HYBRID_HYPER_STEPS, constraint=programs.box,
+                              callback=lambda step, lam, value, grad: record(value, lam), progress=False)
+            if not res.stopped:
+                record(res.value, res.hparams)
+            trial.set_user_attr("diverged", False)
+        except hg.HyperDivergenceError:
+            trial.set_user_attr("diverged", True)
+        trial.set_user_attr("elapsed", clock())
+        trial.set_user_attr("curve", curve)
+        trial.set_user_attr("best_lam", best["lam"])
+        frozen = study.tell(trial, best["value"]) if curve else study.tell(trial, state=TrialState.FAIL)
+        new += 1
+        with Paused(clock):
+            _persist(persistent, frozen)
+    return hybrid_run(problem, seed, budget, study.get_trials(deepcopy=False),
+                      note=f"{len(done)} trials from storage, {new} new")
+
+
+def hybrid_run(problem: Problem, seed: int, budget: float, trials, note: str = "") -> Run:
+    """The trace and choice of a hybrid study, from its trials' curves.
+
+    Each point of a trial goes to the tracker with the trial's best λ: the last improvement, whose
+    λ is the run's choice, is always the best point of its trial.
+    """
+    from optuna.trial import TrialState
+
+    tracker = Tracker(budget)
+    points = sorted((seconds, value, t.number) for t in trials if t.state == TrialState.COMPLETE
+                    for seconds, value in t.user_attrs["curve"])
+    best_lam = {t.number: t.user_attrs["best_lam"] for t in trials}
+    for seconds, value, number in points:
+        tracker.add(seconds, value, best_lam[number])
+    diverged = sum(t.user_attrs.get("diverged", False) and t.user_attrs.get("elapsed", 0) <= budget for t in trials)
+    tracker.evaluations += diverged  # the hyper-step that diverged was a training run too
+    note += f", {diverged} diverged" if diverged else ""
+    return tracker.run("hybrid", problem.regime, seed, note + f"; {HYBRID_HYPER_STEPS} hyper-steps per trial")
 
 
 def _online_loop_seconds(history_seconds: np.ndarray) -> float:

@@ -54,8 +54,20 @@ def space_size(space: Space) -> int:
     return sum(int(np.prod(a.shape, dtype=int)) for a in space.values())
 
 
+def _constant(space: Space, x: Mapping[str, float]) -> dict:
+    """λ holding ``x[k]`` (natural units) at every position of entry ``k``."""
+    return {k: jnp.full(a.shape, a.to_lam(np.array(x[k])), jnp.float32) for k, a in space.items()}
+
+
 def lam_centre(space: Space) -> dict:
-    return {k: jnp.full(a.shape, a.to_lam(np.array(a.centre())), jnp.float32) for k, a in space.items()}
+    return _constant(space, {k: a.centre() for k, a in space.items()})
+
+
+def suggest_start(trial, space: Space) -> dict:
+    """A starting λ from the trial: one number per entry (``start_LABEL``, log-uniform or uniform over
+    its box), the same at every step and layer."""
+    return _constant(space, {k: trial.suggest_float(f"start_{a.label}", a.lo, a.hi, log=a.scale == "log")
+                             for k, a in space.items()})
 
 
 def lam_from_params(space: Space, params: Mapping[str, float]) -> dict:
