@@ -34,7 +34,14 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 PLAIN_INSTALL = """
 import sys
 
-sys.modules.update(dict.fromkeys({blocked!r}))  # None: imports fail, find_spec finds nothing
+
+class NotInstalled:  # first on the import path: the blocked modules cannot be imported or found
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+
+sys.meta_path.insert(0, NotInstalled())
 from hypergradient.apps.cli import main
 sys.exit(main(sys.argv[1:]))
 """

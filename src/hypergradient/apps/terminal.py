@@ -17,8 +17,11 @@ def say(message: str) -> None:
 
 def missing_extra(module: str, extra: str) -> str | None:
     """``None`` if ``module`` can be imported; otherwise the command that installs the extra bringing it."""
-    if importlib.util.find_spec(module) is not None:
-        return None
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except ImportError:  # an import hook that refuses it
+        pass
     return f"pip install 'hypergradient[{extra}]'"
 
 
