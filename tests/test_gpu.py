@@ -34,6 +34,28 @@ def test_products_run_at_full_precision_by_default(method):
     assert precisions and set(precisions) == {"[HIGHEST, HIGHEST]"}
 
 
+def test_plain_training_and_the_online_loop_trace_at_full_precision_too():
+    """The loss records the product precision in force whenever the library traces it."""
+    seen = []
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32), jnp.asarray(rng.normal(size=16), jnp.float32)
+
+    def loss(w, lam, batch):
+        seen.append(jax.config.jax_default_matmul_precision)
+        bx, by = batch
+        return jnp.mean((bx @ w - by) ** 2) + jnp.exp(lam["log_l2"]) * jnp.sum(w**2)
+
+    dyn = hg.Dynamics(init=jnp.zeros(3, jnp.float32), loss=loss, optimizer=hg.optim.sgd(),
+                      optimizer_hparams=lambda lam, t: {"lr": 0.1}, data=hg.Batches((x, y), 4, key=jax.random.PRNGKey(0)),
+                      steps=8)
+    lam = {"log_l2": jnp.asarray(-2.0, jnp.float32)}
+    dyn.run(lam)
+    assert seen and set(seen) == {"highest"}
+    seen.clear()
+    hg.online(dyn, lambda w, lam: jnp.mean((x @ w - y) ** 2), lam, method=hg.Forward(), every=4, progress=False)
+    assert seen and set(seen) == {"highest"}
+
+
 def test_jax_own_setting_chooses_faster_products_and_a_program_of_its_own():
     dyn, objective, lam = mlp_problem(steps=6)
     exact = hg.hypergrad(dyn, objective, lam)

@@ -242,34 +242,36 @@ class Dynamics:
         check_finite(data, "the training data")
 
     def validate(self, lam) -> None:
-        """Trace one step abstractly; raise a ``ValueError`` naming what cannot run."""
-        check_hparams_dtype(lam)
-        t0 = jnp.zeros((), jnp.int32)
-        try:
-            state = jax.eval_shape(self.initial_state, lam)
-        except Exception as e:
-            raise ValueError(f"init(λ) failed: {e}") from e
-        hp = jax.eval_shape(self.hparams, lam, t0)
-        self.optimizer.check_hparams(hp)
-        batch = jax.eval_shape(self.batch, t0)
-        try:
-            loss = jax.eval_shape(lambda p: self.train_loss(p, lam, self.batch(t0)), state.params)
-        except Exception as e:
-            raise ValueError(
-                f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
-                f"weight shapes {_shapes(state.params)}): {e}"
-            ) from e
-        if getattr(loss, "shape", None) != ():
-            raise ValueError(f"loss must return a scalar, it returned shape {getattr(loss, 'shape', loss)}")
-        try:
-            jax.eval_shape(self.step, state, lam, t0)
-        except ValueError:
-            raise
-        except Exception as e:
-            raise ValueError(
-                f"the {self.optimizer.name} step fails with hyperparameters of shapes {_shapes(hp)} "
-                f"on weights of shapes {_shapes(state.params)}: {e}"
-            ) from e
+        """Trace one step abstractly (at the programs' product precision); raise a ``ValueError``
+        naming what cannot run."""
+        with library_precision():
+            check_hparams_dtype(lam)
+            t0 = jnp.zeros((), jnp.int32)
+            try:
+                state = jax.eval_shape(self.initial_state, lam)
+            except Exception as e:
+                raise ValueError(f"init(λ) failed: {e}") from e
+            hp = jax.eval_shape(self.hparams, lam, t0)
+            self.optimizer.check_hparams(hp)
+            batch = jax.eval_shape(self.batch, t0)
+            try:
+                loss = jax.eval_shape(lambda p: self.train_loss(p, lam, self.batch(t0)), state.params)
+            except Exception as e:
+                raise ValueError(
+                    f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
+                    f"weight shapes {_shapes(state.params)}): {e}"
+                ) from e
+            if getattr(loss, "shape", None) != ():
+                raise ValueError(f"loss must return a scalar, it returned shape {getattr(loss, 'shape', loss)}")
+            try:
+                jax.eval_shape(self.step, state, lam, t0)
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ValueError(
+                    f"the {self.optimizer.name} step fails with hyperparameters of shapes {_shapes(hp)} "
+                    f"on weights of shapes {_shapes(state.params)}: {e}"
+                ) from e
 
 
 def _shapes(tree):
