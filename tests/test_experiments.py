@@ -15,6 +15,7 @@ import re
 
 import pytest
 
+import hypergradient as hg
 from hypergradient.apps.cli import main
 from hypergradient.apps import datasets, experiments
 from hypergradient.apps.experiments import plots, realtime, runner
@@ -100,6 +101,21 @@ def test_realtime_refuses_a_start_outside_the_box():
     data = datasets.load(config.dataset, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test)
     with pytest.raises(ExperimentError, match="must lie in their bounds"):
         realtime.Realtime(config, data)
+
+
+def test_realtime_hypergradient_is_the_slope_of_the_validation_loss():
+    # The CNN must train by a step continuous in the weights: with relu, whose derivative jumps,
+    # this hypergradient of 400 Adam steps is 4% off the slope (and of the wrong sign through 600
+    # steps of the default CNN), which is what drove realtime's learning rate towards 0.
+    config = dataclasses.replace(realtime.tiny(), method="reverse", hyper_steps=1, every=400, lr0=3e-3)
+    dyn, objective, lam0 = runner.problem(realtime, config)
+    grad = hg.value_and_grad(dyn, objective, lam0, method=hg.Reverse()).grad["log_lr"]
+
+    def loss(shift):
+        lam = {**lam0, "log_lr": lam0["log_lr"] + shift}
+        return float(objective(dyn.run(lam), lam))
+
+    assert float(grad) == pytest.approx((loss(0.01) - loss(-0.01)) / 0.02, rel=5e-3)
 
 
 def test_distill_beats_ten_random_real_images(tmp_path, capsys):
