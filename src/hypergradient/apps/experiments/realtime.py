@@ -71,7 +71,9 @@ class Config:
       every: Δ, training steps between hyper-updates.
       truncation: K ≤ Δ for ``trho``.
       offline_hyper_steps: hyper-steps of the offline comparator.
-      hyper_lr: Adam's learning rate on (log_lr, log_l2).
+      hyper_lr: Adam's learning rate on (log_lr, log_l2), every method's. 0.3, not 0.1: in real time
+        λ must reach its values early in the one run, and 60 updates of ≤ 0.1 in log λ take a third
+        of it to get from lr 1e-3 to 1e-2.
       lr0, l2_0: the initial (and baseline) Adam learning rate and L2 strength.
       lr_bounds, l2_bounds: the box every method keeps λ in (projected after each hyper-step).
       seed: weights, minibatch order.
@@ -87,7 +89,7 @@ class Config:
     every: int | None = None
     truncation: int | None = None
     offline_hyper_steps: int | None = None
-    hyper_lr: float = 0.1
+    hyper_lr: float = 0.3
     lr0: float = 1e-3
     l2_0: float = 1e-3
     lr_bounds: tuple[float, float] = (1e-4, 1e-1)
