@@ -15,9 +15,11 @@ import re
 
 import pytest
 
+import hypergradient as hg
 from hypergradient.apps.cli import main
 from hypergradient.apps import datasets, experiments
-from hypergradient.apps.experiments import plots, runner
+from hypergradient.apps.experiments import plots, realtime, runner
+from hypergradient.errors import ExperimentError
 
 
 def run_tiny(tmp_path, capsys, name, *extra):
@@ -64,11 +66,56 @@ def test_hyper_cleaning_beats_the_baseline_and_finds_flipped_labels(tmp_path, ca
 def test_realtime_beats_the_fixed_hyperparameters_in_one_run(tmp_path, capsys):
     result, config, rows, _ = run_tiny(tmp_path, capsys, "realtime", "--method", "trho")
     assert config["method"] == "trho"
-    assert result["val_loss_online"] < result["val_loss_fixed"]
-    assert result["test_error_online"] < result["test_error_fixed"]
+    assert result["val_loss_tuned"] < result["val_loss_fixed"]
+    assert result["test_error_tuned"] < result["test_error_fixed"]
     assert result["lr_end"] != pytest.approx(result["lr_start"])
     assert len(rows) == result["hyper_updates"] == config["hyper_steps"]
     assert all(float(r["lr"]) > 0 for r in rows)
+    assert result["seconds_fixed"] > 0 and result["seconds_tuning"] > 0
+
+
+def test_realtime_offline_comparator_tunes_the_same_constant_hyperparameters(tmp_path, capsys):
+    result, config, rows, out = run_tiny(tmp_path, capsys, "realtime", "--method", "reverse")
+    assert len(rows) == result["hyper_updates"] == config["offline_hyper_steps"]
+    assert result["training_steps"] == config["hyper_steps"] * config["every"]  # the online run's length
+    assert result["val_loss_tuned"] < result["val_loss_fixed"]
+    assert result["seconds_fixed"] > 0 and result["seconds_tuning"] > 0
+    assert "hyper-steps of Adam (reverse)" in out.err
+
+
+@pytest.mark.parametrize("method", ["rtho", "reverse"])
+def test_realtime_keeps_the_hyperparameters_in_their_box(tmp_path, method):
+    # a box too narrow for where λ goes on its own (the learning rate rises, the L2 strength falls)
+    config = dataclasses.replace(realtime.tiny(), method=method, lr_bounds=(5e-4, 1.2e-3), l2_bounds=(9e-4, 2e-3))
+    result = realtime.run(config, tmp_path / method, progress=False)
+    with open(tmp_path / method / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key, (lo, hi) in (("lr", config.lr_bounds), ("l2", config.l2_bounds)):
+        values = [float(r[key]) for r in rows] + [result[f"{key}_end"]]
+        assert all(lo * (1 - 1e-5) <= v <= hi * (1 + 1e-5) for v in values), (key, values)
+        assert max(values) > 0.99 * hi or min(values) < 1.01 * lo  # the box was reached
+
+
+def test_realtime_refuses_a_start_outside_the_box():
+    config = dataclasses.replace(realtime.tiny(), lr0=1.0).resolved()
+    data = datasets.load(config.dataset, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test)
+    with pytest.raises(ExperimentError, match="must lie in their bounds"):
+        realtime.Realtime(config, data)
+
+
+def test_realtime_hypergradient_is_the_slope_of_the_validation_loss():
+    # The CNN must train by a step continuous in the weights: with relu, whose derivative jumps,
+    # this hypergradient of 400 Adam steps is 4% off the slope (and of the wrong sign through 600
+    # steps of the default CNN), which is what drove realtime's learning rate towards 0.
+    config = dataclasses.replace(realtime.tiny(), method="reverse", hyper_steps=1, every=400, lr0=3e-3)
+    dyn, objective, lam0 = runner.problem(realtime, config)
+    grad = hg.value_and_grad(dyn, objective, lam0, method=hg.Reverse()).grad["log_lr"]
+
+    def loss(shift):
+        lam = {**lam0, "log_lr": lam0["log_lr"] + shift}
+        return float(objective(dyn.run(lam), lam))
+
+    assert float(grad) == pytest.approx((loss(0.01) - loss(-0.01)) / 0.02, rel=5e-3)
 
 
 def test_distill_beats_ten_random_real_images(tmp_path, capsys):

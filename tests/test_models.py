@@ -16,7 +16,7 @@ def np_log_softmax(z):
 
 
 def np_cnn(params, x, image_shape):
-    """Reference CNN: explicit 3x3 cross-correlation, relu, 2x2 average pooling."""
+    """Reference CNN: explicit 3x3 cross-correlation, SiLU, 2x2 average pooling."""
     p = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params]
     x = np.asarray(x, np.float64).reshape(len(x), *image_shape, 1)
     for layer in p[:-1]:
@@ -26,7 +26,8 @@ def np_cnn(params, x, image_shape):
         for di in range(3):
             for dj in range(3):
                 out += padded[:, di : di + h, dj : dj + w, :] @ layer["W"][di, dj]
-        x = np.maximum(out + layer["b"], 0)
+        z = out + layer["b"]
+        x = z / (1 + np.exp(-z))
         h2, w2 = h // 2, w // 2
         x = sum(x[:, i : 2 * h2 : 2, j : 2 * w2 : 2] for i in (0, 1) for j in (0, 1)) / 4
     return x.reshape(len(x), -1) @ p[-1]["W"] + p[-1]["b"]

@@ -88,7 +88,7 @@ def cnn_init(
 ) -> Params:
     """Initialises a small convolutional network for grayscale images.
 
-    Each of the ``len(channels)`` blocks is a 3x3 'SAME' convolution, relu and
+    Each of the ``len(channels)`` blocks is a 3x3 'SAME' convolution, SiLU (x·sigmoid(x)) and
     2x2 average pooling (which halves each side, rounding down); a dense layer
     maps the flattened features to the logits. Weights are
     ``N(0, 1) / sqrt(fan_in)`` with ``fan_in = 9 * in_channels`` for a
@@ -146,10 +146,13 @@ def cnn_apply(
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        x = jax.nn.relu(x + layer["b"])
+        # SiLU and average pooling keep the model smooth. Relu's (and max pooling's) derivative
+        # jumps, so a training step w - η∇L(w) jumps as an example's unit switches, and the
+        # hypergradient of a long run (the derivative of its smooth pieces) misses those jumps:
+        # through 600 Adam steps on digits it says lowering the learning rate helps while the
+        # validation loss rises (docs/experiments.md, realtime).
+        x = jax.nn.silu(x + layer["b"])
         n, h, w, c = x.shape
-        # Average pooling keeps the model smooth (max pooling's derivative
-        # jumps), which matters when differentiating through training.
         x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return x.reshape(x.shape[0], -1) @ params[-1]["W"] + params[-1]["b"]
 

@@ -19,8 +19,8 @@ supplies only what differs::
 
 The method named by ``config.method`` (:data:`hypergradient.apps.methods.METHODS`)
 picks the driver: ``hg.online`` for a real-time one (Δ = ``config.every``),
-``hg.optimize`` otherwise (``config.hyper_steps`` steps); both use Adam at
-``config.hyper_lr`` and checkpoint under ``checkpoints/LABEL``.
+``hg.optimize`` otherwise (the search's ``hyper_steps``, by default ``config.hyper_steps``);
+both use Adam at ``config.hyper_lr`` and checkpoint under ``checkpoints/LABEL``.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ from .scoring import metrics
 
 @dataclasses.dataclass(frozen=True)
 class Search:
-    """One tuning run: its label (the checkpoint folder's name), λ_0 and the projection after each step."""
+    """One tuning run: its label (the checkpoint folder's name), λ_0, the projection after each step
+    and, offline, the number of hyper-steps (``None``: ``config.hyper_steps``)."""
 
     label: str
     lam0: Any
     constraint: Callable | None = None
+    hyper_steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Tuned:
       selected_value: the objective at ``hparams`` as the driver evaluated it (offline, the lowest
         seen; ``nan`` when unknown: real time after a divergence).
       note: ``""`` or what went wrong.
+      seconds: wall time of the tuning run (offline, with the final training at ``hparams``).
     """
 
     label: str
@@ -79,6 +82,7 @@ class Tuned:
     selected_step: int
     selected_value: float
     note: str
+    seconds: float = float("nan")
 
     def selection(self) -> dict:
         """Which hyper-step's λ is reported, and its objective: result fields."""
@@ -235,13 +239,17 @@ def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
                    checkpoint_dir=out_dir / "checkpoints" / search.label,
                    progress=_ResumeNotice(search.label, progress))
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
+    started = time.perf_counter()
     if methods.METHODS[config.method].realtime:
         say(f"[3/4] tune {search.label}: {config.method} on {size} hyperparameters, one run of "
             f"{exp.dynamics.steps} steps, λ updated every {config.every} steps")
-        return _online(exp, search, options)
-    say(f"[3/4] tune {search.label}: {config.hyper_steps} hyper-steps of Adam ({config.method}) "
-        f"on {size} hyperparameters")
-    return _offline(exp, search, options)
+        tuned = _online(exp, search, options)
+    else:
+        hyper_steps = config.hyper_steps if search.hyper_steps is None else search.hyper_steps
+        say(f"[3/4] tune {search.label}: {hyper_steps} hyper-steps of Adam ({config.method}) "
+            f"on {size} hyperparameters")
+        tuned = _offline(exp, search, hyper_steps, options)
+    return dataclasses.replace(tuned, seconds=time.perf_counter() - started)
 
 
 def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
@@ -257,7 +265,7 @@ def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
     return Tuned(search.label, hparams, params, history, len(history["value"]), value, note)
 
 
-def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
+def _offline(exp: Experiment, search: Search, hyper_steps: int, options: dict) -> Tuned:
     """``hg.optimize``, keeping the best λ seen.
 
     Every hyper-step evaluates f(λ_k) on the validation objective, so the
@@ -269,7 +277,7 @@ def _offline(exp: Experiment, search: Search, options: dict) -> Tuned:
     """
     note = ""
     try:
-        res = hg.optimize(exp.dynamics, exp.objective, search.lam0, hyper_steps=exp.config.hyper_steps, **options)
+        res = hg.optimize(exp.dynamics, exp.objective, search.lam0, hyper_steps=hyper_steps, **options)
         final, best, history = (res.value, res.hparams, res.steps), (res.best_hparams, res.best_value,
                                                                      res.best_step), res.history
     except hg.HyperDivergenceError as e:
