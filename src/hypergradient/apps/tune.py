@@ -277,8 +277,10 @@ def run_experiment(name: str, config, trials: int, out: str | Path, **options) -
         raise ExperimentError(f"--trials runs offline methods (hg.optimize); {config.method!r} is real-time")
     from ray import tune
 
+    # realtime's offline comparator has hyper-steps of its own; hyper_steps sizes its training run
+    hyper_steps = getattr(config, "offline_hyper_steps", None) or config.hyper_steps
     space = {"hyper_lr": tune.loguniform(config.hyper_lr / 10, config.hyper_lr * 10),
-             "seed": tune.randint(0, 2**16), "hyper_steps": config.hyper_steps}
+             "seed": tune.randint(0, 2**16), "hyper_steps": hyper_steps}
     found = run(functools.partial(build_experiment, name=name, config=config), space, trials,
                 method=methods.make(config.method, config.truncation), out=out, **options)
     best = dataclasses.replace(config, hyper_lr=found.best["hyper_lr"], seed=found.best["seed"])
