@@ -147,8 +147,8 @@ def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, ext
     elapsed = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[-1]
+        return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: {last.rpartition('errors.')[2]}"}
     rec = json.loads(lines[-1])
     rec["process_seconds"] = elapsed
     return rec
@@ -304,7 +304,7 @@ def markdown(report: dict) -> str:
         impl, name = key.split(":", 1)
         label = "ours" if impl == "ours" else PEER_LABEL.get(name, name)
         if "error" in r:
-            lines.append(f"| {label} | {name} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {label} | {name} | failed: {r['error'][:200]} | | | | | | |")
             continue
         method = (OUR_LABEL.get(name, name).format(k=report["checkpoint_every"], tk=report["truncate"])
                   if impl == "ours" else "unrolled reverse")
