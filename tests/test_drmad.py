@@ -115,6 +115,8 @@ def test_a_backward_pass_that_blows_up_is_refused_with_the_exact_alternative():
         hg.hypergrad(dyn, objective, lam, DrMAD())
     exact = hg.hypergrad(dyn, objective, lam, hg.Reverse())
     assert exact.stats["backward_growth"] < 10
+    overflowed = DrMAD().failure(hg.Failure.APPROXIMATION_UNSTABLE, {"backward_growth": np.inf})
+    assert "path overflowed (largest" in str(overflowed) and "inf" not in str(overflowed)
 
 
 def test_a_stable_backward_pass_reports_its_growth():

@@ -48,6 +48,7 @@ there when accuracy matters.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,10 @@ class DrMAD(Method):
     def failure(self, result, stats):
         if result != Failure.APPROXIMATION_UNSTABLE:
             return None
+        growth = float(stats["backward_growth"])
+        grew = f"grew {growth:.3g}x" if math.isfinite(growth) else "overflowed"
         return MethodError(
-            f"DrMAD: the backward recursion along the straight-line path grew {stats['backward_growth']:.3g}x "
+            f"DrMAD: the backward recursion along the straight-line path {grew} "
             "(largest ‖α_t‖ against ‖α_T‖): the path leaves the region training went through, and the "
             "approximate hypergradient is meaningless here; use hg.Reverse(checkpoint_every=...) (exact, "
             "memory ~(T/k + k)·d) or a shorter run"
