@@ -117,6 +117,8 @@ def test_a_backward_pass_that_blows_up_is_refused_with_the_exact_alternative():
     assert exact.stats["backward_growth"] < 10
     overflowed = DrMAD().failure(hg.Failure.APPROXIMATION_UNSTABLE, {"backward_growth": np.inf})
     assert "path overflowed (largest" in str(overflowed) and "inf" not in str(overflowed)
+    chaos = hg.Reverse().failure(hg.Failure.CHAOTIC, {"backward_growth": np.nan})
+    assert "backward pass overflowed (largest" in str(chaos) and "nan" not in str(chaos)
 
 
 def test_a_stable_backward_pass_reports_its_growth():

@@ -48,14 +48,13 @@ there when accuracy matters.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from ..errors import Failure, MethodError
 from .base import Method, solution
-from .reverse import backward_growth
+from .reverse import backward_growth, grew
 
 #: A backward pass that grows more than this (max ‖α_t‖ / ‖α_T‖) has left any trend the true
 #: trajectory could give: the approximation has blown up. Exact backward passes of stable runs
@@ -75,10 +74,8 @@ class DrMAD(Method):
     def failure(self, result, stats):
         if result != Failure.APPROXIMATION_UNSTABLE:
             return None
-        growth = float(stats["backward_growth"])
-        grew = f"grew {growth:.3g}x" if math.isfinite(growth) else "overflowed"
         return MethodError(
-            f"DrMAD: the backward recursion along the straight-line path {grew} "
+            f"DrMAD: the backward recursion along the straight-line path {grew(stats['backward_growth'])} "
             "(largest ‖α_t‖ against ‖α_T‖): the path leaves the region training went through, and the "
             "approximate hypergradient is meaningless here; use hg.Reverse(checkpoint_every=...) (exact, "
             "memory ~(T/k + k)·d) or a shorter run"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -81,10 +82,16 @@ class Reverse(Method):
         if result != Failure.CHAOTIC:
             return None
         return ChaosWarning(
-            f"the backward pass grew {stats['backward_growth']:.3g}x (largest ‖α_t‖ against ‖α_T‖): the training "
+            f"the backward pass {grew(stats['backward_growth'])} (largest ‖α_t‖ against ‖α_T‖): the training "
             "run is chaotic in its weights, and this hypergradient measures that chaos rather than a trend in λ; "
             "use a shorter horizon, hg.Truncated(k), or a smaller learning rate"
         )
+
+
+def grew(growth) -> str:
+    """``growth`` in words: "grew 1.2e+06x", or "overflowed" where it is not finite."""
+    growth = float(growth)
+    return f"grew {growth:.3g}x" if math.isfinite(growth) else "overflowed"
 
 
 def backward_growth(norms):
