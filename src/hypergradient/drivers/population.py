@@ -4,20 +4,23 @@ Every leaf of λ0 carries the population on ``population_axis``; each hyper-step
 vmapped hypergradient of all K members and one vmapped hyper-update, so K runs cost one program
 (and run sharded when λ0 is sharded along that axis, e.g. ``hg.data.shard(lam0, mesh, "pop")``).
 A member whose training diverges keeps its λ (it is not updated) and scores inf; the run stops
-only when every member has diverged.
+only when every member has diverged. The method is resolved for all members at once
+(``Method.resolve_members``: Reversible sizes its buffer for the member that needs most), and a
+member's method failure is raised, or warned about, naming the member, as ``hg.hypergrad`` would.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._pytree import partition, signature
-from ..errors import HyperDivergenceError
+from ..errors import Failure, HyperDivergenceError
 from ..hypergrad import ProgramCache, trained_objective, value_and_grad
 from ..precision import matmul_precision
 from . import checkpoint as ckpt
@@ -40,7 +43,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
     (k_members,) = sizes
     first = jax.tree.map(lambda x: x[0], lam)
     dyn.validate(first)
-    method = method.resolve(dyn, first)  # settings chosen from member 0 serve every member
+    method = method.resolve_members(dyn, [jax.tree.map(lambda x: x[i], lam) for i in range(k_members)])
     method.check(dyn)
     arrays, skeleton = partition(objective)
     step, final = _programs_for(dyn, skeleton, arrays, method, first)
@@ -82,6 +85,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
             for k in range(start, hyper_steps):
                 t0 = time.perf_counter()
                 sol = step(dyn, arrays, lam)
+                _raise_failures(method, sol, k)
                 ok = ~np.asarray(sol.diverged)
                 if not ok.any():
                     raise HyperDivergenceError(
@@ -140,3 +144,19 @@ def _programs_for(dyn, skeleton, arrays, method, first):
 
 def _history(history: dict) -> dict:
     return {k: np.asarray(v, np.float64) for k, v in history.items()}
+
+
+def _raise_failures(method, sol, hyper_step: int) -> None:
+    """Raise a member's method failure (a Reversible buffer too small for its λ, say), naming the
+    member; warn once per caveat, naming the members it concerns."""
+    codes = np.asarray(sol.result).reshape(-1)
+    caveats = {}
+    for m in np.flatnonzero(codes != Failure.OK):
+        error = method.failure(Failure(int(codes[m])), jax.tree.map(lambda x: np.asarray(x)[m], sol.stats))
+        if isinstance(error, Warning):
+            caveats.setdefault(type(error), (error, []))[1].append(int(m))
+        elif error is not None:
+            error.args = (f"population member {m}, hyper-step {hyper_step}: {error.args[0]}", *error.args[1:])
+            raise error
+    for error, members in caveats.values():
+        warnings.warn(type(error)(f"population members {members}: {error}"), stacklevel=4)

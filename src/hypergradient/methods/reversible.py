@@ -112,6 +112,10 @@ class Reversible(Method):
         needed = 1.25 * bits + 0.05
         return dataclasses.replace(self, max_bits_per_step=2.0 ** math.ceil(math.log2(needed)))
 
+    def resolve_members(self, dyn, members) -> Reversible:
+        """The buffer of the member whose momenta destroy the most bits."""
+        return max((self.resolve(dyn, lam) for lam in members), key=lambda r: r.max_bits_per_step)
+
     def check(self, dyn) -> None:
         if dyn.optimizer.reversal is None:
             raise MethodError(
