@@ -1,12 +1,12 @@
 """B1 on one accelerator: every method of ours and plain PyTorch, timed alike, one markdown table.
 
-The problem is ``peers.common``'s B1 (Fashion-MNIST train[0:10000] / [10000:20000], or random
-images with ``--random-data``), the same arrays for both libraries; each implementation is timed
+The problem is ``b1``'s B1 (Fashion-MNIST, or scikit-learn's digits with ``--digits``), the same
+arrays for both libraries; each implementation is timed
 by ``common.measure`` (a warm-up, then training and hypergradient alternately, medians), and each
 hypergradient is compared with our Reverse's (max |g − g_ref| / max |g_ref| over the
 hyperparameters). Run by ``benchmarks/gpu.sh``; writes ``b1_gpu.json`` and ``b1_gpu.md`` to ``--out``.
 
-    python benchmarks/gpu.py --out DIR [--device gpu] [--steps 100] [--repeats 5] [--random-data]
+    python benchmarks/gpu.py --out DIR [--device gpu] [--steps 100] [--repeats 5] [--digits]
 """
 
 from __future__ import annotations
@@ -22,48 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import b1  # noqa: E402
 from benchmarks.peers import common  # noqa: E402
-
-
-def ours(problem: common.B1Problem):
-    """Our dynamics, objective and λ for ``problem`` (its data, w_0 and λ, placed by JAX's default device)."""
-    import jax
-    import jax.numpy as jnp
-
-    import hypergradient as hg
-    from hypergradient.apps import models
-
-    x, y = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train, jnp.int32)
-
-    def loss(w, lam, batch):
-        bx, by = batch
-        return models.cross_entropy(models.mlp_apply(w, bx), by) + models.l2_penalty(w, jnp.exp(lam["log_l2"]))
-
-    dyn = hg.Dynamics(
-        init=[{"W": jnp.asarray(W), "b": jnp.asarray(b)} for W, b in problem.weights],
-        loss=loss,
-        optimizer=hg.optim.momentum(dampen=True),
-        optimizer_hparams=lambda lam, t: {"lr": list(lam["lr"][t]), "momentum": list(lam["momentum"][t])},
-        data=hg.Batches((x, y), problem.batch_size),
-        steps=problem.T,
-    )
-    objective = jax.tree_util.Partial(
-        lambda xv, yv, w, lam: models.cross_entropy(models.mlp_apply(w, xv), yv),
-        jnp.asarray(problem.x_val), jnp.asarray(problem.y_val, jnp.int32),
-    )
-    return dyn, objective, {k: jnp.asarray(v) for k, v in problem.hparams().items()}
-
-
-def per_layer_lr(dyn, lam):
-    """The same run with the 4 per-layer learning rates as the only hyperparameters (Forward's m = 4)."""
-    import hypergradient as hg
-
-    fixed = lam
-    small = hg.Dynamics(
-        dyn.init, lambda w, lr, batch: dyn.loss(w, fixed, batch), dyn.optimizer,
-        lambda lr, t: {"lr": list(lr), "momentum": list(fixed["momentum"][t])}, dyn.data, dyn.steps,
-    )
-    return small, lam["lr"][0]
 
 
 def measure_ours(problem, repeats: int) -> dict:
@@ -71,7 +31,7 @@ def measure_ours(problem, repeats: int) -> dict:
 
     import hypergradient as hg
 
-    dyn, objective, lam = ours(problem)
+    dyn, objective, lam = b1.build(problem)
     rows = {  # name: (method, JAX's matmul precision; None: the library's default, full)
         "Reverse": (hg.Reverse(), None),
         "Reverse, tensorfloat32": (hg.Reverse(), "tensorfloat32"),
@@ -83,7 +43,7 @@ def measure_ours(problem, repeats: int) -> dict:
     }
     out = {}
     for name, (method, precision) in rows.items():
-        d, l = per_layer_lr(dyn, lam) if name.startswith("Forward") else (dyn, lam)
+        d, l = b1.per_layer_lr(dyn, lam) if name.startswith("Forward") else (dyn, lam)
 
         def hypergrad():
             res = hg.hypergrad(d, objective, l, method)
@@ -168,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--random-data", action="store_true", help="random images instead of Fashion-MNIST")
+    ap.add_argument("--digits", action="store_true", help="scikit-learn's digits instead of Fashion-MNIST")
     ap.add_argument("--no-torch", action="store_true", help="ours only")
     args = ap.parse_args(argv)
 
@@ -176,8 +136,9 @@ def main(argv=None) -> int:
 
     if jax.default_backend() != args.device:
         raise SystemExit(f"gpu.py: asked for {args.device}, but JAX's default backend is {jax.default_backend()}")
-    data = common.random_data() if args.random_data else common.load_fashion_mnist()
-    problem = common.make_b1(*data, T=args.steps)
+    from hypergradient.apps import datasets
+
+    problem = b1.arrays(steps=args.steps, data=datasets.load("digits") if args.digits else b1.load_data())
     results = {f"ours: {k}": v for k, v in measure_ours(problem, args.repeats).items()}
     torch_version = "not run"
     if not args.no_torch:
@@ -190,7 +151,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "B1 on one accelerator",
         "steps": args.steps,
-        "data": "random images" if args.random_data else "Fashion-MNIST",
+        "data": "digits" if args.digits else "Fashion-MNIST",
         "repeats": args.repeats,
         "device_name": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,

@@ -4,7 +4,7 @@
 # Under 5 minutes on one H200. Installs nothing: it stops, saying what is missing.
 #
 #   benchmarks/gpu.sh OUT_DIR                  (or OUT=DIR benchmarks/gpu.sh)
-#   benchmarks/gpu.sh --cpu-dry-run OUT_DIR    the same plumbing on CPU, tiny sizes, random data
+#   benchmarks/gpu.sh --cpu-dry-run OUT_DIR    the same plumbing on CPU, T = 5, scikit-learn's digits
 #
 # PYTHON names the interpreter (default: python).
 set -euo pipefail
@@ -25,7 +25,7 @@ cd "$root"
 
 if (( dry )); then
     device=cpu
-    sizes=(--steps 5 --repeats 1 --random-data)
+    sizes=(--steps 5 --repeats 1 --digits)
     "$python" -c "import torch" 2>/dev/null || { sizes+=(--no-torch); echo "gpu.sh: no PyTorch here: the dry run skips it" >&2; }
     tests=(tests/test_gpu.py)
 else

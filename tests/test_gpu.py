@@ -4,6 +4,10 @@ JAX lowers), and, where a GPU is present, B1-sized runs that reverse exactly and
 The coder's integer division is checked on every backend by ``test_fixedpoint.py``.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +126,15 @@ def test_b1_sized_hypergradient_on_the_gpu_agrees_with_the_cpu():
         ref = hg.hypergrad(*jax.device_put((dyn, objective, lam), cpu))
     for a, b in zip(jax.tree.leaves(gpu.grad), jax.tree.leaves(ref.grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_the_gpu_benchmark_runs_its_plumbing_on_cpu(tmp_path):
+    """benchmarks/gpu.py, as gpu.sh --cpu-dry-run runs it (ours only, T = 3): every method gets a row."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--out", str(tmp_path), "--device", "cpu",
+                           "--steps", "3", "--repeats", "1", "--digits", "--no-torch"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "b1_gpu.md").read_text()
+    for name in ("Reverse", "Reverse(checkpoint_every=10)", "Truncated(10)", "Forward (4 per-layer lrs)", "Reversible"):
+        assert f"| ours: {name} | " in table
