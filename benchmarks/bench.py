@@ -34,7 +34,8 @@ client then sizes its pool to N), ``--threads N`` gives PyTorch N intra-op
 threads (``torch.set_num_threads``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``),
 ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` for the peers (libgomp's
 threads then sleep instead of spinning while they wait: kinder to a
-loaded machine, slower for PyTorch on a quiet one).
+loaded machine, slower for PyTorch on a quiet one). The same variables inherited from the
+shell are dropped, so the processes run with what the report says.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -111,7 +113,10 @@ def settings(args) -> dict:
 
 
 def child_env(threads: int | None) -> dict:
-    env = dict(os.environ)
+    """The environment of a measured process: the caller's, without the thread and wait-policy
+    settings that only the flags may set (``--threads``; ``--omp-passive`` goes to ``run_peer.py``),
+    so that the report's settings line says what the processes ran with."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -148,7 +153,10 @@ def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, ext
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         last = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[-1]
-        return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: {last.rpartition('errors.')[2]}"}
+        kind, sep, message = last.partition(": ")
+        if sep and re.fullmatch(r"[\w.]+", kind):  # "package.module.SomeError: message": the class's own name
+            last = f"{kind.rpartition('.')[2]}: {message}"
+        return {"impl": impl, "name": name, "error": f"exit {proc.returncode}: {last}"}
     rec = json.loads(lines[-1])
     rec["process_seconds"] = elapsed
     return rec
