@@ -43,7 +43,7 @@ def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_step
     (k_members,) = sizes
     first = jax.tree.map(lambda x: x[0], lam)
     dyn.validate(first)
-    method = method.resolve_members(dyn, [jax.tree.map(lambda x: x[i], lam) for i in range(k_members)])
+    method = method.resolve_members(dyn, [jax.tree.map(lambda x: x[i], lam) for i in range(k_members)], objective)
     method.check(dyn)
     arrays, skeleton = partition(objective)
     step, final = _programs_for(dyn, skeleton, arrays, method, first)

@@ -78,11 +78,11 @@ class Method(abc.ABC):
         user's (``Auto`` measures its candidates' programs with it)."""
         return self
 
-    def resolve_members(self, dyn: Dynamics, members: list) -> Method:
+    def resolve_members(self, dyn: Dynamics, members: list, objective: Objective | None = None) -> Method:
         """This method resolved for a population whose members' λ are ``members``: one setting
         that serves them all. By default the first member's, which serves every member when the
         choice depends only on shapes."""
-        return self.resolve(dyn, members[0])
+        return self.resolve(dyn, members[0], objective)
 
     def failure(self, result: Failure, stats: dict) -> Exception | None:
         """The exception for a method-specific failure code, with the run's ``stats`` (host side)."""

@@ -112,7 +112,7 @@ class Reversible(Method):
         needed = 1.25 * bits + 0.05
         return dataclasses.replace(self, max_bits_per_step=2.0 ** math.ceil(math.log2(needed)))
 
-    def resolve_members(self, dyn, members) -> Reversible:
+    def resolve_members(self, dyn, members, objective=None) -> Reversible:
         """The buffer of the member whose momenta destroy the most bits."""
         return max((self.resolve(dyn, lam) for lam in members), key=lambda r: r.max_bits_per_step)
 

@@ -32,7 +32,7 @@ tangent spans the whole run, so its hypergradient drifts the same way as the
 run goes on (relu, digits, 3,000 steps: lr lowered at 96% of the last 250
 updates), towards an lr at which the weights stop moving; there Z_t and the
 hypergradient stop changing and Adam keeps stepping log λ by the same amount
-(the 2,000-step Fashion-MNIST run of issue 15: lr 1e-3 → 5e-7, L2 → 0.14).
+(relu, Fashion-MNIST, 2,000 steps: lr 1e-3 → 5e-7, L2 1e-3 → 0.14).
 SiLU (x·σ(x)) makes Φ smooth: the same hypergradients then match the slope to
 three digits. The box keeps λ where training still responds to it.
 """
