@@ -11,6 +11,7 @@ from hypergradient.drivers import checkpoint as checkpoint_module
 from hypergradient.drivers.checkpoint import CheckpointMismatchError
 from hypergradient.drivers.offline import HyperDivergenceError
 from hypergradient.drivers.online import online
+from hypergradient.dynamics import train
 from problems import mlp_problem, ridge_data
 
 jax.config.update("jax_enable_x64", True)
@@ -90,6 +91,64 @@ def test_trho_is_truncated_reverse_over_each_interval():
         assert res.history["grad_norm"][k] == pytest.approx(abs(float(ref.grad["log_lr"])), rel=1e-10)
 
 
+def momentum_lr_problem(steps):
+    dyn, objective = lr_problem(steps=steps, optimizer=hg.optim.momentum())
+    return hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer,
+                       lambda lam, t: {"lr": jnp.exp(lam["log_lr"]), "momentum": 0.5}, dyn.data, steps), objective
+
+
+def scheduled(dyn, every, steps):
+    """``dyn`` for ``steps`` steps with λ = {"schedule": one log lr per interval, "shift": δ}: interval i
+    trains at exp(schedule[i] + δ)."""
+    def hparams(lam, t):
+        log_lr = lam["schedule"][t // every] + lam["shift"]
+        return dyn.optimizer_hparams({"log_lr": log_lr}, t)
+
+    return hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, hparams, dyn.data, steps)
+
+
+def test_trho_window_reaching_into_earlier_intervals_shifts_their_lambda():
+    """Truncated(k = 3Δ): update j backpropagates through intervals j-2..j, which trained under
+    λ_{j-2}, λ_{j-1}, λ_j, with respect to a shift of all three; the training itself is a plain
+    run under the λ schedule."""
+    every, steps, rate = 10, 60, 0.5
+    dyn, objective = momentum_lr_problem(steps)
+    lam = {"log_lr": jnp.log(jnp.asarray(0.05))}
+    res = online(dyn, objective, lam, method=hg.Truncated(3 * every), every=every, hyper_optimizer=optax.sgd(rate))
+    schedule = np.asarray(res.history["hparams"]["log_lr"])
+    assert np.ptp(schedule) > 0.1  # λ moved: earlier intervals trained under other λ
+    grads = -np.diff(np.append(schedule, float(res.hparams["log_lr"]))) / rate
+    for j in range(steps // every):
+        prefix = scheduled(dyn, every, (j + 1) * every)
+        point = {"schedule": jnp.asarray(schedule[: j + 1]), "shift": jnp.asarray(0.0)}
+        ref = hg.hypergrad(prefix, objective, point, hg.Truncated(3 * every))
+        assert res.history["value"][j] == pytest.approx(float(ref.value), rel=1e-12)
+        assert grads[j] == pytest.approx(float(ref.grad["shift"]), rel=1e-8, abs=1e-12)
+    # central differences of the shift, the window's start state held (update 4: intervals 2..4)
+    j, eps = 4, 1e-5
+    start = scheduled(dyn, every, (j - 2) * every)
+    held = train(start, {"schedule": jnp.asarray(schedule[: j - 1]), "shift": jnp.asarray(0.0)})[0]
+
+    def window(shift):
+        lam = {"schedule": jnp.asarray(schedule[: j + 1]), "shift": jnp.asarray(shift)}
+        state, _ = scheduled(dyn, every, (j + 1) * every).rollout(held, lam, (j - 2) * every, 3 * every)
+        return float(objective(state.params, lam))
+
+    assert grads[j] == pytest.approx((window(eps) - window(-eps)) / (2 * eps), rel=1e-6)
+    plain = scheduled(dyn, every, steps).run({"schedule": jnp.asarray(schedule), "shift": jnp.asarray(0.0)})
+    np.testing.assert_allclose(np.asarray(res.params), np.asarray(plain), rtol=1e-13, atol=1e-15)
+
+
+def test_trho_long_window_with_lambda_frozen_is_truncated_reverse_of_the_run_so_far():
+    dyn, objective = momentum_lr_problem(40)
+    lam = {"log_lr": jnp.log(jnp.asarray(0.05))}
+    res = online(dyn, objective, lam, method=hg.Truncated(20), every=10, hyper_optimizer=optax.sgd(0.0))
+    for k in range(4):
+        prefix = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, dyn.data, 10 * (k + 1))
+        ref = hg.hypergrad(prefix, objective, lam, hg.Truncated(20))
+        assert res.history["grad_norm"][k] == pytest.approx(abs(float(ref.grad["log_lr"])), rel=1e-10)
+
+
 def test_objective_may_take_the_hyper_step_index():
     """(w, λ, k): a validation minibatch per update."""
     dyn, _ = lr_problem(steps=30)
@@ -126,9 +185,10 @@ def test_constraint_inside_the_compiled_loop():
     assert float(res.hparams["log_lr"]) == pytest.approx(cap)
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [hg.Forward(), hg.Truncated(30)], ids=repr)
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, method):
     dyn, objective = lr_problem(steps=100)
-    kwargs = dict(method=hg.Forward(), every=10, hyper_optimizer=optax.adam(0.2), chunk=3)
+    kwargs = dict(method=method, every=10, hyper_optimizer=optax.adam(0.2), chunk=3)
     reference = online(dyn, objective, TOO_SMALL, **kwargs)
     saves = []
     real_save = checkpoint_module.save
@@ -149,7 +209,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     np.testing.assert_array_equal(resumed.history["value"], reference.history["value"])
     np.testing.assert_array_equal(resumed.history["train_loss"], reference.history["train_loss"])
     with pytest.raises(CheckpointMismatchError, match="every"):
-        online(dyn, objective, TOO_SMALL, checkpoint_dir=tmp_path, **{**kwargs, "every": 20})
+        online(dyn, objective, TOO_SMALL, checkpoint_dir=tmp_path, **{**kwargs, "every": 5})
 
 
 def push_lr(amount):
@@ -179,7 +239,7 @@ def test_only_forward_and_truncated():
         online(dyn, objective, TOO_SMALL, method=hg.Reverse(), every=5)
     with pytest.raises(ValueError, match="every"):
         online(dyn, objective, TOO_SMALL, method=hg.Forward())
-    with pytest.raises(ValueError, match="k <= every"):
+    with pytest.raises(ValueError, match="k <= 5 or a multiple of 5"):
         online(dyn, objective, TOO_SMALL, method=hg.Truncated(8), every=5)
     with pytest.raises(ValueError, match="longer than the training run"):
         online(dyn, objective, TOO_SMALL, method=hg.Forward(), every=50)

@@ -26,7 +26,8 @@ def test_every_method_on_four_devices_equals_one_device():
     diffs = json.loads(out.strip().splitlines()[-1])
     assert diffs.pop("devices") == 4
     assert set(diffs) >= {f"{m} {o}" for m in ("reverse", "checkpoint", "forward", "truncated", "reversible", "drmad")
-                          for o in ("ordered", "shuffled")} | {"implicit", "optimize", "online", "population", "optimize resumed"}
+                          for o in ("ordered", "shuffled")} | {"implicit", "optimize", "online", "online trho",
+                                                               "population", "optimize resumed"}
     assert all(d < 1e-8 for d in diffs.values()), diffs
 
 

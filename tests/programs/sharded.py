@@ -104,6 +104,8 @@ def main():
                           hg.optimize(single, objective, lam, hyper_steps=3, **kwargs).hparams)
     out["online"] = rel(hg.online(dyn, objective, lam, hg.Forward(), every=2, **kwargs).hparams,
                         hg.online(single, objective, lam, hg.Forward(), every=2, **kwargs).hparams)
+    out["online trho"] = rel(hg.online(dyn, objective, lam, hg.Truncated(4), every=2, **kwargs).hparams,
+                             hg.online(single, objective, lam, hg.Truncated(4), every=2, **kwargs).hparams)
     out["optimize resumed"] = resumed_difference(dyn, objective, lam, tempfile.mkdtemp())
     members = jax.tree.map(lambda x: jnp.stack([x * s for s in (0.5, 0.8, 1.0, 1.2)]), lam)
     pop_mesh = Mesh(np.array(jax.devices()[:D]), ("pop",))

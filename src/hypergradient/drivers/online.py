@@ -9,13 +9,15 @@ with Δ = T), and λ takes one hyper-step from the segment's hypergradient::
                         λ ← P(λ + optimizer(g))
 
 RTHO (Algorithm 1, ``method=Forward()``): the carry holds the tangent Z_t = ∂s_t/∂λ, never reset,
-so g = ∂E/∂s_t · Z_t + ∂E/∂λ. TRHO (Algorithm 2, ``method=Truncated(k)``): each segment
-backpropagates through its last k ≤ Δ steps from the state k steps back, held fixed.
+so g = ∂E/∂s_t · Z_t + ∂E/∂λ. TRHO (``method=Truncated(k)``): each segment
+backpropagates through the last k steps from the state k steps back, held fixed (k ≤ Δ, or
+k = rΔ reaching into the r − 1 intervals before, see :mod:`~hypergradient.methods.truncated`).
 
 The run is one ``lax.scan`` over hyper-steps, with the optax update and the projection P inside
-it. RTHO costs ~(1 + c·m)× a training run and m·d memory (m hyperparameters); TRHO ~(1 + 2k/Δ)×
-and k·d. The compiled loop is cached: calling ``online`` again on the same problem (the same
-functions, method, Δ, hyper-optimizer and constraint objects, and shapes) compiles nothing.
+it. RTHO costs ~(1 + c·m)× a training run and m·d memory (m hyperparameters); TRHO
+~(1 + 2k/Δ)× for k ≤ Δ, ~3k/Δ× beyond (the earlier intervals run again), and k·d. The compiled
+loop is cached: calling ``online`` again on the same problem (the same functions, method, Δ,
+hyper-optimizer and constraint objects, and shapes) compiles nothing.
 """
 
 from __future__ import annotations
@@ -102,10 +104,11 @@ def online(
         with three required positional parameters gets ``k``.
       lam0: the initial hyperparameters.
       method: ``hg.Forward()`` (RTHO, default) or ``hg.Truncated(k)`` (TRHO,
-        backpropagating through the last ``k <= every`` steps of each
-        interval; the state ``k`` steps back is held fixed, so the path
-        through ``init(λ)`` is never differentiated). Other methods raise
-        ``MethodError``.
+        backpropagating through the last ``k`` steps: ``k <= every``, or a
+        multiple of ``every`` that reaches into earlier intervals, their λ
+        shifted with the current one; the state ``k`` steps back is held
+        fixed, so the path through ``init(λ)`` is never differentiated).
+        Other methods raise ``MethodError``.
       every: Δ, the number of training steps between hyper-updates. Required
         for ``Forward``; ``Truncated(k)`` defaults it to ``k``. The run makes
         ⌊T/Δ⌋ hyper-updates, at steps Δ, 2Δ, ...; the last T mod Δ steps
@@ -157,11 +160,8 @@ def online(
     every = int(every)
     if every > dyn.steps:
         raise ValueError(f"every={every} is longer than the training run (steps={dyn.steps}): no update would happen")
-    if isinstance(method, Truncated) and method.k > every:
-        raise ValueError(
-            f"Truncated(k={method.k}) with every={every}: TRHO backpropagates through at most the last "
-            f"`every` steps (the states before the last update belong to other hyperparameters); use k <= every"
-        )
+    if isinstance(method, Truncated):
+        method.intervals_back(every)  # k <= Δ or a multiple of Δ
     lam = check_common(dyn, lam0, hyper_optimizer, constraint, None)
     dyn.validate(lam)
     n_updates, remainder = divmod(dyn.steps, every)
@@ -286,7 +286,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
 
     def initial_carry(dyn, lam):
         best = (lam, jnp.asarray(jnp.inf, jax.tree.leaves(lam)[0].dtype), jnp.asarray(-1, jnp.int32))
-        return Carry(method.start(dyn, lam), lam, lam, best, hyper_optimizer.init(lam), jnp.asarray(True))
+        return Carry(method.start(dyn, lam, every), lam, lam, best, hyper_optimizer.init(lam), jnp.asarray(True))
 
     def body(dyn, arrays, carry: Carry, k, meter_index):
         energy = lambda w, lam: outer(dyn, arrays, w, lam, k)  # noqa: E731

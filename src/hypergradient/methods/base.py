@@ -95,8 +95,8 @@ class Segmented(Method):
     Truncated's). A whole-run hypergradient is the case of one segment of length T."""
 
     @abc.abstractmethod
-    def start(self, dyn: Dynamics, lam) -> Any:
-        """What the method carries at step 0 (at least s_0)."""
+    def start(self, dyn: Dynamics, lam, length: int) -> Any:
+        """What the method carries at step 0 (at least s_0), for segments of ``length`` steps."""
 
     @abc.abstractmethod
     def segment(self, dyn: Dynamics, objective: Objective, carry, lam, start, length: int):
@@ -108,5 +108,5 @@ class Segmented(Method):
         """The training state s_t held in ``carry``."""
 
     def value_and_grad(self, dyn: Dynamics, objective: Objective, lam) -> Solution:
-        carry, value, grad, losses = self.segment(dyn, objective, self.start(dyn, lam), lam, 0, dyn.steps)
+        carry, value, grad, losses = self.segment(dyn, objective, self.start(dyn, lam, dyn.steps), lam, 0, dyn.steps)
         return solution(value, grad, self.state(carry).params, losses)

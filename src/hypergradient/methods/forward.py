@@ -58,7 +58,7 @@ def _basis(lam):
 class Forward(Segmented):
     """Forward-mode hypergradient (all hyperparameter directions at once)."""
 
-    def start(self, dyn, lam) -> Tangent:
+    def start(self, dyn, lam, length: int) -> Tangent:
         basis, _ = _basis(lam)
         z0 = jax.vmap(lambda e: jax.jvp(lambda l: _split(dyn.initial_state(l))[0], (lam,), (e,))[1])(basis)
         return Tangent(dyn.initial_state(lam), z0)

@@ -4,14 +4,26 @@
     ∇f ≈ Reverse-HG over steps T-k+1..T, starting from s_{T-k} held fixed
 
 Memory ~k·d; the estimate is biased towards short horizons (Shaban et al. 2019). With k = T it
-is Reverse-HG exactly, including the path through s_0 = init(λ). In real time (TRHO,
-``hg.online`` with ``Truncated(k)``) the same ``segment`` runs every Δ steps from the state the
-previous segment left, which is held fixed.
+is Reverse-HG exactly, including the path through s_0 = init(λ).
+
+In real time (TRHO, ``hg.online`` with ``Truncated(k)`` and ``every=Δ``) the same ``segment``
+runs every Δ steps. With k ≤ Δ it differentiates the last k steps of the interval. With
+k = rΔ it reaches back into the r − 1 intervals before, which trained under earlier
+hyperparameters λ_{j-r+1}, …, λ_{j-1}: the window is run again from the state at its start,
+held fixed, and differentiated with respect to a shift δ of every λ in it,
+
+    g_j = ∂/∂δ E(Φ_{window}(s_{(j-r+1)Δ}; λ_{j-r+1} + δ, …, λ_j + δ)) at δ = 0,
+
+the same "λ held constant over the past" derivative that RTHO's tangent carries over the whole
+run, truncated to k steps. The window's state at the current interval's start is the one
+training reached (the re-run only supplies its derivative), so the training trajectory is that
+of a plain run under the λ schedule. Memory k·d plus r states; time ~3k/Δ× a training run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +31,31 @@ import jax.numpy as jnp
 from .base import Segmented, solution
 
 
+class Window(NamedTuple):
+    """Truncated's carry: s_t, and for k = rΔ > Δ the r − 1 intervals before it.
+
+    ``origin`` is the state at the start of the oldest remembered interval, ``past`` the λ of
+    each remembered interval (oldest first, a leading axis of r − 1), ``seen`` whether each one
+    has run yet (the first r − 2 hyper-steps have fewer intervals behind them).
+    """
+
+    state: Any
+    origin: Any
+    past: Any
+    seen: jax.Array
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 @dataclasses.dataclass(frozen=True)
 class Truncated(Segmented):
     """Reverse mode through the last ``k`` training steps.
 
     Args:
-      k: the number of final steps differentiated (``k >= steps`` is Reverse).
+      k: the number of final steps differentiated (``k >= steps`` is Reverse). In real time
+        (``hg.online``) either ``k <= every`` or a multiple of ``every``.
     """
 
     k: int
@@ -33,14 +64,56 @@ class Truncated(Segmented):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"Truncated(k) needs a positive int k, got {self.k!r}")
 
-    def start(self, dyn, lam):
-        return dyn.initial_state(lam)
+    def intervals_back(self, length: int) -> int:
+        """How many earlier segments of ``length`` steps the window reaches into (r − 1)."""
+        if self.k <= length:
+            return 0
+        if self.k % length:
+            raise ValueError(
+                f"Truncated(k={self.k}) with segments of {length} steps: a window longer than one "
+                f"segment must cover whole segments; use k <= {length} or a multiple of {length}"
+            )
+        return self.k // length - 1
 
-    def state(self, carry):
-        return carry
+    def start(self, dyn, lam, length: int) -> Window:
+        s0 = dyn.initial_state(lam)
+        back = self.intervals_back(length)
+        past = jax.tree.map(lambda x: jnp.broadcast_to(x, (back,) + jnp.shape(x)), lam)
+        return Window(s0, s0, past, jnp.zeros(back, bool))
 
-    def segment(self, dyn, objective, carry, lam, start, length: int):
-        return self._window(dyn, objective, lambda lam: carry, lam, start, length)
+    def state(self, carry: Window):
+        return carry.state
+
+    def segment(self, dyn, objective, carry: Window, lam, start, length: int):
+        back = carry.seen.shape[0]
+        if back == 0:
+            state, value, grad, losses = self._window(dyn, objective, lambda lam: carry.state, lam, start, length)
+            return Window(state, state, carry.past, carry.seen), value, grad, losses
+
+        losses_dtype = jax.eval_shape(lambda s: dyn.rollout(s, lam, start, length)[1], carry.state).dtype
+
+        def f(lam):
+            shift = jax.tree.map(lambda x: x - jax.lax.stop_gradient(x), lam)  # δ: zero, derivative one
+
+            def interval(s, x):
+                lam_i, seen, i = x
+                lam_i = jax.tree.map(jnp.add, lam_i, shift)
+                s = jax.lax.cond(seen, lambda s: dyn.rollout(s, lam_i, start - (back - i) * length, length)[0],
+                                 lambda s: s, s)
+                return s, s
+
+            rerun, after = jax.lax.scan(interval, carry.origin, (carry.past, carry.seen, jnp.arange(back)))
+            # the state training reached, with the re-run's derivative
+            now = jax.tree.map(lambda kept, r: kept + (r - jax.lax.stop_gradient(r)) if _inexact(kept) else kept,
+                               carry.state, rerun)
+            state, losses = dyn.rollout(now, lam, start, length)
+            origin = jax.tree.map(lambda x: x[0], after)
+            return objective(state.params, lam), (state, losses.astype(losses_dtype), origin)
+
+        (value, (state, losses, origin)), grad = jax.value_and_grad(f, has_aux=True)(lam)
+        past = jax.tree.map(lambda p, x: jnp.concatenate([p[1:], x[None]]), carry.past, lam)
+        seen = jnp.concatenate([carry.seen[1:], jnp.ones(1, bool)])
+        return Window(state, jax.lax.stop_gradient(origin), past, seen), value, grad, losses
 
     def value_and_grad(self, dyn, objective, lam):
         state, value, grad, losses = self._window(dyn, objective, dyn.initial_state, lam, 0, dyn.steps)
