@@ -10,7 +10,8 @@ validation loss (on a validation minibatch) updates λ, with
 
 - ``rtho``: the forward tangent Z_t = ∂s_t/∂λ carried along the whole run
   (``hg.online(..., method=hg.Forward(), every=Δ)``);
-- ``trho``: reverse mode through the last K steps of each interval
+- ``trho``: reverse mode through the last K = 3Δ steps, the interval just run
+  and the two before it, whose λ are shifted with the current one
   (``hg.online(..., method=hg.Truncated(K), every=Δ)``).
 
 The comparators: ``fixed``, the same run with the initial λ held fixed (every
@@ -69,13 +70,18 @@ class Config:
       hyper_steps: number of hyper-updates in the real-time run; every method's training run
         has ``steps = hyper_steps · every`` steps.
       every: Δ, training steps between hyper-updates.
-      truncation: K ≤ Δ for ``trho``.
+      truncation: K for ``trho``: ≤ Δ, or a multiple of Δ reaching into the intervals before. 3Δ by
+        default: with K = Δ each update sees only the last 10 steps, and the short-horizon bias turns
+        lr down early (digits, 3 seeds: test error 3.8% against 2.3% with 3Δ).
       offline_hyper_steps: hyper-steps of the offline comparator.
       hyper_lr: Adam's learning rate on (log_lr, log_l2), every method's. 0.3, not 0.1: in real time
         λ must reach its values early in the one run, and 60 updates of ≤ 0.1 in log λ take a third
         of it to get from lr 1e-3 to 1e-2.
       lr0, l2_0: the initial (and baseline) Adam learning rate and L2 strength.
-      lr_bounds, l2_bounds: the box every method keeps λ in (projected after each hyper-step).
+      lr_bounds, l2_bounds: the box every method keeps λ in (projected after each hyper-step). The
+        learning rate's stops below where training turns chaotic: lr ≤ 0.1 on digits, ≤ 3e-2 on
+        Fashion-MNIST, whose CNN run is chaotic from about lr 0.06 (there RTHO's tangent, which
+        spans the run, grew to norms of 1e6-1e10 and its hypergradient held lr at 0.1).
       seed: weights, minibatch order.
       n_train, n_val, n_test: digits 800 / 500 / the rest; otherwise 10,000 each.
       batch_size, val_batch: training and (real time) validation minibatch sizes.
@@ -92,7 +98,7 @@ class Config:
     hyper_lr: float = 0.3
     lr0: float = 1e-3
     l2_0: float = 1e-3
-    lr_bounds: tuple[float, float] = (1e-4, 1e-1)
+    lr_bounds: tuple[float, float] | None = None
     l2_bounds: tuple[float, float] = (1e-6, 1e-1)
     seed: int = 0
     n_train: int | None = None
@@ -107,7 +113,8 @@ class Config:
         return runner.fill_defaults(
             config,
             hyper_steps=(60, 60),
-            truncation=(config.every, config.every),
+            truncation=(3 * config.every, 3 * config.every),
+            lr_bounds=((1e-4, 1e-1), (1e-4, 3e-2)),
             offline_hyper_steps=(40, 10),
             n_train=(800, 10_000),
             n_val=(500, 10_000),
