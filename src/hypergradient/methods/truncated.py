@@ -90,8 +90,6 @@ class Truncated(Segmented):
             state, value, grad, losses = self._window(dyn, objective, lambda lam: carry.state, lam, start, length)
             return Window(state, state, carry.past, carry.seen), value, grad, losses
 
-        losses_dtype = jax.eval_shape(lambda s: dyn.rollout(s, lam, start, length)[1], carry.state).dtype
-
         def f(lam):
             shift = jax.tree.map(lambda x: x - jax.lax.stop_gradient(x), lam)  # δ: zero, derivative one
 
@@ -108,12 +106,12 @@ class Truncated(Segmented):
                                carry.state, rerun)
             state, losses = dyn.rollout(now, lam, start, length)
             origin = jax.tree.map(lambda x: x[0], after)
-            return objective(state.params, lam), (state, losses.astype(losses_dtype), origin)
+            return objective(state.params, lam), (state, losses, origin)
 
         (value, (state, losses, origin)), grad = jax.value_and_grad(f, has_aux=True)(lam)
         past = jax.tree.map(lambda p, x: jnp.concatenate([p[1:], x[None]]), carry.past, lam)
         seen = jnp.concatenate([carry.seen[1:], jnp.ones(1, bool)])
-        return Window(state, jax.lax.stop_gradient(origin), past, seen), value, grad, losses
+        return Window(state, origin, past, seen), value, grad, losses
 
     def value_and_grad(self, dyn, objective, lam):
         state, value, grad, losses = self._window(dyn, objective, dyn.initial_state, lam, 0, dyn.steps)
