@@ -11,11 +11,17 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def is_inexact(x: Any) -> bool:
+    """Whether ``x`` holds floating-point (or complex) values: a leaf that can carry a derivative."""
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 class Skeleton(NamedTuple):

@@ -52,6 +52,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .._pytree import is_inexact
 from ..errors import Failure, MethodError
 from .base import Method, solution
 from .reverse import backward_growth, grew
@@ -60,10 +61,6 @@ from .reverse import backward_growth, grew
 #: trajectory could give: the approximation has blown up. Exact backward passes of stable runs
 #: grow by O(1) to O(10^2) (B1 at T = 100: 4).
 UNSTABLE_GROWTH = 1e4
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +87,17 @@ class DrMAD(Method):
 
         leaves0, treedef = jax.tree.flatten(s0)
         leavesT = treedef.flatten_up_to(sT)
-        floating = [_is_float(x) for x in leaves0]
+        floating = [is_inexact(x) for x in leaves0]
         # the weights lead the state's leaves; growth is measured on their part of α, as an optimizer's
         # state can have huge cotangents in an exact pass too (Adam's second moment near 0)
-        n_weights = sum(_is_float(x) for x in jax.tree.leaves(s0.params))
+        n_weights = sum(is_inexact(x) for x in jax.tree.leaves(s0.params))
 
         def interpolate(t):
             a = jnp.asarray(t, jnp.result_type(float)) / T
             out = []
             for x0, xT in zip(leaves0, leavesT):
                 x = (1 - a) * x0 + a * xT
-                out.append(x.astype(jnp.result_type(x0)) if _is_float(x0) else jnp.round(x).astype(jnp.result_type(x0)))
+                out.append(x.astype(jnp.result_type(x0)) if is_inexact(x0) else jnp.round(x).astype(jnp.result_type(x0)))
             return out
 
         def split(leaves):

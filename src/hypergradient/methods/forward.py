@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from .._pytree import is_inexact
 from .base import Segmented
 
 
@@ -33,14 +34,10 @@ class Tangent(NamedTuple):
     z: list
 
 
-def _floating(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
 def _split(state):
     """``(float leaves, other leaves, rebuild)``: rebuild(floats, others) is the state again."""
     leaves, treedef = jax.tree.flatten(state)
-    mask = [_floating(x) for x in leaves]
+    mask = [is_inexact(x) for x in leaves]
 
     def rebuild(floats, others):
         fi, oi = iter(floats), iter(others)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._pytree import is_inexact
 from .base import Segmented, solution
 
 
@@ -43,10 +44,6 @@ class Window(NamedTuple):
     origin: Any
     past: Any
     seen: jax.Array
-
-
-def _inexact(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +99,7 @@ class Truncated(Segmented):
 
             rerun, after = jax.lax.scan(interval, carry.origin, (carry.past, carry.seen, jnp.arange(back)))
             # the state training reached, with the re-run's derivative
-            now = jax.tree.map(lambda kept, r: kept + (r - jax.lax.stop_gradient(r)) if _inexact(kept) else kept,
+            now = jax.tree.map(lambda kept, r: kept + (r - jax.lax.stop_gradient(r)) if is_inexact(kept) else kept,
                                carry.state, rerun)
             state, losses = dyn.rollout(now, lam, start, length)
             origin = jax.tree.map(lambda x: x[0], after)
