@@ -57,3 +57,8 @@ def signature(tree: Any) -> tuple:
 
 def nbytes(tree: Any) -> int:
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def tree_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all the leaves of ``tree`` together, ‖tree‖ = sqrt(Σ x²)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
