@@ -49,7 +49,8 @@ def _key(obj: Any, depth: int, stable: bool) -> Any:
     if isinstance(obj, functools.partial):
         return ("partial", rec(obj.func), rec(obj.args), rec(obj.keywords))
     if isinstance(obj, types.CodeType):
-        return ("code", obj.co_qualname, obj.co_code, tuple(rec(c) for c in obj.co_consts))
+        # co_qualname exists from Python 3.11; 3.10 has co_name (the same fingerprints on 3.11+ as before)
+        return ("code", getattr(obj, "co_qualname", obj.co_name), obj.co_code, tuple(rec(c) for c in obj.co_consts))
     if isinstance(obj, types.FunctionType):
         cells = tuple(rec(c.cell_contents) if _filled(c) else None for c in obj.__closure__ or ())
         return ("function", rec(obj.__code__), rec(obj.__defaults__), rec(obj.__kwdefaults__), cells)
