@@ -525,13 +525,19 @@ X = jnp.array([0.9, -0.3, 0.45, 0.1, 1.3])
 
 
 @pytest.mark.parametrize(
-    "c", [hc.simplex(2.0), hc.l1_ball(1.0), hc.box(0.0, 1.0), hc.nonnegative()], ids=repr
+    "c",
+    [hc.simplex(2.0), hc.l1_ball(1.0), hc.box_l1(0.0, 0.5, 1.0), hc.box(0.0, 1.0), hc.nonnegative()],
+    ids=repr,
 )
 def test_derivatives_match_finite_differences(c):
     check_grads(c, (X,), order=1, modes=("fwd", "rev"), eps=1e-6)
 
 
-@pytest.mark.parametrize("c, hi", [(hc.simplex(2.0), np.inf), (hc.l1_ball(1.0), np.inf)], ids=repr)
+@pytest.mark.parametrize(
+    "c, hi",
+    [(hc.simplex(2.0), np.inf), (hc.l1_ball(1.0), np.inf), (hc.box_l1(0.0, 0.5, 1.0), 0.5)],
+    ids=repr,
+)
 def test_jacobian_is_the_closed_form(c, hi):
     """With the sum active, J = D (diag f − f fᵀ/|F|) D: F the entries strictly inside their
     bounds (f its indicator), D = diag(sign x)."""

@@ -100,13 +100,16 @@ def _box_l1(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array) -> ja
     Otherwise ``g(τ) = Σ clip(x − τ, lo, hi)`` is continuous, non-increasing,
     ``g(0) > radius`` and ``g(max x − lo) = n·lo ≤ radius``: bisection brackets
     the root, then the root is solved exactly on the bracket's active set
-    (``g`` is linear between breakpoints).
+    (``g`` is linear between breakpoints). The bracket only identifies that
+    set, so derivatives flow through the exact solve alone:
+    ``∂τ/∂x_i = 1/|F|`` for the free entries ``F``.
     """
     clipped = jnp.clip(x, lo, hi)
     feasible = jnp.sum(clipped) <= radius
+    x_value = jax.lax.stop_gradient(x)
 
     def g(tau):
-        return jnp.sum(jnp.clip(x - tau, lo, hi))
+        return jnp.sum(jnp.clip(x_value - tau, lo, hi))
 
     def bisect(_, bracket):
         a, b = bracket
@@ -115,7 +118,7 @@ def _box_l1(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array) -> ja
         return jnp.where(too_big, m, a), jnp.where(too_big, b, m)
 
     zero = jnp.zeros((), x.dtype)
-    upper = jnp.maximum(jnp.max(x) - lo, zero)
+    upper = jnp.maximum(jnp.max(x_value) - lo, zero)
     a, b = jax.lax.fori_loop(0, _BISECTION_STEPS, bisect, (zero, upper))
 
     z = x - 0.5 * (a + b)
@@ -124,7 +127,9 @@ def _box_l1(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array) -> ja
     # where(), not count·bound: hi may be infinite with nothing at it.
     fixed = jnp.sum(jnp.where(z >= hi, hi, 0)) + jnp.sum(jnp.where(z <= lo, lo, 0))
     tau_exact = (jnp.sum(jnp.where(free, x, 0)) + fixed - radius) / jnp.maximum(n_free, 1)
-    tau = jnp.where(n_free > 0, jnp.clip(tau_exact, a, b), b)
+    # value: kept inside the bracket against rounding; derivative: the exact solve's
+    tau_value = jax.lax.stop_gradient(tau_exact)
+    tau = jnp.where(n_free > 0, jnp.clip(tau_value, a, b) + (tau_exact - tau_value), b)
     return jnp.where(feasible, clipped, jnp.clip(x - tau, lo, hi))
 
 
