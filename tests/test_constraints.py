@@ -321,8 +321,8 @@ def test_any_shape_is_flattened_and_restored(c, shape):
     ids=repr,
 )
 def test_dtype_is_preserved(c, dtype):
-    """Also under x64: optax's simplex promotes a float32 leaf to float64, and its l1-ball then
-    rejects one (its lax.cond branches differ in dtype), unless it is computed in float64."""
+    """Also under x64, where optax ≥ 0.2.5's simplex turns a float32 leaf into float64 and its
+    l1-ball rejects one (its lax.cond branches differ in dtype) unless given float64."""
     x = jnp.array([0.7, -0.2, 1.5, 0.3], dtype)
     out = c(x)
     assert out.dtype == dtype

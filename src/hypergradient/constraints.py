@@ -41,10 +41,10 @@ leaf separately** (an optax projection of a whole tree would couple all its
 leaves): ``simplex(on=lambda lam: (lam["a"], lam["b"]))`` makes ``lam["a"]``
 and ``lam["b"]`` each sum to one; it does not make them sum to one together.
 A leaf of any shape is accepted, and of any floating dtype: the coupling sets
-compute in the widest float JAX has enabled and cast back, because optax's
-simplex promotes to it anyway (it divides by an integer count) and its l1-ball
-``lax.cond`` would then reject a narrower leaf under x64. Every projection is
-pure ``jax.numpy``, jit- and vmap-compatible and differentiable.
+compute in the widest float JAX has enabled and cast back, because from optax
+0.2.5 on the simplex divides by an integer count, which promotes to that float,
+and the l1-ball's ``lax.cond`` then rejects a narrower leaf under x64. Every
+projection is pure ``jax.numpy``, jit- and vmap-compatible and differentiable.
 """
 
 from __future__ import annotations
