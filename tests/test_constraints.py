@@ -19,6 +19,7 @@ import pytest
 import scipy.optimize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 from hypergradient import constraints as hc
 
@@ -320,6 +321,8 @@ def test_any_shape_is_flattened_and_restored(c, shape):
     ids=repr,
 )
 def test_dtype_is_preserved(c, dtype):
+    """Also under x64, where optax ≥ 0.2.5's simplex turns a float32 leaf into float64 and its
+    l1-ball rejects one (its lax.cond branches differ in dtype) unless given float64."""
     x = jnp.array([0.7, -0.2, 1.5, 0.3], dtype)
     out = c(x)
     assert out.dtype == dtype
@@ -487,6 +490,63 @@ def test_frozen_and_comparable():
     assert c == hc.box(0, 1) and hash(c) == hash(hc.box(0, 1))
     assert hc.simplex(2.0) != hc.simplex(1.0)
     assert isinstance(c, hc.Constraint) and isinstance(hc.box_l1(0, 1, 1), hc.Constraint)
+
+
+# --------------------------------------------------------------------------
+# vmap (the population driver vmaps the hyper-update) and derivatives
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "c",
+    [
+        hc.simplex(2.0, on="w"),
+        hc.l1_ball(1.0, on="w"),
+        hc.box_l1(0.0, 0.5, 1.0, on="w"),
+        hc.box(0.0, 1.0),
+        hc.nonnegative(on="w"),
+    ],
+    ids=repr,
+)
+def test_vmap_projects_each_member(c):
+    """Under vmap optax's l1-ball ``lax.cond`` becomes a select: mix members inside and outside."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(3, 2, 4))
+    w[0] *= 0.01  # member 0 inside the l1 ball
+    lam = {"w": jnp.asarray(w), "lr": jnp.asarray(rng.normal(size=3))}
+    batched = jax.vmap(c)(lam)
+    for k in range(3):
+        one = c(jax.tree.map(lambda a: a[k], lam))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=0, atol=1e-15), batched, one)
+
+
+# no entry of X sits at a kink of the sets below (a bound, or a change of active set)
+X = jnp.array([0.9, -0.3, 0.45, 0.1, 1.3])
+
+
+@pytest.mark.parametrize(
+    "c",
+    [hc.simplex(2.0), hc.l1_ball(1.0), hc.box_l1(0.0, 0.5, 1.0), hc.box(0.0, 1.0), hc.nonnegative()],
+    ids=repr,
+)
+def test_derivatives_match_finite_differences(c):
+    check_grads(c, (X,), order=1, modes=("fwd", "rev"), eps=1e-6)
+
+
+@pytest.mark.parametrize(
+    "c, hi",
+    [(hc.simplex(2.0), np.inf), (hc.l1_ball(1.0), np.inf), (hc.box_l1(0.0, 0.5, 1.0), 0.5)],
+    ids=repr,
+)
+def test_jacobian_is_the_closed_form(c, hi):
+    """With the sum active, J = D (diag f − f fᵀ/|F|) D: F the entries strictly inside their
+    bounds (f its indicator), D = diag(sign x)."""
+    y = np.abs(np.asarray(c(X)))
+    f = ((y > 0) & (y < hi)).astype(float)
+    d = np.diag(np.sign(np.asarray(X)))
+    expected = d @ (np.diag(f) - np.outer(f, f) / f.sum()) @ d
+    np.testing.assert_allclose(jax.jacfwd(c)(X), expected, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(jax.jacrev(c)(X), expected, rtol=0, atol=1e-14)
 
 
 # --------------------------------------------------------------------------

@@ -13,31 +13,38 @@ hypergradient descent, as in Franceschi et al. 2017)::
     )
     lam = c(lam)
 
-Sets:
+Sets, and what computes each:
 
 - ``box(lo, hi)``: ``lo ≤ x_i ≤ hi``, elementwise (bounds may be infinite);
-- ``nonnegative()``: ``x_i ≥ 0``;
+  ``optax.projections.projection_box``;
+- ``nonnegative()``: ``x_i ≥ 0``; ``optax.projections.projection_non_negative``;
 - ``simplex(total=1.0)``: ``x_i ≥ 0, Σ x_i = total``;
+  ``optax.projections.projection_simplex`` (optax ≥ 0.2.3);
 - ``l1_ball(radius)``: ``Σ |x_i| ≤ radius``;
+  ``optax.projections.projection_l1_ball`` (optax ≥ 0.2.4);
 - ``box_l1(lo, hi, radius)``: ``lo ≤ x_i ≤ hi, Σ x_i ≤ radius`` with
   ``0 ≤ lo``, so that ``Σ x_i = Σ |x_i|`` (the per-example weights of data
-  hyper-cleaning).
+  hyper-cleaning); optax has no such set, so it is solved here.
 
 Which part of λ a constraint governs: every leaf by default; with
 ``on=key`` the subtree ``lam[key]`` (λ must then be a dict); with
 ``on=picker`` (a function such as ``lambda lam: lam["weights"]``) the leaves
 the picker selects. The picker is only ever called on a stand-in tree whose
 leaves are placeholders, so it must *select* (index, attribute access, build
-tuples or dicts of parts), not compute. Leaves that are not selected are
-returned untouched (the very same objects).
+tuples or dicts of parts), not compute. The selection becomes a mask of λ's
+shape, as in ``optax.masked``; leaves outside it are returned untouched (the
+very same objects).
 
 ``box`` and ``nonnegative`` act elementwise. ``simplex``, ``l1_ball`` and
 ``box_l1`` couple the entries of an array, and they project **each selected
-leaf separately**: ``simplex(on=lambda lam: (lam["a"], lam["b"]))`` makes
-``lam["a"]`` and ``lam["b"]`` each sum to one; it does not make them sum to
-one together. A leaf of any shape is flattened, projected and reshaped; leaves
-of any floating dtype are accepted (half precision is computed in float32 and
-cast back). Every projection is pure ``jax.numpy`` and jit-compatible.
+leaf separately** (an optax projection of a whole tree would couple all its
+leaves): ``simplex(on=lambda lam: (lam["a"], lam["b"]))`` makes ``lam["a"]``
+and ``lam["b"]`` each sum to one; it does not make them sum to one together.
+A leaf of any shape is accepted, and of any floating dtype: the coupling sets
+compute in the widest float JAX has enabled and cast back, because from optax
+0.2.5 on the simplex divides by an integer count, which promotes to that float,
+and the l1-ball's ``lax.cond`` then rejects a narrower leaf under x64. Every
+projection is pure ``jax.numpy``, jit- and vmap-compatible and differentiable.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optax import projections
 
 __all__ = [
     "Box",
@@ -71,6 +79,11 @@ PyTree = Any
 #: ``None`` (every leaf), a key of λ (a dict), or a function picking part of λ.
 Selector = None | Hashable | Callable[[PyTree], PyTree]
 
+# Jitted with the parameter traced, so one compilation per shape and dtype
+# serves every total and radius (and an eager lax.cond is not rebuilt per call).
+_simplex = jax.jit(projections.projection_simplex)
+_l1_ball = jax.jit(projections.projection_l1_ball)
+
 # Bisection steps for box_l1. Each halves the bracket of the threshold τ; the
 # exact solve on the active set that follows only needs the bracket to be
 # narrow enough to identify that set, which 100 steps give in float64 (and
@@ -78,59 +91,25 @@ Selector = None | Hashable | Callable[[PyTree], PyTree]
 _BISECTION_STEPS = 100
 
 
-# --------------------------------------------------------------------------
-# array kernels: 1-D, working dtype at least float32, parameters traced so
-# that one compilation serves every value of them.
-# --------------------------------------------------------------------------
-
-
 @jax.jit
-def _simplex_kernel(x: jax.Array, total: jax.Array) -> jax.Array:
-    """Projection of a 1-D ``x`` onto ``{y ≥ 0, Σ y = total}``.
-
-    Sort-based (Held et al. 1974; Duchi et al. 2008; Condat 2016): with ``u``
-    sorted decreasingly, ``ρ = max{k : u_k − (Σ_{j≤k} u_j − total)/k > 0}``,
-    ``θ = (Σ_{j≤ρ} u_j − total)/ρ`` and ``y = max(x − θ, 0)``.
-    """
-    u = jnp.sort(x)[::-1]
-    css = jnp.cumsum(u) - total
-    k = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)
-    positive = u - css / k > 0
-    # k = 1 always qualifies in exact arithmetic (u_1 - (u_1 - total) = total
-    # > 0); the max(., 1) guards against it being lost to rounding.
-    rho = jnp.maximum(jnp.max(jnp.where(positive, jnp.arange(1, x.shape[0] + 1), 0)), 1)
-    theta = css[rho - 1] / rho.astype(x.dtype)
-    return jnp.maximum(x - theta, 0)
-
-
-@jax.jit
-def _l1_ball_kernel(x: jax.Array, radius: jax.Array) -> jax.Array:
-    """Projection of a 1-D ``x`` onto ``{Σ |y_i| ≤ radius}``.
-
-    Identity inside the ball; outside, ``sign(x) · P_simplex(|x|, radius)``
-    (Duchi et al. 2008).
-    """
-    inside = jnp.sum(jnp.abs(x)) <= radius
-    outside = jnp.sign(x) * _simplex_kernel(jnp.abs(x), radius)
-    return jnp.where(inside, x, outside)
-
-
-@jax.jit
-def _box_l1_kernel(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array) -> jax.Array:
-    """Projection of a 1-D ``x`` onto ``{lo ≤ y ≤ hi, Σ y ≤ radius}``.
+def _box_l1(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array) -> jax.Array:
+    """Projection of ``x`` (any shape) onto ``{lo ≤ y ≤ hi, Σ y ≤ radius}``.
 
     KKT: ``y = clip(x − τ, lo, hi)`` with ``τ ≥ 0`` and ``τ (Σ y − radius) = 0``.
     If ``clip(x, lo, hi)`` already satisfies the sum constraint, ``τ = 0``.
     Otherwise ``g(τ) = Σ clip(x − τ, lo, hi)`` is continuous, non-increasing,
     ``g(0) > radius`` and ``g(max x − lo) = n·lo ≤ radius``: bisection brackets
     the root, then the root is solved exactly on the bracket's active set
-    (``g`` is linear between breakpoints).
+    (``g`` is linear between breakpoints). The bracket only identifies that
+    set, so derivatives flow through the exact solve alone:
+    ``∂τ/∂x_i = 1/|F|`` for the free entries ``F``.
     """
     clipped = jnp.clip(x, lo, hi)
     feasible = jnp.sum(clipped) <= radius
+    x_value = jax.lax.stop_gradient(x)
 
     def g(tau):
-        return jnp.sum(jnp.clip(x - tau, lo, hi))
+        return jnp.sum(jnp.clip(x_value - tau, lo, hi))
 
     def bisect(_, bracket):
         a, b = bracket
@@ -139,7 +118,7 @@ def _box_l1_kernel(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array
         return jnp.where(too_big, m, a), jnp.where(too_big, b, m)
 
     zero = jnp.zeros((), x.dtype)
-    upper = jnp.maximum(jnp.max(x) - lo, zero)
+    upper = jnp.maximum(jnp.max(x_value) - lo, zero)
     a, b = jax.lax.fori_loop(0, _BISECTION_STEPS, bisect, (zero, upper))
 
     z = x - 0.5 * (a + b)
@@ -148,8 +127,16 @@ def _box_l1_kernel(x: jax.Array, lo: jax.Array, hi: jax.Array, radius: jax.Array
     # where(), not count·bound: hi may be infinite with nothing at it.
     fixed = jnp.sum(jnp.where(z >= hi, hi, 0)) + jnp.sum(jnp.where(z <= lo, lo, 0))
     tau_exact = (jnp.sum(jnp.where(free, x, 0)) + fixed - radius) / jnp.maximum(n_free, 1)
-    tau = jnp.where(n_free > 0, jnp.clip(tau_exact, a, b), b)
+    # value: kept inside the bracket against rounding; derivative: the exact solve's
+    tau_value = jax.lax.stop_gradient(tau_exact)
+    tau = jnp.where(n_free > 0, jnp.clip(tau_value, a, b) + (tau_exact - tau_value), b)
     return jnp.where(feasible, clipped, jnp.clip(x - tau, lo, hi))
+
+
+def _in_widest_float(project: Callable, x: jax.Array, *params: float) -> jax.Array:
+    """``project(x, *params)`` computed in the widest float JAX has enabled, in ``x``'s dtype."""
+    work = jnp.promote_types(x.dtype, jax.dtypes.canonicalize_dtype(jnp.float64))
+    return project(x.astype(work), *params).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -169,10 +156,12 @@ class _Slot:
         return f"<leaf {self.index} of λ>"
 
 
-def _selected_leaves(lam: PyTree, on: Selector, treedef, n_leaves: int) -> list[int]:
+def _mask(lam: PyTree, on: Selector) -> PyTree:
+    """λ's structure with ``True`` at the leaves ``on`` selects, ``False`` elsewhere."""
+    leaves, treedef = jax.tree_util.tree_flatten(lam)
     if on is None:
-        return list(range(n_leaves))
-    slots = jax.tree_util.tree_unflatten(treedef, [_Slot(i) for i in range(n_leaves)])
+        return jax.tree_util.tree_unflatten(treedef, [True] * len(leaves))
+    slots = jax.tree_util.tree_unflatten(treedef, [_Slot(i) for i in range(len(leaves))])
     if callable(on):
         try:
             picked = on(slots)
@@ -190,22 +179,22 @@ def _selected_leaves(lam: PyTree, on: Selector, treedef, n_leaves: int) -> list[
         if on not in slots:
             raise KeyError(f"on={on!r} is not a key of λ; its keys are {list(slots)}")
         picked = slots[on]
-    indices = set()
+    selected = set()
     for leaf in jax.tree_util.tree_leaves(picked):
         if not isinstance(leaf, _Slot):
             raise TypeError(
                 f"the on= picker {on!r} must return parts of λ, but returned a leaf "
                 f"{leaf!r} that is not one of λ's leaves"
             )
-        indices.add(leaf.index)
-    return sorted(indices)
+        selected.add(leaf.index)
+    return jax.tree_util.tree_unflatten(treedef, [i in selected for i in range(len(leaves))])
 
 
-def _as_float_array(leaf: Any, name: str) -> jax.Array:
+def _as_float_array(leaf: Any, owner: Constraint) -> jax.Array:
     x = jnp.asarray(leaf)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
-            f"{name} projects floating-point hyperparameters; got a leaf of dtype {x.dtype}. "
+            f"{owner!r} projects floating-point hyperparameters; got a leaf of dtype {x.dtype}. "
             "Restrict the constraint with on= or make the leaf a float array."
         )
     return x
@@ -253,28 +242,12 @@ class Constraint:
     on: Selector
 
     def __call__(self, lam: PyTree) -> PyTree:
-        leaves, treedef = jax.tree_util.tree_flatten(lam)
-        out = list(leaves)
-        for i in _selected_leaves(lam, self.on, treedef, len(leaves)):
-            out[i] = self._project(_as_float_array(leaves[i], self._name()))
-        return jax.tree_util.tree_unflatten(treedef, out)
+        def project(leaf, selected):
+            return self._project(_as_float_array(leaf, self)) if selected else leaf
+
+        return jax.tree.map(project, lam, _mask(lam, self.on))
 
     def _project(self, x: jax.Array) -> jax.Array:
-        raise NotImplementedError
-
-    def _name(self) -> str:
-        return type(self).__name__
-
-
-class _CouplingConstraint(Constraint):
-    """A constraint coupling the entries of a leaf: flatten, project, reshape."""
-
-    def _project(self, x: jax.Array) -> jax.Array:
-        work = jnp.promote_types(x.dtype, jnp.float32)
-        y = self._project_flat(x.reshape(-1).astype(work))
-        return y.reshape(x.shape).astype(x.dtype)
-
-    def _project_flat(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 
 
@@ -295,7 +268,7 @@ class Box(Constraint):
         object.__setattr__(self, "hi", hi)
 
     def _project(self, x: jax.Array) -> jax.Array:
-        return jnp.clip(x, self.lo, self.hi).astype(x.dtype)
+        return projections.projection_box(x, self.lo, self.hi)
 
     def __repr__(self) -> str:
         return f"box(lo={self.lo!r}, hi={self.hi!r}{_format_on(self.on)})"
@@ -308,14 +281,14 @@ class Nonnegative(Constraint):
     on: Selector = None
 
     def _project(self, x: jax.Array) -> jax.Array:
-        return jnp.maximum(x, 0).astype(x.dtype)
+        return projections.projection_non_negative(x)
 
     def __repr__(self) -> str:
         return f"nonnegative({_format_on(self.on)[2:]})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Simplex(_CouplingConstraint):
+class Simplex(Constraint):
     """``x_i ≥ 0, Σ x_i = total`` per leaf; see :func:`simplex`."""
 
     total: float = 1.0
@@ -324,17 +297,17 @@ class Simplex(_CouplingConstraint):
     def __post_init__(self):
         object.__setattr__(self, "total", _positive_finite(self.total, "total", "simplex"))
 
-    def _project_flat(self, x: jax.Array) -> jax.Array:
+    def _project(self, x: jax.Array) -> jax.Array:
         if x.size == 0:
             raise ValueError(f"simplex: an empty leaf cannot sum to total={self.total!r}")
-        return _simplex_kernel(x, self.total)
+        return _in_widest_float(_simplex, x, self.total)
 
     def __repr__(self) -> str:
         return f"simplex(total={self.total!r}{_format_on(self.on)})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class L1Ball(_CouplingConstraint):
+class L1Ball(Constraint):
     """``Σ |x_i| ≤ radius`` per leaf; see :func:`l1_ball`."""
 
     radius: float
@@ -343,17 +316,15 @@ class L1Ball(_CouplingConstraint):
     def __post_init__(self):
         object.__setattr__(self, "radius", _positive_finite(self.radius, "radius", "l1_ball"))
 
-    def _project_flat(self, x: jax.Array) -> jax.Array:
-        if x.size == 0:
-            return x
-        return _l1_ball_kernel(x, self.radius)
+    def _project(self, x: jax.Array) -> jax.Array:
+        return x if x.size == 0 else _in_widest_float(_l1_ball, x, self.radius)
 
     def __repr__(self) -> str:
         return f"l1_ball(radius={self.radius!r}{_format_on(self.on)})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class BoxL1(_CouplingConstraint):
+class BoxL1(Constraint):
     """``lo ≤ x_i ≤ hi, Σ x_i ≤ radius`` (``0 ≤ lo``) per leaf; see :func:`box_l1`."""
 
     lo: float
@@ -375,16 +346,14 @@ class BoxL1(_CouplingConstraint):
         object.__setattr__(self, "hi", hi)
         object.__setattr__(self, "radius", radius)
 
-    def _project_flat(self, x: jax.Array) -> jax.Array:
+    def _project(self, x: jax.Array) -> jax.Array:
         n = x.size
         if n * self.lo > self.radius:
             raise ValueError(
                 f"box_l1: the set is empty for a leaf of {n} entries: "
                 f"n·lo = {n * self.lo!r} > radius = {self.radius!r}"
             )
-        if n == 0:
-            return x
-        return _box_l1_kernel(x, self.lo, self.hi, self.radius)
+        return x if n == 0 else _in_widest_float(_box_l1, x, self.lo, self.hi, self.radius)
 
     def __repr__(self) -> str:
         on = _format_on(self.on)
@@ -445,8 +414,8 @@ def nonnegative(*, on: Selector = None) -> Nonnegative:
 def simplex(total: float = 1.0, *, on: Selector = None) -> Simplex:
     """Projection of each selected leaf onto ``{x ≥ 0, Σ x_i = total}``.
 
-    Sort-based, O(n log n) (Duchi et al. 2008; Condat 2016). Each leaf is
-    projected separately, flattened whatever its shape.
+    ``max(x − θ, 0)`` with θ found by sorting, O(n log n) (Duchi et al. 2008;
+    Condat 2016). Each leaf is projected separately, whatever its shape.
 
     Args:
       total: the sum, a finite number > 0.
