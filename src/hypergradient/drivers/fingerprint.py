@@ -3,13 +3,14 @@
 ``optax.adam(0.1)`` written twice gives two objects made of fresh closures: compared by identity
 they differ, so a compiled loop keyed on them would be rebuilt at every call. :func:`key` compares
 what they compute instead: a function by its code, its defaults and the values its closure holds
-(recursively), containers element by element, numbers, strings and arrays by value, anything else
-by its own equality or identity. :func:`digest` is the same key as a string that is stable
-across processes, for checkpoint headers.
+(recursively), containers element by element, numbers, strings and arrays by value, a dataclass
+(a constraint) by its fields, anything else by its own equality or identity. :func:`digest` is the
+same key as a string that is stable across processes, for checkpoint headers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import types
@@ -51,6 +52,9 @@ def _key(obj: Any, depth: int, stable: bool) -> Any:
     if isinstance(obj, types.CodeType):
         # co_qualname exists from Python 3.11; 3.10 has co_name (the same fingerprints on 3.11+ as before)
         return ("code", getattr(obj, "co_qualname", obj.co_name), obj.co_code, tuple(rec(c) for c in obj.co_consts))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a constraint, a method: by its fields
+        fields = tuple((f.name, rec(getattr(obj, f.name))) for f in dataclasses.fields(obj))
+        return ("dataclass", type(obj).__module__, type(obj).__qualname__, fields)
     if isinstance(obj, types.FunctionType):
         cells = tuple(rec(c.cell_contents) if _filled(c) else None for c in obj.__closure__ or ())
         return ("function", rec(obj.__code__), rec(obj.__defaults__), rec(obj.__kwdefaults__), cells)
