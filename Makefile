@@ -24,10 +24,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/bench.py
+	$(PY) -m benchmarks.bench
 
 bench-sweeps: $(VENV)/.installed-bench
-	$(PY) benchmarks/sweeps.py
+	$(PY) -m benchmarks.sweeps
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

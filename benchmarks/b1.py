@@ -12,14 +12,13 @@ Every benchmark builds B1 here, ours and the peers alike: :func:`arrays` draws t
 λ as numpy arrays (a ``peers.common.B1Problem``, which :func:`write` saves to the .npz that every
 implementation reads) and :func:`build` turns them into our dynamics, objective and λ.
 
-    python benchmarks/b1.py --write b1.npz [--steps 100] [--dtype float64]    # the shared .npz
+    python -m benchmarks.b1 --write b1.npz [--steps 100] [--dtype float64]    # the shared .npz
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
@@ -27,11 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypergradient as hg
+from benchmarks.peers import common
 from hypergradient.apps import datasets, models  # the applications package: imported here only
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.peers import common  # noqa: E402
 
 HIDDEN = (50, 50, 50)
 BATCH_SIZE = 200

@@ -14,11 +14,11 @@ training run's, T·Φ:
     Reverse  ≥ (T·vjp(Φ) + ∇E) / (T·Φ),     Forward ≥ (T·jvp₄(Φ) + ∇E) / (T·Φ),
     Reversible ≥ (T·(Φ + vjp(∇L)) + ∇E) / (T·Φ)
 
-These are what the timed ratios of ``b1_schedules.py`` can be compared with:
+These are what the timed ratios of ``benchmarks.b1_schedules`` can be compared with:
 a measured ratio above the floor is overhead (dispatch, layout, memory), one
 below it means the method's products ran faster per flop than training's.
 
-    python benchmarks/b1_flops.py [--steps 100] [--out results/b1_flops.json]
+    python -m benchmarks.b1_flops [--steps 100] [--out benchmarks/results/b1_flops.json]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-import b1
-from b1_schedules import emit
+from benchmarks import b1
+from benchmarks.record import write_report
 
 
 def flops(fn, *args) -> float:
@@ -83,7 +83,7 @@ def main(argv=None):
             "objective_alone": per_step["objective_value_and_grad"] / train,
         },
     }
-    emit(report, a.out)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

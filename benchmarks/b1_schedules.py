@@ -1,6 +1,6 @@
 """B1 in one process: each method's hypergradient time as a multiple of a training run, and its memory.
 
-B1 is built by ``b1.py`` (the spec is in its docstring). Prints one JSON
+B1 is built by ``benchmarks.b1`` (the spec is in its docstring). Prints one JSON
 object: for every method the median seconds of the hypergradient over
 ``--repeats`` runs after a warm-up and of the training run, the two timed
 alternately in the same process, their ratio, and XLA's peak temporary
@@ -9,13 +9,12 @@ Forward differentiates the 4 per-layer learning rates (``b1.measured_on``),
 the others all 804 hyperparameters. ``--steps 2000 --methods reverse,checkpoint``
 gives the long-run checkpointing figures.
 
-    python benchmarks/b1_schedules.py [--steps 100] [--repeats 5] [--methods ...]
+    python -m benchmarks.b1_schedules [--steps 100] [--repeats 5] [--methods ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,18 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-import b1
 import hypergradient as hg
+from benchmarks import b1
+from benchmarks.record import write_report
 from hypergradient.apps.methods import make
-
-
-def emit(report: dict, out: str | None) -> None:
-    """Print the report as JSON, and write it to ``out`` too when given."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
 
 
 def median_seconds(fn, repeats):
@@ -114,7 +105,7 @@ def main(argv=None):
     for row in report["methods"].values():
         if rev and "error" not in row:
             row["time_vs_reverse"] = row["hypergrad_seconds"] / rev["hypergrad_seconds"]
-    emit(report, a.out)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ log2(1/μ) (T = 100).
 
 Prints one JSON object.
 
-    python benchmarks/b3_memory.py [--steps 100,1000,3000] [--repeats 1] [--dtype float64]
+    python -m benchmarks.b3_memory [--steps 100,1000,3000] [--repeats 1] [--dtype float64]
 """
 
 from __future__ import annotations
@@ -24,21 +24,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import b1  # noqa: E402
-import hypergradient as hg  # noqa: E402
-from b1_schedules import emit, median_seconds  # noqa: E402
-from hypergradient import dynamics  # noqa: E402
-from hypergradient.apps.methods import make  # noqa: E402
-from hypergradient.hypergrad import compiled  # noqa: E402
+import hypergradient as hg
+from benchmarks import b1
+from benchmarks.b1_schedules import median_seconds
+from benchmarks.record import write_report
+from hypergradient import dynamics
+from hypergradient.apps.methods import make
+from hypergradient.hypergrad import compiled
 
 METHODS = ("reverse", "checkpoint", "reversible", "drmad")
 
@@ -147,7 +145,7 @@ def main(argv=None):
         "bits_vs_momentum": bits_vs_mu(data, a.dtype),
     }
     report["wall_seconds"] = time.perf_counter() - start
-    emit(report, a.out)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """B1 side by side: our methods and the PyTorch peers, alternately, in one run.
 
-    python benchmarks/bench.py                 # the full run: 3 rounds x 3 timed calls
-    python benchmarks/bench.py --quick         # 1 round, fewer calls, no float64 check
+    python -m benchmarks.bench                 # the full run: 3 rounds x 3 timed calls
+    python -m benchmarks.bench --quick         # 1 round, fewer calls, no float64 check
 
 What it does:
 
-1. Builds the B1 problem once (``b1.py --write``: Fashion-MNIST
+1. Builds the B1 problem once (``benchmarks.b1 --write``: Fashion-MNIST
    train[0:10000] / [10000:20000], or digits with a message; its initial
    weights and λ) and writes it to one .npz that every implementation reads,
    so that data, w_0 and λ are identical.
-2. Runs each implementation (ours: ``run_ours.py`` per method of
-   ``b1.METHODS``; the peers: ``peers/run_peer.py``) in a process of its own,
+2. Runs each implementation (ours: ``benchmarks.run_ours`` per method of
+   ``b1.METHODS``; the peers: ``benchmarks.peers.run_peer``) in a process of its own
+   (``python -m``, in the repository root),
    for ``--rounds`` rounds, the order rotated every round (A B C ... then
    B C ... A), so that the load from other users of the machine falls on
    every implementation alike. Each
@@ -55,13 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import PEERS, common
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-from benchmarks.peers import PEERS, common  # noqa: E402
-
 RESULTS = HERE / "results"
 PEER_LABEL = {"torch_plain": "PyTorch (autograd)", "torch_higher": "higher", "torch_torchopt": "TorchOpt"}
 OUR_LABEL = {
@@ -79,13 +77,13 @@ APPROXIMATE = {"truncated": "biased by design", "drmad": "approximate by design"
 
 
 def write_problem(path, T: int, dtype: str = "float32") -> dict:
-    """Write B1 (``b1.py --write``) to ``path`` in a child process; returns a summary of the problem.
+    """Write B1 (``benchmarks.b1 --write``) to ``path`` in a child process; returns a summary of the problem.
 
     The runner itself never imports JAX: forking a process whose JAX thread
     pool is running can deadlock.
     """
-    cmd = [sys.executable, str(HERE / "b1.py"), "--write", str(path), "--steps", str(T), "--dtype", dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None))
+    cmd = [*module("b1"), "--write", str(path), "--steps", str(T), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None), cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"writing the B1 problem failed:\n{proc.stderr}")
     sys.stderr.write(proc.stderr)
@@ -114,14 +112,18 @@ def settings(args) -> dict:
 
 def child_env(threads: int | None) -> dict:
     """The environment of a measured process: the caller's, without the thread and wait-policy
-    settings that only the flags may set (``--threads``; ``--omp-passive`` goes to ``run_peer.py``),
+    settings that only the flags may set (``--threads``; ``--omp-passive`` goes to ``run_peer``),
     so that the report's settings line says what the processes ran with."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def module(name: str) -> list[str]:
+    """The command that runs ``benchmarks.NAME`` as a module (in a process whose cwd is ``ROOT``)."""
+    return [sys.executable, "-m", f"benchmarks.{name}"]
 
 
 def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, extra=(), save_grads=None,
@@ -129,11 +131,11 @@ def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, ext
     """Run one implementation in a fresh process with the settings ``run`` (see :func:`settings`);
     its JSON record, or {"error": ...}."""
     if impl == "ours":
-        cmd = [sys.executable, str(HERE / "run_ours.py"), name]
+        cmd = [*module("run_ours"), name]
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
     else:
-        cmd = [sys.executable, str(HERE / "peers" / "run_peer.py"), name]
+        cmd = [*module("peers.run_peer"), name]
         if run["torch_threads"]:
             cmd += ["--threads", str(run["torch_threads"])]
         if run["omp_wait_policy"]:
@@ -146,7 +148,7 @@ def run_impl(impl: str, name: str, problem: str, run: dict, *, repeats: int, ext
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(run["torch_threads"]),
-                              timeout=timeout)
+                              timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "name": name, "error": f"timed out after {timeout:.0f} s"}
     elapsed = time.perf_counter() - start
@@ -190,8 +192,8 @@ def med(xs):
 
 def our_methods() -> list[str]:
     """``b1.METHODS``, the methods measured on B1 (asked in a child: the runner does not import JAX)."""
-    code = "import b1, json; print(json.dumps(b1.METHODS))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+    code = "import json; from benchmarks import b1; print(json.dumps(b1.METHODS))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=child_env(None))
     if proc.returncode != 0:
         raise SystemExit(f"cannot list our methods:\n{proc.stderr}")

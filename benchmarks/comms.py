@@ -9,7 +9,7 @@ training run and each method's hypergradient are compiled, not run. From each co
   per checkpointed segment), in bytes and as a multiple of the gradient's size (the weights' bytes);
 - XLA's memory analysis per device (temporary + argument bytes), against D = 1.
 
-    python benchmarks/comms.py [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
+    python -m benchmarks.comms [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1, "s8": 1, "u8": 1}
 
@@ -82,9 +84,7 @@ def measure(steps: int) -> dict:
     import numpy as np
     from jax.sharding import Mesh
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import b1
-
+    from benchmarks import b1
     from hypergradient import dynamics
     from hypergradient._pytree import nbytes
     from hypergradient.apps.methods import make
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={d}"}
         if env.get("JAX_PLATFORMS", "cpu") != "cpu":
             env.pop("XLA_FLAGS")
-        run = subprocess.run([sys.executable, __file__, "--measure", "--steps", str(a.steps)], env=env,
-                             capture_output=True, text=True, check=False)
+        run = subprocess.run([sys.executable, "-m", "benchmarks.comms", "--measure", "--steps", str(a.steps)],
+                             env=env, capture_output=True, text=True, check=False, cwd=ROOT)
         if run.returncode:
             print(run.stderr[-2000:], file=sys.stderr)
             return run.returncode

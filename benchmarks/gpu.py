@@ -6,7 +6,7 @@ by ``common.measure`` (a warm-up, then training and hypergradient alternately, m
 hypergradient is compared with our Reverse's (max |g − g_ref| / max |g_ref| over the
 hyperparameters). Run by ``benchmarks/gpu.sh``; writes ``b1_gpu.json`` and ``b1_gpu.md`` to ``--out``.
 
-    python benchmarks/gpu.py --out DIR [--device gpu] [--steps 100] [--repeats 5] [--digits]
+    python -m benchmarks.gpu --out DIR [--device gpu] [--steps 100] [--repeats 5] [--digits]
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import b1  # noqa: E402
-from benchmarks.peers import common  # noqa: E402
+from benchmarks import b1
+from benchmarks.peers import common
 
 
 def measure_ours(problem, repeats: int) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# B1 on one GPU: every method of ours and plain PyTorch (benchmarks/gpu.py), then the tests that
+# B1 on one GPU: every method of ours and plain PyTorch (python -m benchmarks.gpu), then the tests that
 # need or concern a GPU, into one markdown table, OUT/b1_gpu.md (with b1_gpu.json and tests.txt).
 # Under 5 minutes on one H200. Installs nothing: it stops, saying what is missing.
 #
@@ -45,7 +45,7 @@ else
 fi
 
 echo "gpu.sh: B1 on $device ..." >&2
-timeout 270 "$python" benchmarks/gpu.py --out "$out" --device "$device" "${sizes[@]}"
+timeout 270 "$python" -m benchmarks.gpu --out "$out" --device "$device" "${sizes[@]}"
 
 echo "gpu.sh: tests ${tests[*]} ..." >&2
 set +e

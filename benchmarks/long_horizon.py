@@ -13,9 +13,9 @@ thousands of steps, and its backward pass overflows float32 (``finite``, ``backw
 The largest T within the budget is found by compiling only: doubling T from 100 up to 10^7,
 then bisecting to within 10%.
 
-    python benchmarks/long_horizon.py --steps 10000 --run all
-    python benchmarks/long_horizon.py --steps 100000 --run choice
-    python benchmarks/long_horizon.py --largest
+    python -m benchmarks.long_horizon --steps 10000 --run all
+    python -m benchmarks.long_horizon --steps 100000 --run choice
+    python -m benchmarks.long_horizon --largest
 
 Each invocation updates its entries of ``--out`` (default ``benchmarks/results/long_horizon.json``).
 """
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import b1
 import hypergradient as hg
+from benchmarks import b1
 from hypergradient._pytree import partition
 from hypergradient.dynamics import train
 from hypergradient.hypergrad import compiled

@@ -1,6 +1,6 @@
 """Time one of our hypergradient methods on B1 in its own process; one JSON line.
 
-The counterpart of ``benchmarks/peers/run_peer.py``, with the same
+The counterpart of ``benchmarks.peers.run_peer``, with the same
 interface and the same measuring protocol (``common.measure``): a warm-up
 training run (which compiles it), the hypergradient program compiled ahead
 of time, a cold hypergradient call whose peak resident memory less the
@@ -8,11 +8,11 @@ memory just before is ``peak_rss_delta_mb``, then ``--repeats`` alternating
 timed rounds of training and hypergradient. A process per method makes the
 peak its own.
 
-The problem is the .npz that ``b1.py --write`` saves (every implementation
+The problem is the .npz that ``python -m benchmarks.b1 --write`` saves (every implementation
 reads the same file); ``b1.build`` makes our dynamics and objective from it.
 
-    python benchmarks/run_ours.py reverse --problem b1.npz --json --save-grads ours.npz
-    python benchmarks/run_ours.py forward --hparams first-m-lr --m 64 --problem b1.npz --no-train --json
+    python -m benchmarks.run_ours reverse --problem b1.npz --json --save-grads ours.npz
+    python -m benchmarks.run_ours forward --hparams first-m-lr --m 64 --problem b1.npz --no-train --json
 
 METHOD is a name of ``hypergradient.apps.methods`` (``--checkpoint-every``
 and ``--truncate`` set checkpoint's and truncated's parameter). ``--hparams``
@@ -25,24 +25,19 @@ rates and every other method all of them (``b1.measured_on``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from benchmarks.peers import common  # noqa: E402
+from benchmarks.peers import common
+from benchmarks.record import emit
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", metavar="METHOD", help="a name of hypergradient.apps.methods")
-    ap.add_argument("--problem", required=True, help=".npz written by b1.py --write")
+    ap.add_argument("--problem", required=True, help=".npz written by python -m benchmarks.b1 --write")
     ap.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: the file's dtype (float64 turns on jax_enable_x64)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -67,8 +62,8 @@ def main(argv=None) -> int:
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    import b1
     import hypergradient as hg
+    from benchmarks import b1
     from hypergradient.apps.methods import make
     from hypergradient.hypergrad import compiled
 
@@ -109,21 +104,11 @@ def main(argv=None) -> int:
         "compile_seconds": compile_info.get("seconds"),
         "method_stats": {k: v for k, v in stats.items()
                          if isinstance(v, (int, float)) and k not in ("seconds", "compile_seconds")},
-        "grad_norms": {k: float(np.linalg.norm(g)) for k, g in grads.items()},
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "load_avg_1min_start": load_at_start,
-        "load_avg_1min": os.getloadavg()[0],
     }
-    if args.save_grads:
-        np.savez(args.save_grads, value=np.float64(record["value"]), **grads)
-    if args.json:
-        print(json.dumps(record))
-    else:
-        for k, v in record.items():
-            print(f"{k:18s} {v}")
+    emit(record, grads, load_at_start=load_at_start, save_grads=args.save_grads, json_line=args.json)
     return 0
 
 

@@ -1,15 +1,15 @@
 """Scaling sweeps: hypergradient time and peak memory against T and against m.
 
-    python benchmarks/sweeps.py            # T in {100, 300, 1000, 3000}, m in {1, 4, 16, 64, 256}
-    python benchmarks/sweeps.py --quick    # T in {100, 300}, m in {1, 16, 256}; *_quick files
-    python benchmarks/sweeps.py --only T   # one of the two sweeps
+    python -m benchmarks.sweeps            # T in {100, 300, 1000, 3000}, m in {1, 4, 16, 64, 256}
+    python -m benchmarks.sweeps --quick    # T in {100, 300}, m in {1, 16, 256}; *_quick files
+    python -m benchmarks.sweeps --only T   # one of the two sweeps
 
 Sweep over T (B1 with T steps, the same data, initial weights and λ shapes
 (T, 4)): every method of ``b1.METHODS`` (Reverse, Reverse with checkpoints every
 round(√T) steps, Truncated(10), Forward on the 4 per-layer learning rates,
 Reversible and DrMAD) and the three PyTorch peers (which store
-the trajectory). Each point is one process (``run_ours.py`` /
-``peers/run_peer.py``, the protocol of ``common.measure``): a warm-up
+the trajectory). Each point is one process (``benchmarks.run_ours`` /
+``benchmarks.peers.run_peer``, the protocol of ``common.measure``): a warm-up
 training run, a cold hypergradient (its peak resident memory above the
 memory just before it is the memory figure), then one timed call (the time
 figure; the cold call's time when a call is predicted to exceed a minute).
@@ -19,7 +19,7 @@ more than ``--max-gib`` (16) of memory or ``--max-seconds`` (180) per call
 is skipped and listed as such.
 
 Sweep over m (T = 100): Forward and Reverse with the first m entries of the
-flattened (T, 4) learning-rate schedule as the hyperparameters (``run_ours.py
+flattened (T, 4) learning-rate schedule as the hyperparameters (``run_ours
 --hparams first-m-lr``), m in {1, 4, 16, 64, 256}; Forward's cost grows with
 m, Reverse's does not; the plot shows where they cross.
 
@@ -41,14 +41,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from bench import (  # noqa: E402
+from benchmarks.bench import (
     PEER_LABEL, RESULTS, add_settings, describe, git_commit, machine, our_methods, run_impl, settings, write_problem,
 )
-from benchmarks.peers import PEERS  # noqa: E402
+from benchmarks.peers import PEERS
 
 STORES_TRAJECTORY = {"reverse"} | set(PEERS)
 LABEL = {

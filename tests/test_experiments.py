@@ -195,3 +195,12 @@ def test_every_experiment_has_a_tiny_config_a_description_and_methods():
         assert full.dataset == "digits"
         paper = module.Config(dataset="fashion-mnist").resolved()
         assert paper.n_train >= full.n_train  # paper scale on the IDX datasets
+
+
+@pytest.mark.parametrize("dataset", datasets.DATASETS)
+def test_every_field_left_none_has_the_datasets_value(dataset):
+    for name in experiments.names():
+        config = experiments.get(name).Config(dataset=dataset).resolved()
+        unset = {k for k, v in dataclasses.asdict(config).items() if v is None}
+        assert unset <= {"data_dir", "n_test"}, (name, unset)  # n_test None: the examples left
+        assert isinstance(config, runner.Config)

@@ -129,9 +129,9 @@ def test_b1_sized_hypergradient_on_the_gpu_agrees_with_the_cpu():
 
 
 def test_the_gpu_benchmark_runs_its_plumbing_on_cpu(tmp_path):
-    """benchmarks/gpu.py, as gpu.sh --cpu-dry-run runs it (ours only, T = 3): every method gets a row."""
+    """benchmarks.gpu, as gpu.sh --cpu-dry-run runs it (ours only, T = 3): every method gets a row."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--out", str(tmp_path), "--device", "cpu",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--out", str(tmp_path), "--device", "cpu",
                            "--steps", "3", "--repeats", "1", "--digits", "--no-torch"],
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -7,7 +7,7 @@ entry of torch_plain's (per hyperparameter), and central finite differences
 of the objective on a few coordinates. Exits 1 if a peer differs by more
 than --tol.
 
-    python benchmarks/peers/check_agreement.py [--T 10] [--tol 1e-8]
+    python -m benchmarks.peers.check_agreement [--T 10] [--tol 1e-8]
 """
 
 from __future__ import annotations
@@ -15,16 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import b1  # noqa: E402
-from benchmarks.peers import PEERS, common  # noqa: E402
+from benchmarks import b1
+from benchmarks.peers import PEERS, common
 
 
 def small_problem(T=10, n_train=1000, n_val=1000, batch_size=100):

@@ -2,16 +2,16 @@
 
 A process of its own per implementation makes the peak resident memory
 (VmHWM) that implementation's. The protocol is ``common.measure``, the
-same as ``benchmarks/run_ours.py``: a warm-up training run, then a cold
+same as ``benchmarks.run_ours``: a warm-up training run, then a cold
 hypergradient whose peak less the resident memory just before is
 ``peak_rss_delta_mb``, then ``--repeats`` alternating timed rounds.
 
-    python benchmarks/b1.py --write b1.npz --steps 100
-    python benchmarks/peers/run_peer.py torch_plain --problem b1.npz --repeats 5 --json
-    python benchmarks/peers/run_peer.py torch_higher --problem b1.npz --json \
+    python -m benchmarks.b1 --write b1.npz --steps 100
+    python -m benchmarks.peers.run_peer torch_plain --problem b1.npz --repeats 5 --json
+    python -m benchmarks.peers.run_peer torch_higher --problem b1.npz --json \
         --save-grads higher.npz
 
-The problem is the .npz that ``b1.py --write`` saves, so every
+The problem is the .npz that ``python -m benchmarks.b1 --write`` saves, so every
 implementation gets the same data, initial weights and hyperparameters.
 PyTorch runs at its defaults unless ``--threads`` (intra-op threads) or
 ``--omp-passive`` (``OMP_WAIT_POLICY=PASSIVE``: libgomp's waiting threads
@@ -22,17 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-from pathlib import Path
 
-import numpy as np
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.peers import PEERS, common  # noqa: E402
+from benchmarks.peers import PEERS, common
+from benchmarks.record import emit
 
 
 def main(argv=None) -> int:
@@ -40,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("name", choices=PEERS)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the file's dtype")
-    ap.add_argument("--problem", required=True, help=".npz written by b1.py --write")
+    ap.add_argument("--problem", required=True, help=".npz written by python -m benchmarks.b1 --write")
     ap.add_argument("--save-grads", help="write value and hypergradient to this .npz")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (default: libgomp's own)")
@@ -72,21 +66,11 @@ def main(argv=None) -> int:
         "dtype": problem.dtype,
         "repeats": args.repeats,
         **timing,
-        "grad_norms": {k: float(np.linalg.norm(g)) for k, g in grads.items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "load_avg_1min_start": load_at_start,
-        "load_avg_1min": os.getloadavg()[0],
     }
-    if args.save_grads:
-        np.savez(args.save_grads, value=np.float64(record["value"]), **grads)
-    if args.json:
-        print(json.dumps(record))
-    else:
-        for k, v in record.items():
-            print(f"{k:18s} {v}")
+    emit(record, grads, load_at_start=load_at_start, save_grads=args.save_grads, json_line=args.json)
     return 0
 
 

@@ -4,8 +4,9 @@ Every experiment module has
 
 - ``NAME`` (its one-line description is in :data:`DESCRIPTIONS` here),
 - ``METHODS``: the accepted ``--method`` names, the first being the default,
-- ``Config``: a frozen dataclass whose defaults are the paper-scale setup on
-  the chosen dataset (fields left ``None`` are resolved per dataset),
+- ``Config``: a frozen dataclass extending :class:`.runner.Config` (the fields
+  every experiment shares) with its own fields, and ``DEFAULTS``, the table of
+  per-dataset values that ``resolved()`` gives the fields left ``None``,
 - ``tiny(dataset)``: a configuration that runs in seconds,
 - ``run(config, out_dir, progress) -> dict``: runs it, writes ``config.json``,
   ``history.csv``, ``result.json`` and PNG plots to ``out_dir`` and returns

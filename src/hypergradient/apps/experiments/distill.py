@@ -28,42 +28,25 @@ METHODS = ("reverse", "forward", "truncated")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of the distillation experiment (``None``: the dataset's value).
+class Config(runner.Config):
+    """Settings of the distillation experiment (the shared fields: :class:`.runner.Config`).
+
+    ``method="forward"`` costs one tangent per pixel; the training set is only a pool to draw the
+    ten real images from (``seed`` picks them).
 
     Attributes:
-      dataset, data_dir: which data.
-      method: one of :data:`METHODS` (``forward`` costs one tangent per pixel).
-      hyper_steps: Adam steps on the ten images.
-      hyper_lr: Adam's learning rate on the pixel values.
-      seed: which real images are drawn.
-      n_train, n_val, n_test: digits 800 / 500 / the rest; otherwise 10,000 each.
-        The training set is only a pool to draw the ten real images from.
       steps, lr: gradient steps T and learning rate of the inner training.
-      truncation: K for ``method="truncated"``.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    method: str = "reverse"
-    hyper_steps: int | None = None
+    DEFAULTS = {
+        "digits": {"n_train": 800, "n_val": 500, "n_test": None},
+        "paper": {"n_train": 10_000, "n_val": 10_000, "n_test": 10_000},
+    }
+
+    hyper_steps: int = 200
     hyper_lr: float = 0.02
-    seed: int = 0
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
     steps: int = 100
     lr: float = 1.0
-    truncation: int = 20
-
-    def resolved(self) -> Config:
-        return runner.fill_defaults(
-            self,
-            hyper_steps=(200, 200),
-            n_train=(800, 10_000),
-            n_val=(500, 10_000),
-            n_test=(None, 10_000),
-        )
 
 
 def tiny(dataset: str = "digits") -> Config:

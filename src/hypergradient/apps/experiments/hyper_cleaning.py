@@ -35,51 +35,32 @@ METHODS = ("reverse", "forward", "truncated")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of the hyper-cleaning experiment (``None``: the dataset's paper-scale value).
+class Config(runner.Config):
+    """Settings of the hyper-cleaning experiment (the shared fields: :class:`.runner.Config`).
+
+    ``hyper_steps`` are per value of R; ``seed`` picks the flipped labels; ``hyper_lr`` acts on λ,
+    which lives in [0, 1]. On digits the paper's 5,000 / 5,000 / 10,000 examples are 450 / 450 /
+    the rest (897).
 
     Attributes:
-      dataset, data_dir: which data.
-      method: one of :data:`METHODS`.
-      hyper_steps: projected Adam steps on λ, per value of R.
-      hyper_lr: Adam's learning rate on λ (λ lives in [0, 1]).
-      seed: which labels are flipped.
-      n_train, n_val: digits 450 / 450; otherwise the paper's 5,000 / 5,000.
-      n_test: digits: the rest (897); otherwise 10,000.
       flip_fraction: fraction of training labels flipped.
       radius_fractions: R / n_train for each R (the paper's {1000, ..., 2500} / 5000).
       steps: full-batch gradient steps T of the inner training.
       lr, momentum: the inner heavy-ball optimizer.
       flag_threshold: λ_i at or below this flags example i as mislabelled.
-      truncation: K for ``method="truncated"``.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    method: str = "reverse"
-    hyper_steps: int | None = None
-    hyper_lr: float = 0.05
-    seed: int = 0
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
+    DEFAULTS = {
+        "digits": {"n_train": 450, "n_val": 450, "n_test": None, "lr": 0.5},
+        "paper": {"n_train": 5_000, "n_val": 5_000, "n_test": 10_000, "lr": 0.1},
+    }
+
     flip_fraction: float = 0.5
     radius_fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     steps: int = 100
     lr: float | None = None
     momentum: float = 0.9
     flag_threshold: float = 0.1
-    truncation: int = 20
-
-    def resolved(self) -> Config:
-        return runner.fill_defaults(
-            self,
-            hyper_steps=(100, 100),
-            n_train=(450, 5_000),
-            n_val=(450, 5_000),
-            n_test=(None, 10_000),
-            lr=(0.5, 0.1),
-        )
 
     def radii(self) -> list[float]:
         return [round(f * self.n_train) for f in self.radius_fractions]

@@ -31,48 +31,28 @@ METHODS = ("reverse", "forward", "truncated", "reversible")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of the per-weight L2 experiment (``None``: the dataset's value).
+class Config(runner.Config):
+    """Settings of the per-weight L2 experiment (the shared fields: :class:`.runner.Config`).
+
+    ``method="forward"`` costs one tangent per weight; ``reversible`` reverses the heavy-ball steps
+    exactly instead of storing them. The training set is small, where regularization matters.
+    ``seed`` is unused (full-batch training from zero), kept for the command line's uniformity.
 
     Attributes:
-      dataset, data_dir: which data.
-      method: one of :data:`METHODS` (``forward`` costs one tangent per weight; ``reversible``
-        reverses the heavy-ball steps exactly instead of storing them).
-      hyper_steps: Adam steps on the strengths.
-      hyper_lr: Adam's learning rate on log_l2.
-      seed: unused by the inner training (full batch from zero); kept for
-        the command line's uniformity.
-      n_train, n_val, n_test: digits 150 / 500 / the rest; otherwise
-        1,000 / 10,000 / 10,000 (a small training set, where regularization
-        matters).
       steps, lr, momentum: the inner heavy-ball gradient descent.
       grid: the shared L2 strengths of the baseline grid search.
-      truncation: K for ``method="truncated"``.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    method: str = "reverse"
-    hyper_steps: int | None = None
+    DEFAULTS = {
+        "digits": {"n_train": 150, "n_val": 500, "n_test": None},
+        "paper": {"n_train": 1_000, "n_val": 10_000, "n_test": 10_000},
+    }
+
     hyper_lr: float = 0.1
-    seed: int = 0
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
     steps: int = 200
     lr: float = 0.5
     momentum: float = 0.9
     grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)
-    truncation: int = 20
-
-    def resolved(self) -> Config:
-        return runner.fill_defaults(
-            self,
-            hyper_steps=(100, 100),
-            n_train=(150, 1_000),
-            n_val=(500, 10_000),
-            n_test=(None, 10_000),
-        )
 
 
 def tiny(dataset: str = "digits") -> Config:

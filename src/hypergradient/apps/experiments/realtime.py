@@ -20,22 +20,9 @@ training run per hyper-step (``hg.optimize`` with ``hg.Reverse()`` on the whole
 validation set, keeping the best λ seen). Every method keeps λ in the box
 ``lr_bounds × l2_bounds``.
 
-Why the CNN is smooth. With relu, a training step Φ(w) = w − η(m̂/√v̂)(∇L(w))
-is discontinuous in w: ∇L contains relu' ∈ {0, 1}, which jumps as an example's
-unit switches. w_T(λ) is then piecewise smooth with jumps, and an exact
-hypergradient (Forward or Reverse: the derivative of the piece λ lies in)
-misses them. Through 600 Adam steps at lr 1e-3 on digits it gives
-∂E/∂log lr = +0.16 where the slope of E over ±0.001 to ±0.1 is −0.17 to −0.19
-(agreement up to 200 steps, growing disagreement after: it grows with η·T); on
-Fashion-MNIST likewise +0.19 after 600 steps. Offline, Adam followed it uphill
-(validation loss 0.41 → 0.71 on digits, 0.55 → 0.59 on Fashion-MNIST). RTHO's
-tangent spans the whole run, so its hypergradient drifts the same way as the
-run goes on (relu, digits, 3,000 steps: lr lowered at 96% of the last 250
-updates), towards an lr at which the weights stop moving; there Z_t and the
-hypergradient stop changing and Adam keeps stepping log λ by the same amount
-(relu, Fashion-MNIST, 2,000 steps: lr 1e-3 → 5e-7, L2 1e-3 → 0.14).
-SiLU (x·σ(x)) makes Φ smooth: the same hypergradients then match the slope to
-three digits. The box keeps λ where training still responds to it.
+The CNN uses SiLU, not relu: relu makes the training step discontinuous in the weights, and an
+exact hypergradient of a long run then misses the jumps. ``docs/experiments.md`` (realtime) gives
+the measurements behind this and behind the defaults below.
 """
 
 from __future__ import annotations
@@ -60,68 +47,52 @@ METHODS = ("rtho", "trho", "reverse")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of the real-time experiment (``None``: the dataset's value).
+class Config(runner.Config):
+    """Settings of the real-time experiment (the shared fields: :class:`.runner.Config`).
+
+    ``method``: ``rtho`` or ``trho`` (real time); ``reverse``: the offline comparator, constant λ
+    tuned by ``hg.optimize`` with one whole training run per hyper-step. ``hyper_steps``: the
+    hyper-updates of the real-time run; every method's training run has ``hyper_steps · every``
+    steps. ``truncation``: K for ``trho``, ≤ Δ or a multiple of Δ reaching into the intervals
+    before; by default 3Δ. ``hyper_lr`` is every method's (0.3: in real time λ must reach its
+    values early in the one run).
 
     Attributes:
-      dataset, data_dir: which data.
-      method: ``rtho`` or ``trho`` (real time); ``reverse``: the offline comparator, constant λ
-        tuned by ``hg.optimize`` with one whole training run per hyper-step.
-      hyper_steps: number of hyper-updates in the real-time run; every method's training run
-        has ``steps = hyper_steps · every`` steps.
       every: Δ, training steps between hyper-updates.
-      truncation: K for ``trho``: ≤ Δ, or a multiple of Δ reaching into the intervals before. 3Δ by
-        default: with K = Δ each update sees only the last 10 steps, and the short-horizon bias turns
-        lr down early (digits, 3 seeds: test error 3.8% against 2.3% with 3Δ).
       offline_hyper_steps: hyper-steps of the offline comparator.
-      hyper_lr: Adam's learning rate on (log_lr, log_l2), every method's. 0.3, not 0.1: in real time
-        λ must reach its values early in the one run, and 60 updates of ≤ 0.1 in log λ take a third
-        of it to get from lr 1e-3 to 1e-2.
       lr0, l2_0: the initial (and baseline) Adam learning rate and L2 strength.
       lr_bounds, l2_bounds: the box every method keeps λ in (projected after each hyper-step). The
-        learning rate's stops below where training turns chaotic: lr ≤ 0.1 on digits, ≤ 3e-2 on
-        Fashion-MNIST, whose CNN run is chaotic from about lr 0.06 (there RTHO's tangent, which
-        spans the run, grew to norms of 1e6-1e10 and its hypergradient held lr at 0.1).
-      seed: weights, minibatch order.
-      n_train, n_val, n_test: digits 800 / 500 / the rest; otherwise 10,000 each.
+        learning rate's stops below where training turns chaotic: 0.1 on digits, 3e-2 on
+        Fashion-MNIST.
       batch_size, val_batch: training and (real time) validation minibatch sizes.
       channels: convolution channels of the CNN.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
+    DEFAULTS = {
+        "digits": {"n_train": 800, "n_val": 500, "n_test": None, "offline_hyper_steps": 40,
+                   "lr_bounds": (1e-4, 1e-1), "val_batch": 500},
+        "paper": {"n_train": 10_000, "n_val": 10_000, "n_test": 10_000, "offline_hyper_steps": 10,
+                  "lr_bounds": (1e-4, 3e-2), "val_batch": 1000},
+    }
+
     method: str = "rtho"
-    hyper_steps: int | None = None
-    every: int | None = None
-    truncation: int | None = None
-    offline_hyper_steps: int | None = None
+    hyper_steps: int = 60
     hyper_lr: float = 0.3
+    truncation: int | None = None
+    every: int = 10
+    offline_hyper_steps: int | None = None
     lr0: float = 1e-3
     l2_0: float = 1e-3
     lr_bounds: tuple[float, float] | None = None
     l2_bounds: tuple[float, float] = (1e-6, 1e-1)
-    seed: int = 0
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
-    batch_size: int | None = None
+    batch_size: int = 50
     val_batch: int | None = None
     channels: tuple[int, ...] = (8, 16)
 
     def resolved(self) -> Config:
-        config = runner.fill_defaults(self, every=(10, 10))
-        return runner.fill_defaults(
-            config,
-            hyper_steps=(60, 60),
-            truncation=(3 * config.every, 3 * config.every),
-            lr_bounds=((1e-4, 1e-1), (1e-4, 3e-2)),
-            offline_hyper_steps=(40, 10),
-            n_train=(800, 10_000),
-            n_val=(500, 10_000),
-            n_test=(None, 10_000),
-            batch_size=(50, 50),
-            val_batch=(500, 1000),
-        )
+        """:meth:`runner.Config.resolved`, and a ``truncation`` left ``None`` set to 3Δ."""
+        config = super().resolved()
+        return config if config.truncation is not None else dataclasses.replace(config, truncation=3 * config.every)
 
 
 def tiny(dataset: str = "digits") -> Config:

@@ -2,8 +2,14 @@
 
 As in jaxline's ``experiment.py``, the runner owns the loop, the results folder
 (``config.json``, ``checkpoints/``, ``history.csv``, ``result.json``; one run at a time), the
-timing and what happens when training diverges; an :class:`Experiment`
-supplies only what differs::
+timing and what happens when training diverges; an experiment supplies only what differs, its
+settings (a :class:`Config` with its own fields and per-dataset ``DEFAULTS``) and an
+:class:`Experiment`::
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(runner.Config):
+        DEFAULTS = {"digits": {"n_train": 800, ...}, "paper": {"n_train": 10_000, ...}}
+        steps: int = 100
 
     class Distill(Experiment):
         name, methods = NAME, METHODS
@@ -44,6 +50,43 @@ from .. import datasets, methods
 from ..terminal import say
 from . import folder
 from .scoring import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings every experiment has; an experiment's ``Config`` extends it with its own.
+
+    Attributes:
+      dataset, data_dir: which data (:func:`hypergradient.apps.datasets.load`).
+      method: how to take the hypergradient, one of the experiment's ``methods``.
+      hyper_steps: Adam steps on the hyperparameters (offline).
+      hyper_lr: Adam's learning rate on the hyperparameters.
+      seed: the experiment's randomness (weights, minibatch order, drawn examples).
+      n_train, n_val, n_test: data sizes (``n_test`` on digits: the examples left).
+      truncation: K for the truncated methods.
+
+    A field left ``None`` takes the dataset's value from ``DEFAULTS`` (:meth:`resolved`).
+    """
+
+    #: The fields whose default depends on the dataset: their values on ``"digits"`` (small,
+    #: bundled) and at the papers' scale (``"paper"``: Fashion-MNIST, MNIST).
+    DEFAULTS: ClassVar[Mapping[str, Mapping[str, Any]]] = {"digits": {}, "paper": {}}
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    method: str = "reverse"
+    hyper_steps: int = 100
+    hyper_lr: float = 0.05
+    seed: int = 0
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    truncation: int | None = 20
+
+    def resolved(self):
+        """This config with each field left ``None`` set from the dataset's row of ``DEFAULTS``."""
+        row = self.DEFAULTS["digits" if self.dataset == "digits" else "paper"]
+        return dataclasses.replace(self, **{k: v for k, v in row.items() if getattr(self, k) is None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,15 +218,6 @@ class _ResumeNotice(hg.ProgressMeter):
 def detail(message: str) -> None:
     """A status line under the current stage's."""
     say("      " + message)
-
-
-def fill_defaults(config, **defaults: tuple[Any, Any]):
-    """``config`` with each field left ``None`` set from ``field=(digits value, paper-scale value)``:
-    the first for the small bundled dataset, the second for the IDX datasets."""
-    pick = 0 if config.dataset == "digits" else 1
-    return dataclasses.replace(
-        config, **{k: v[pick] for k, v in defaults.items() if getattr(config, k) is None}
-    )
 
 
 def run(experiment: type[Experiment], config, out_dir, progress: bool | None = None) -> dict:

@@ -34,54 +34,30 @@ METHODS = ("reverse", "forward", "truncated", "reversible", "drmad")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of the schedules experiment (``None``: the paper-scale value for the dataset).
+class Config(runner.Config):
+    """Settings of the schedules experiment (the shared fields: :class:`.runner.Config`).
 
     Attributes:
-      dataset, data_dir: which data (``hypergradient.apps.datasets.load``).
-      method: how to take the hypergradient, one of :data:`METHODS`.
-      hyper_steps: Adam steps on the hyperparameters.
-      hyper_lr: Adam's learning rate on the (log / logit) hyperparameters.
-      seed: weights, minibatch order.
-      n_train, n_val: data sizes (digits: 800 / 500; otherwise 10,000 / 10,000).
-      n_test: test size (digits: the remaining 497; otherwise 10,000).
-      batch_size: digits 100, otherwise 200 (the paper's).
+      batch_size: training minibatch size.
       steps: training steps T.
       hidden: widths of the hidden layers.
       grid: the constant learning rates of the baseline grid search.
       momentum: the baseline's (and the starting) momentum.
-      truncation: K for ``method="truncated"``.
       max_lr: learning rates are kept below this (a box on log_lr) so that a
         large hyper-step cannot make training diverge.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    method: str = "reverse"
-    hyper_steps: int | None = None
-    hyper_lr: float = 0.05
-    seed: int = 0
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
+    DEFAULTS = {
+        "digits": {"n_train": 800, "n_val": 500, "n_test": None, "batch_size": 100},
+        "paper": {"n_train": 10_000, "n_val": 10_000, "n_test": 10_000, "batch_size": 200},
+    }
+
     batch_size: int | None = None
     steps: int = 100
     hidden: tuple[int, ...] = (50, 50, 50)
     grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
     momentum: float = 0.9
-    truncation: int = 20
     max_lr: float = 20.0
-
-    def resolved(self) -> Config:
-        """The config with every ``None`` replaced by the dataset's value."""
-        return runner.fill_defaults(
-            self,
-            hyper_steps=(100, 100),
-            n_train=(800, 10_000),
-            n_val=(500, 10_000),
-            n_test=(None, 10_000),
-            batch_size=(100, 200),
-        )
 
 
 def tiny(dataset: str = "digits") -> Config:
