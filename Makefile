@@ -27,7 +27,7 @@ test: $(VENV)/.installed-test
 # any warning, unresolved reference or failing notebook cell fails it.
 docs: $(VENV)/.installed-docs
 	rm -rf site
-	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs site
+	$(VENV)/bin/sphinx-build -W --keep-going -T -q -b html docs site
 
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench.py
