@@ -7,9 +7,14 @@ notebooks are executed on every build (myst-nb); a failing cell fails the build.
 fetched: no intersphinx, no remote fonts.
 """
 
+import inspect
 import re
 
+from sphinx.util import logging
+
 import hypergradient
+
+logger = logging.getLogger(__name__)
 
 project = "hypergradient"
 author = "the hypergradient authors"
@@ -73,8 +78,20 @@ def _one_name_per_entry(app, what, name, obj, options, lines):
             lines[i] = m[1] + m[2].replace(", ", "/") + ":" + line[m.end(2) + 1:]
 
 
+def _every_public_name_documented(app, env):
+    """Warn (an error under -W) for a public name that no page of the reference documents: every
+    name ``hypergradient/__init__.py`` exports (modules aside) and ``hg.constraints.__all__``."""
+    documented = set(env.get_domain("py").objects)
+    public = {f"hypergradient.{name}" for name, value in vars(hypergradient).items()
+              if not name.startswith("_") and not inspect.ismodule(value)}
+    public |= {f"hypergradient.constraints.{name}" for name in hypergradient.constraints.__all__}
+    for name in sorted(public - documented):
+        logger.warning("%s is public but the API reference does not document it: add it to a page of docs/api/", name)
+
+
 def setup(app):
     app.connect("missing-reference", _public_target)
+    app.connect("env-check-consistency", _every_public_name_documented)
     app.connect("autodoc-process-docstring", _one_name_per_entry, priority=400)  # before napoleon (500)
 
 
