@@ -100,6 +100,8 @@ nitpick_ignore_regex = [
     # annotations naming other libraries' types (jax.Array, optax's GradientTransformation,
     # collections.abc.Callable): nothing is fetched, so there is no inventory to link them to
     ("py:class", r"(?!hypergradient\.)\w+(\.\w+)+"),
+    # annotations naming the library's private types (hypergradient._pytree.Skeleton)
+    ("py:class", r"hypergradient(\.\w+)*\._\w+(\.\w+)*"),
 ]
 nitpick_ignore = [
     ("py:class", "Params"),  # the alias `Params = Any` of the annotations
