@@ -44,7 +44,6 @@ napoleon_use_ivar = True
 napoleon_use_rtype = False
 add_module_names = False
 nitpicky = True
-python_display_short_literal_types = True
 
 
 def _public_target(app, env, node, contnode):
@@ -131,5 +130,3 @@ html_theme_options = {
     "navigation_with_keys": False,
     "use_download_button": True,
 }
-html_static_path = []
-html_last_updated_fmt = None
