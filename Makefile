@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-sweeps clean
+.PHONY: demo test docs bench bench-sweeps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
+
+# The site in site/ (index.html): API reference, guides, tutorials executed on the way. Offline;
+# any warning, unresolved reference or failing notebook cell fails it.
+docs: $(VENV)/.installed-docs
+	rm -rf site
+	$(VENV)/bin/sphinx-build -W --keep-going -T -q -b html docs site
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.bench
