@@ -1,1 +1,1 @@
-"""Hyperparameter optimization drivers: offline, online (real time), progress and checkpoints."""
+"""Hyperparameter optimization drivers: offline, online (real time) and population, on one core (core.py), with progress and checkpoints."""
