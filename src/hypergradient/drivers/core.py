@@ -212,6 +212,7 @@ class Tuning:
         return 0 if saved is None else self.restore(saved)
 
     def restore(self, saved: ckpt.Checkpoint) -> int:
+        """Take the state ``saved`` holds; the number of hyper-steps it had finished."""
         start = int(saved.header["step"])
         self.hparams = on_device(saved.restore("hparams", self.hparams))
         self.opt_state = on_device(saved.restore("opt_state", self.opt_state))
@@ -227,10 +228,11 @@ class Tuning:
         return start
 
     def trees(self) -> dict:
+        history = self.final_history()
         trees = {"hparams": self.hparams, "opt_state": self.opt_state, "best_hparams": self.best.hparams,
-                 "history": {k: np.asarray(v, np.float64) for k, v in self.history.items() if k != "hparams"}}
-        if "hparams" in self.history:
-            trees["hparams_trajectory"] = self.final_history()["hparams"]
+                 "history": {k: v for k, v in history.items() if k != "hparams"}}
+        if "hparams" in history:
+            trees["hparams_trajectory"] = history["hparams"]
         return trees
 
     def record(self, value, grad_norm, seconds: float) -> None:
