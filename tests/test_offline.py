@@ -358,3 +358,31 @@ def test_a_divergence_carries_the_best_lambda_seen_before_it():
     values = list(e.history["value"])
     assert e.best_step == int(np.argmin(values)) and e.best_value == min(values)
     np.testing.assert_allclose(float(hg.hypergrad(dyn, objective, e.best_hparams).value), e.best_value, rtol=1e-12)
+
+
+PROBLEM_HEADER = {"driver", "train_steps", "weights", "hparams0", "hyper_optimizer", "constraint", "step"}
+
+
+@pytest.mark.parametrize("population", [False, True], ids=["optimize", "population"])
+def test_the_checkpoint_format_is_fixed(tmp_path, population):
+    """The stored trees and header keys of each driver: what a checkpoint written by an earlier
+    version holds, and so what a resume may ask of it."""
+    from hypergradient.drivers import checkpoint
+
+    dyn, objective, lam = ridge_problem(steps=5)
+    if population:
+        lam = jax.tree.map(lambda x: jnp.stack([x, x]), lam)
+    optimize(dyn, objective, lam, hyper_steps=2, checkpoint_dir=tmp_path, progress=False,
+             population_axis=0 if population else None)
+    name = "population" if population else "optimize"
+    saved = checkpoint.load(tmp_path / name)
+    trees = {"hparams", "opt_state", "best_hparams", "history"}
+    header = PROBLEM_HEADER | {"best_value", "best_step"}
+    if population:
+        header |= {"members"}
+    else:
+        trees |= {"good_hparams", "hparams_trajectory"}
+        header |= {"good_step"}
+    assert set(saved.specs) == trees and set(saved.header) == header
+    assert saved.header["driver"] == name and saved.header["step"] == 2
+    assert saved.specs["history"]["keys"] == ["grad_norm", "seconds", "value"]

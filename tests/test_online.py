@@ -336,3 +336,14 @@ def test_online_keeps_the_best_hyperparameters():
     assert res.best_value == pytest.approx(min(seen), rel=1e-12) and res.best_step == int(np.argmin(seen))
     if res.best_step < res.steps:
         np.testing.assert_allclose(float(res.best_hparams["log_lr"]), float(res.history["hparams"]["log_lr"][res.best_step]))
+
+
+def test_the_checkpoint_format_is_fixed(tmp_path):
+    """The stored trees and header keys: what a checkpoint written by an earlier version holds."""
+    dyn, objective = lr_problem(steps=40)
+    online(dyn, objective, TOO_SMALL, every=10, checkpoint_dir=tmp_path, chunk=2, progress=False)
+    saved = checkpoint_module.load(tmp_path / "online")
+    assert set(saved.specs) == {"carry", "rows", "seconds"}
+    assert set(saved.header) == {"driver", "method", "every", "train_steps", "weights", "hparams0", "hyper_optimizer",
+                                 "constraint", "step"}
+    assert saved.header["driver"] == "online" and saved.header["step"] == 4

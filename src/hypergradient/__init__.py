@@ -10,7 +10,7 @@ from . import constraints as constraints
 from . import data as data
 from . import optim as optim
 from .data import Batches as Batches
-from .drivers.offline import OptimizeResult as OptimizeResult
+from .drivers.core import OptimizeResult as OptimizeResult
 from .drivers.offline import optimize as optimize
 from .drivers.online import online as online
 from .drivers.progress import NoProgressMeter as NoProgressMeter

@@ -1,1 +1,2 @@
-"""Hyperparameter optimization drivers: offline, online (real time), progress and checkpoints."""
+"""Hyperparameter optimization drivers: offline, online (real time) and population, each a loop
+on one core (``core``: result, hyper-update, checkpointed state), with progress and checkpoints."""

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._pytree import partition, signature
+from .._checks import check_int
+from .._pytree import partition, signature, tree_norm
 from ..dynamics import Dynamics, first_nonfinite
 from ..errors import HyperDivergenceError, MethodError
 from ..hypergrad import ProgramCache
@@ -42,20 +44,20 @@ from ..methods.base import Method, Segmented
 from ..methods.forward import Forward
 from ..methods.truncated import Truncated
 from ..precision import library_precision, matmul_precision
-from . import checkpoint as ckpt
 from . import fingerprint
-from .progress import NoProgressMeter, ProgressMeter, meter_for, tick
-from .offline import (
+from .core import (
     DEFAULT_HYPER_OPTIMIZER,
-    MAX_RECORDED_HPARAMS,
+    Best,
     OptimizeResult,
-    check_common,
+    Store,
+    check_arguments,
     divergence_message,
-    hparam_size,
-    hyper_update_fn,
+    hyper_update,
+    on_device,
+    problem_header,
+    recorded,
 )
-
-CHECKPOINT_FILE = "online"
+from .progress import NoProgressMeter, ProgressMeter, meter_for, tick
 
 
 class Carry(NamedTuple):
@@ -129,7 +131,7 @@ def online(
         (a bar when stderr is a terminal, a line every 10 s otherwise).
 
     Returns:
-      An :class:`~hypergradient.drivers.offline.OptimizeResult`: ``params``
+      An :class:`~hypergradient.drivers.core.OptimizeResult`: ``params``
       the weights the run ended with, ``hparams`` λ after the last update,
       ``value`` the objective at those (with ``k`` = number of updates), and
       ``history`` with one row per hyper-step k: ``value`` (E at the end of
@@ -144,6 +146,29 @@ def online(
     """
     method = Forward() if method is None else method
     hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
+    every = _interval(method, every, dyn.steps)
+    lam = check_arguments(dyn, lam0, hyper_optimizer, constraint, None)
+    dyn.validate(lam)
+    n_updates = dyn.steps // every
+    if chunk is None:
+        chunk = n_updates if checkpoint_dir is None else max(1, math.ceil(n_updates / 10))
+    chunk = min(check_int("chunk", chunk), n_updates)
+    meter = meter_for(progress)
+    arrays, skeleton = partition(objective)
+    programs = _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, recorded(lam),
+                         not isinstance(meter, NoProgressMeter))
+    store = Store(checkpoint_dir, "online",
+                  {"method": repr(method), "every": every, **problem_header(dyn, lam, hyper_optimizer, constraint)})
+    run = _Run(dyn, arrays, programs, every, programs.initial_carry(dyn, lam))
+    run.resume(store)
+    with meter.running(n_updates, run.done) as index:
+        while run.done < n_updates:
+            run.advance(min(chunk, n_updates - run.done), index, store)
+    return run.result()
+
+
+def _interval(method: Method, every: int | None, steps: int) -> int:
+    """Δ, checked: a positive int no longer than the run, and one that ``method`` can serve."""
     if not isinstance(method, Segmented):
         raise MethodError(
             f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO) or "
@@ -155,96 +180,99 @@ def online(
             every = method.k
         else:
             raise ValueError("online with hg.Forward() (RTHO) needs every=Δ, the training steps between updates")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    every = int(every)
-    if every > dyn.steps:
-        raise ValueError(f"every={every} is longer than the training run (steps={dyn.steps}): no update would happen")
+    every = check_int("every", every)
+    if every > steps:
+        raise ValueError(f"every={every} is longer than the training run (steps={steps}): no update would happen")
     if isinstance(method, Truncated):
         method.intervals_back(every)  # k <= Δ or a multiple of Δ
-    lam = check_common(dyn, lam0, hyper_optimizer, constraint, None)
-    dyn.validate(lam)
-    n_updates, remainder = divmod(dyn.steps, every)
-    if chunk is None:
-        chunk = n_updates if checkpoint_dir is None else max(1, math.ceil(n_updates / 10))
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = int(min(chunk, n_updates))
+    return every
 
-    record = hparam_size(lam) <= MAX_RECORDED_HPARAMS
-    meter = meter_for(progress)
-    arrays, skeleton = partition(objective)
-    programs = _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, record,
-                         not isinstance(meter, NoProgressMeter))
-    body, run_chunk, finish = programs.body, programs.run_chunk, programs.finish
-    state_shape = jax.eval_shape(dyn.initial_state, lam)
-    carry = programs.initial_carry(dyn, lam)
-    rows: list[dict] = []
-    seconds: list[float] = []
-    done = 0
 
-    path = None
-    header = {
-        "driver": "online",
-        "method": repr(method),
-        "every": every,
-        "train_steps": dyn.steps,
-        "weights": ckpt.spec(state_shape),
-        "hparams0": fingerprint.digest(lam),
-        "hyper_optimizer": fingerprint.digest(hyper_optimizer),
-        "constraint": fingerprint.digest(constraint),
-    }
-    if checkpoint_dir is not None:
-        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
-        saved = ckpt.load(path)
-        if saved is not None:
-            ckpt.check_header(saved, header)
-            carry = jax.tree.map(jnp.asarray, saved.restore("carry", carry))
-            done = int(saved.header["step"])
-            template = jax.eval_shape(lambda: jax.lax.scan(lambda c, k: body(dyn, arrays, c, k, 0), carry,
-                                                           jnp.arange(done))[1])
-            if done:
-                rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
-                seconds = list(saved.restore_dict("seconds").get("seconds", np.zeros(done)))
+@dataclass(eq=False)
+class _Run:
+    """The host's side of one online run: the compiled programs and what they run on, the carry,
+    and the rows and seconds of the hyper-steps done (what its checkpoint holds)."""
 
-    def stacked_rows():
-        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows) if rows else None
+    dyn: Dynamics
+    arrays: Any
+    programs: _Programs
+    every: int
+    carry: Carry
+    rows: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+    done: int = 0
 
-    run = meter.open(n_updates, done)
-    try:
-        while done < n_updates:
-            ks = jnp.arange(done, min(done + chunk, n_updates), dtype=jnp.int32)
-            t0 = time.perf_counter()
-            new_carry, out_rows = jax.block_until_ready(run_chunk(dyn, arrays, carry, ks, jnp.int32(run)))
-            dt = time.perf_counter() - t0
-            rows.append(jax.tree.map(np.asarray, out_rows))
-            seconds.extend([dt / len(ks)] * len(ks))
-            if not bool(new_carry.ok):
-                _raise_divergence(stacked_rows(), new_carry, lam, every, dyn.steps, seconds, path)
-            carry = new_carry
-            done += len(ks)
-            if path is not None:
-                ckpt.save(path, {"carry": carry, "rows": stacked_rows(), "seconds": {"seconds": np.asarray(seconds)}},
-                          {**header, "step": done})
-    finally:
-        meter.close(run)
+    def resume(self, store: Store) -> None:
+        """Take the carry, rows and seconds stored in ``store``, if any."""
+        saved = store.load()
+        if saved is None:
+            return
+        self.carry = on_device(saved.restore("carry", self.carry))
+        self.done = int(saved.header["step"])
+        if self.done:
+            template = jax.eval_shape(lambda: jax.lax.scan(
+                lambda c, k: self.programs.body(self.dyn, self.arrays, c, k, 0), self.carry, jnp.arange(self.done))[1])
+            self.rows = [saved.restore("rows", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))]
+            self.seconds = list(saved.restore_dict("seconds").get("seconds", np.zeros(self.done)))
 
-    state, tail_losses, value = finish(dyn, arrays, carry)
-    all_rows = stacked_rows()
-    train_loss = np.concatenate([all_rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
-    step = first_nonfinite(train_loss)
-    if step is not None or not np.isfinite(float(value)):
-        raise HyperDivergenceError(
-            divergence_message("online", n_updates, step, dyn.steps,
-                               "the steps after the last update (or the final objective) are not finite",
-                               n_updates - 1),
-            n_updates, step, carry.good_hparams, _history(all_rows, seconds, train_loss), _best(carry),
+    def save(self, store: Store) -> None:
+        store.save({"carry": self.carry, "rows": self.stacked(), "seconds": {"seconds": np.asarray(self.seconds)}},
+                   step=self.done)
+
+    def stacked(self) -> dict | None:
+        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *self.rows) if self.rows else None
+
+    def advance(self, n: int, meter_index: int, store: Store) -> None:
+        """Run the next ``n`` hyper-steps as one compiled call, then check them and checkpoint."""
+        ks = jnp.arange(self.done, self.done + n, dtype=jnp.int32)
+        t0 = time.perf_counter()
+        carry, rows = jax.block_until_ready(
+            self.programs.run_chunk(self.dyn, self.arrays, self.carry, ks, jnp.int32(meter_index)))
+        dt = time.perf_counter() - t0
+        self.rows.append(jax.tree.map(np.asarray, rows))
+        self.seconds.extend([dt / n] * n)
+        if not bool(carry.ok):
+            raise self.diverged(carry, store)
+        self.carry, self.done = carry, self.done + n
+        if store.path is not None:
+            self.save(store)
+
+    def diverged(self, carry: Carry, store: Store) -> HyperDivergenceError:
+        """The error for the first hyper-step of the last chunk that was not finite."""
+        rows = self.stacked()
+        bad = ~(np.isfinite(rows["value"]) & np.isfinite(rows["grad_norm"])
+                & np.isfinite(rows["train_loss"]).all(axis=1))
+        k = int(np.argmax(bad))
+        within = first_nonfinite(rows["train_loss"][k])
+        step = None if within is None else k * self.every + within
+        cause = ("the training loss is not finite" if within is not None
+                 else "the objective or its hypergradient is not finite")
+        note = (f" The checkpoint in {store.directory} holds the state before the chunk that diverged."
+                if store.path else "")
+        kept = {key: (jax.tree.map(lambda a: a[:k], v) if key == "hparams" else v[:k]) for key, v in rows.items()}
+        return HyperDivergenceError(
+            divergence_message("online", k, step, self.dyn.steps, cause, k - 1 if k > 0 else None, note),
+            k, step, carry.good_hparams, _history(kept, self.seconds[:k], rows["train_loss"][:k].reshape(-1)),
+            _best(carry),
         )
-    best, best_value, best_step = _best(carry)
-    if float(value) < best_value or best_step < 0:
-        best, best_value, best_step = carry.hparams, float(value), n_updates
-    return OptimizeResult(carry.hparams, dyn.model(state.params), float(value),
-                          _history(all_rows, seconds, train_loss), n_updates, False, best, best_value, best_step)
+
+    def result(self) -> OptimizeResult:
+        """Train the steps after the last update, check them and the final objective; the result."""
+        state, tail_losses, value = self.programs.finish(self.dyn, self.arrays, self.carry)
+        rows, carry = self.stacked(), self.carry
+        train_loss = np.concatenate([rows["train_loss"].reshape(-1), np.asarray(tail_losses)])
+        history = _history(rows, self.seconds, train_loss)
+        step = first_nonfinite(train_loss)
+        if step is not None or not np.isfinite(float(value)):
+            raise HyperDivergenceError(
+                divergence_message("online", self.done, step, self.dyn.steps,
+                                   "the steps after the last update (or the final objective) are not finite",
+                                   self.done - 1),
+                self.done, step, carry.good_hparams, history, _best(carry),
+            )
+        best = _best(carry).offer(carry.hparams, float(value), self.done)
+        return OptimizeResult(carry.hparams, self.dyn.model(state.params), float(value), history, self.done, False,
+                              *best)
 
 
 class _Programs(NamedTuple):
@@ -282,7 +310,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
     out = jax.eval_shape(lambda w, lam: outer(dyn, arrays, w, lam, jnp.zeros((), jnp.int32)), w0, lam)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
-    update = hyper_update_fn(hyper_optimizer, constraint)
+    update = hyper_update(hyper_optimizer, constraint)
 
     def initial_carry(dyn, lam):
         best = (lam, jnp.asarray(jnp.inf, jax.tree.leaves(lam)[0].dtype), jnp.asarray(-1, jnp.int32))
@@ -309,8 +337,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
             pick(new_opt, carry.opt_state),
             keep,
         )
-        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
-        row = {"value": value, "grad_norm": gnorm, "train_loss": losses}
+        row = {"value": value, "grad_norm": tree_norm(g), "train_loss": losses}
         if record:
             row["hparams"] = carry.hparams
         if ticking:
@@ -345,23 +372,6 @@ def _history(rows: dict, seconds: list[float], train_loss: np.ndarray) -> dict:
     return h
 
 
-def _raise_divergence(rows, carry, lam0, every, steps, seconds, path):
-    bad = ~(np.isfinite(rows["value"]) & np.isfinite(rows["grad_norm"])
-            & np.isfinite(rows["train_loss"]).all(axis=1))
-    k = int(np.argmax(bad))
-    within = first_nonfinite(rows["train_loss"][k])
-    step = None if within is None else k * every + within
-    cause = "the training loss is not finite" if within is not None else "the objective or its hypergradient is not finite"
-    note = (f" The checkpoint in {os.path.dirname(path)} holds the state before the chunk that diverged."
-            if path else "")
-    train_loss = rows["train_loss"][:k].reshape(-1)
-    kept = {key: (jax.tree.map(lambda a: a[:k], v) if key == "hparams" else v[:k]) for key, v in rows.items()}
-    raise HyperDivergenceError(
-        divergence_message("online", k, step, steps, cause, k - 1 if k > 0 else None, note),
-        k, step, carry.good_hparams, _history(kept, seconds[:k], train_loss), _best(carry),
-    )
-
-
-def _best(carry: Carry) -> tuple:
-    """(λ, objective, hyper-step) of the lowest objective the loop has seen."""
-    return carry.best[0], float(carry.best[1]), int(carry.best[2])
+def _best(carry: Carry) -> Best:
+    """The lowest objective the loop has seen, its λ and hyper-step."""
+    return Best(carry.best[0], float(carry.best[1]), int(carry.best[2]))

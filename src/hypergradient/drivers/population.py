@@ -11,109 +11,91 @@ member's method failure is raised, or warned about, naming the member, as ``hg.h
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._pytree import partition, signature
+from .._pytree import partition, signature, tree_norm
 from ..errors import Failure, HyperDivergenceError
 from ..hypergrad import ProgramCache, trained_objective, value_and_grad
 from ..precision import matmul_precision
 from . import checkpoint as ckpt
-from . import fingerprint
+from .core import OptimizeResult, Store, Tuning, as_hparams, check_arguments, hyper_update, problem_header
 from .progress import meter_for, tick
-
-CHECKPOINT_FILE = "population"
 
 _programs = ProgramCache(16)
 
 
-def optimize_population(dyn, objective, lam, method, hyper_optimizer, hyper_steps, constraint, checkpoint_dir,
-                        progress, axis: int, update_fn, result_type):
-    """The population form of :func:`hypergradient.optimize` (which checks the arguments and calls it)."""
+def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimizer, hyper_steps: int, constraint,
+                        callback, checkpoint_dir, progress) -> OptimizeResult:
+    """The population form of :func:`hypergradient.optimize`, which calls it with its own arguments."""
+    if callback is not None:
+        raise ValueError("optimize: population_axis runs K members at once and takes no callback")
+    lam = as_hparams(lam0)
+    check_arguments(dyn, jax.tree.map(lambda x: jnp.take(x, 0, axis=axis), lam), hyper_optimizer, constraint, None)
     lam = jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), lam)
+    k_members = _members(lam, axis)
+    first = _member(lam, 0)
+    dyn.validate(first)
+    method = method.resolve_members(dyn, [_member(lam, i) for i in range(k_members)], objective)
+    method.check(dyn)
+    arrays, skeleton = partition(objective)
+    step, final = _programs_for(dyn, skeleton, arrays, method, first)
+    update = jax.jit(jax.vmap(hyper_update(hyper_optimizer, constraint)))
+    state = Tuning.start(lam, jax.vmap(hyper_optimizer.init)(lam), first, record=False)
+    store = Store(checkpoint_dir, "population",
+                  {"members": k_members, **problem_header(dyn, lam, hyper_optimizer, constraint, member=first)})
+    start = state.resume(store)
+    with meter_for(progress).running(hyper_steps, min(start, hyper_steps)) as run, \
+            ckpt.Periodic(store.path, partial(state.save, store), start) as saving:
+        for k in range(start, hyper_steps):
+            t0 = time.perf_counter()
+            sol = step(dyn, arrays, state.hparams)
+            _raise_failures(method, sol, k)
+            ok = ~np.asarray(sol.diverged)
+            if not ok.any():
+                raise HyperDivergenceError(
+                    f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
+                    "holds their λ before it", k, None, jax.tree.map(np.asarray, state.hparams),
+                    state.final_history(), state.best)
+            values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
+            i = int(np.argmin(values))
+            state.best = state.best.offer(jax.tree.map(np.asarray, _member(state.hparams, i)), values[i], k)
+            new_lam, new_opt = update(sol.grad, state.opt_state, state.hparams)
+            state.hparams, state.opt_state = _where_members(ok, new_lam, state.hparams), _where_members(ok, new_opt,
+                                                                                                    state.opt_state)
+            state.record(values, np.asarray(jax.vmap(tree_norm)(sol.grad)), time.perf_counter() - t0)
+            tick(run, float(values[i]))
+            saving.done(k + 1, last=k + 1 == hyper_steps)
+    return _result(state, dyn, arrays, final)
+
+
+def _members(lam, axis: int) -> int:
+    """K, the size of every leaf's leading axis (the population axis, moved there)."""
     sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(lam)}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"population_axis={axis}: every leaf of λ0 needs that axis, of one size K; got leading "
                          f"sizes {sorted(map(str, sizes))}")
-    (k_members,) = sizes
-    first = jax.tree.map(lambda x: x[0], lam)
-    dyn.validate(first)
-    method = method.resolve_members(dyn, [jax.tree.map(lambda x: x[i], lam) for i in range(k_members)], objective)
-    method.check(dyn)
-    arrays, skeleton = partition(objective)
-    step, final = _programs_for(dyn, skeleton, arrays, method, first)
-    update = jax.jit(jax.vmap(update_fn))
-    opt_state = jax.vmap(hyper_optimizer.init)(lam)
-    history = {"value": [], "grad_norm": [], "seconds": []}
-    best = (jax.tree.map(lambda x: x[0], lam), np.inf, -1)
-    start = 0
+    return sizes.pop()
 
-    path = None
-    header = {"driver": "population", "members": k_members, "train_steps": dyn.steps,
-              "weights": ckpt.spec(jax.eval_shape(dyn.initial_state, first)),
-              "hparams0": fingerprint.digest(lam), "hyper_optimizer": fingerprint.digest(hyper_optimizer),
-              "constraint": fingerprint.digest(constraint)}
-    if checkpoint_dir is not None:
-        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
-        saved = ckpt.load(path)
-        if saved is not None:
-            ckpt.check_header(saved, header)
-            lam = jax.tree.map(jnp.asarray, saved.restore("hparams", lam))
-            opt_state = jax.tree.map(jnp.asarray, saved.restore("opt_state", opt_state))
-            best = (jax.tree.map(jnp.asarray, saved.restore("best_hparams", best[0])), float(saved.header["best_value"]),
-                    int(saved.header["best_step"]))
-            start = int(saved.header["step"])
-            stored = saved.restore_dict("history")
-            history = {k: list(stored.get(k, np.zeros((0, k_members)))) for k in ("value", "grad_norm")}
-            history["seconds"] = list(stored.get("seconds", np.zeros(0)))
 
-    meter = meter_for(progress)
-    run = meter.open(hyper_steps, min(start, hyper_steps))
+def _member(tree, i: int):
+    return jax.tree.map(lambda x: x[i], tree)
 
-    def write(step):
-        ckpt.save(path, {"hparams": lam, "opt_state": opt_state, "best_hparams": best[0],
-                         "history": {key: np.asarray(v) for key, v in history.items()}},
-                  {**header, "step": step, "best_value": best[1], "best_step": best[2]})
 
-    try:
-        with ckpt.Periodic(path, write, start) as saving:
-            for k in range(start, hyper_steps):
-                t0 = time.perf_counter()
-                sol = step(dyn, arrays, lam)
-                _raise_failures(method, sol, k)
-                ok = ~np.asarray(sol.diverged)
-                if not ok.any():
-                    raise HyperDivergenceError(
-                        f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
-                        "holds their λ before it", k, None, jax.tree.map(np.asarray, lam), _history(history), best)
-                values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
-                i = int(np.argmin(values))
-                if values[i] < best[1]:
-                    best = (jax.tree.map(lambda x: np.asarray(x[i]), lam), float(values[i]), k)
-                new_lam, new_opt = update(sol.grad, opt_state, lam)
-                lam, opt_state = _where_members(ok, new_lam, lam), _where_members(ok, new_opt, opt_state)
-                history["value"].append(values)
-                history["grad_norm"].append(np.sqrt(sum(np.sum(np.square(np.asarray(g)).reshape(k_members, -1), axis=1)
-                                                        for g in jax.tree.leaves(sol.grad))))
-                history["seconds"].append(time.perf_counter() - t0)
-                tick(run, float(values[i]))
-                saving.done(k + 1, last=k + 1 == hyper_steps)
-    finally:
-        meter.close(run)
-
-    params, values, losses = final(dyn, arrays, lam)
+def _result(state: Tuning, dyn, arrays, final) -> OptimizeResult:
+    """The best member's result, from one plain training run of every member at its final λ."""
+    params, values, losses = final(dyn, arrays, state.hparams)
     values = np.where(np.isfinite(np.asarray(losses)).all(axis=1), np.asarray(values, np.float64), np.inf)
     i = int(np.argmin(values))
-    member = jax.tree.map(lambda x: x[i], lam)
-    if values[i] < best[1] or best[2] < 0:
-        best = (member, float(values[i]), len(history["value"]))
-    return result_type(member, dyn.model(jax.tree.map(lambda x: x[i], params)), float(values[i]),
-                       _history(history), len(history["value"]), False, best[0], best[1], best[2], values)
+    member, steps = _member(state.hparams, i), len(state.history["value"])
+    best = state.best.offer(member, values[i], steps)
+    return OptimizeResult(member, dyn.model(_member(params, i)), float(values[i]), state.final_history(), steps,
+                          False, *best, values)
 
 
 def _where_members(ok, new, old):
@@ -140,10 +122,6 @@ def _programs_for(dyn, skeleton, arrays, method, first):
 
     key = (signature(dyn), skeleton, signature(arrays), method, signature(first), matmul_precision())
     return _programs.get_or_build(key, build)
-
-
-def _history(history: dict) -> dict:
-    return {k: np.asarray(v, np.float64) for k, v in history.items()}
 
 
 def _raise_failures(method, sol, hyper_step: int) -> None:

@@ -8,6 +8,7 @@ cached program serves every run; the host looks the run up by index, under a loc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import threading
@@ -39,6 +40,15 @@ class ProgressMeter:
             meter, run = _runs.pop(index, (None, None))
         if meter is not None:
             meter._end(run)
+
+    @contextlib.contextmanager
+    def running(self, total: int, initial: int = 0, desc: str = "hyper-steps"):
+        """:meth:`open` for the ``with`` block, which it closes however it ends; yields the index."""
+        index = self.open(total, initial, desc)
+        try:
+            yield index
+        finally:
+            self.close(index)
 
 
 def tick(index, value) -> None:
