@@ -32,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .._pytree import is_inexact, tree_norm
 from ..errors import ChaosWarning, Failure
 from .base import Method, solution
 
@@ -111,8 +112,7 @@ def _probe_fwd(state, p):
 
 
 def _probe_bwd(zero, alpha):
-    floats = [a for a in jax.tree.leaves(alpha) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(zero.dtype))) for a in floats))
+    norm = tree_norm([a.astype(zero.dtype) for a in jax.tree.leaves(alpha) if is_inexact(a)])
     return alpha, norm.astype(zero.dtype)
 
 
