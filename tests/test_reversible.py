@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import hypergradient as hg
 from hypergradient.methods import _fixedpoint as fp
+from hypergradient.methods._layout import Layout
 from hypergradient.errors import Failure, MethodError
 from hypergradient.hypergrad import compiled
 from hypergradient.methods.reversible import ReversalError, Reversible
@@ -114,6 +115,23 @@ def test_rational_multiplication_rounds_to_within_one_unit():
     n = np.round(mus[0] * 2.0**fmt.mu_bits)
     exact = v0.astype(object) * n.astype(np.int64).astype(object) / 2**fmt.mu_bits
     assert all(abs(float(int(a) - b)) < 1 for a, b in zip(np.asarray(scaled[0]), exact))
+
+
+
+def test_layout_lays_the_leaves_end_to_end_and_hyperparameters_over_them():
+    weights = {"W": jnp.arange(6.0).reshape(2, 3), "b": jnp.asarray([6.0, 7.0]), "s": jnp.asarray(8.0)}
+    layout = Layout.of(weights)
+    x = layout.flat(weights)
+    np.testing.assert_array_equal(np.asarray(x), np.arange(9.0))  # leaves in tree order: W, b, s
+    for a, b in zip(jax.tree.leaves(layout.unflatten(x)), jax.tree.leaves(weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    per_layer, count = layout.per_weight({"W": 1.0, "b": 2.0, "s": 3.0}, "lr", jnp.float64, lambda v: (v, 1))
+    np.testing.assert_array_equal(np.asarray(per_layer), [1.0] * 6 + [2.0] * 2 + [3.0])
+    assert count == 3  # derived once per layer, not once per weight
+    scalar, _ = layout.per_weight(0.5, "lr", jnp.float64)
+    assert jnp.shape(scalar) == ()
+    with pytest.raises(ValueError, match="'lr'"):
+        layout.per_weight({"W": 1.0}, "lr", jnp.float64)
 
 
 
@@ -291,3 +309,6 @@ def test_bad_arguments():
         Reversible(max_bits_per_step=0)
     with pytest.raises(ValueError, match="frac_bits"):
         fp.format_for(jnp.float64, frac_bits=70)
+    with pytest.raises(ValueError, match="frac_bits"):
+        fp.format_for(jnp.float64, frac_bits=True)
+    assert fp.format_for(jnp.float64, frac_bits=np.int64(30)).frac_bits == 30

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import is_int
+
 
 class Format(NamedTuple):
     """A fixed-point format and the matching ANS coder (all static).
@@ -112,9 +114,9 @@ def format_for(float_dtype, frac_bits: int | None = None) -> Format:
     else:
         raise ValueError(f"Reversible runs float32 or float64 weights, got {float_dtype}")
     if frac_bits is not None:
-        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 1 <= frac_bits <= fmt.bits - 4:
+        if not is_int(frac_bits) or not 1 <= frac_bits <= fmt.bits - 4:
             raise ValueError(f"frac_bits must be an int in [1, {fmt.bits - 4}] for {float_dtype} weights, got {frac_bits!r}")
-        fmt = fmt._replace(frac_bits=frac_bits)
+        fmt = fmt._replace(frac_bits=int(frac_bits))
     return fmt
 
 

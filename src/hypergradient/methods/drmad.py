@@ -52,7 +52,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .._pytree import is_inexact
+from .._pytree import is_inexact, tree_norm
 from ..errors import Failure, MethodError
 from .base import Method, solution
 from .reverse import backward_growth, grew
@@ -119,12 +119,12 @@ class DrMAD(Method):
                 return split(treedef.flatten_up_to(new))
 
             _, step_vjp = jax.vjp(step, split(leaves), lam)
-            norm = _norm(alpha[:n_weights])  # ‖α_{t+1}‖
+            norm = tree_norm(alpha[:n_weights])  # ‖α_{t+1}‖
             alpha, dlam = step_vjp(alpha)
             return (alpha, jax.tree.map(jnp.add, grad, dlam)), norm
 
         (alpha, grad), norms = jax.lax.scan(backward, (alpha, grad), jnp.arange(T), reverse=True)
-        growth = backward_growth(jnp.concatenate([_norm(alpha[:n_weights])[None], norms]))  # ‖α_0‖ .. ‖α_T‖
+        growth = backward_growth(jnp.concatenate([tree_norm(alpha[:n_weights])[None], norms]))  # ‖α_0‖ .. ‖α_T‖
 
         def init(lam):
             return split(treedef.flatten_up_to(dyn.initial_state(lam)))
@@ -136,7 +136,3 @@ class DrMAD(Method):
         stats = {"stored_state_bytes": jnp.asarray(2 * state_bytes), "backward_growth": growth}
         result = jnp.where(growth <= UNSTABLE_GROWTH, Failure.OK, Failure.APPROXIMATION_UNSTABLE)  # NaN: unstable
         return solution(value, grad, sT.params, losses, stats, result)
-
-
-def _norm(leaves):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))

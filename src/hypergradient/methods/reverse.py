@@ -32,6 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .._checks import is_int
+from .._pytree import is_inexact, tree_norm
 from ..errors import ChaosWarning, Failure
 from .base import Method, solution
 
@@ -53,12 +55,14 @@ class Reverse(Method):
 
     def __post_init__(self):
         k = self.checkpoint_every
+        if k is None:
+            return
         ks = k if isinstance(k, tuple) else (k,)
-        positive = all(not isinstance(x, bool) and isinstance(x, int) and x >= 1 for x in ks)
-        if k is not None and not (positive and ks and all(a > b for a, b in zip(ks, ks[1:]))):
+        if not (ks and all(is_int(x) and x >= 1 for x in ks) and all(a > b for a, b in zip(ks, ks[1:]))):
             raise ValueError(
                 f"checkpoint_every must be a positive int, a strictly decreasing tuple of them, or None; got {k!r}"
             )
+        object.__setattr__(self, "checkpoint_every", tuple(map(int, ks)) if isinstance(k, tuple) else int(k))
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -111,8 +115,7 @@ def _probe_fwd(state, p):
 
 
 def _probe_bwd(zero, alpha):
-    floats = [a for a in jax.tree.leaves(alpha) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(zero.dtype))) for a in floats))
+    norm = tree_norm([a.astype(zero.dtype) for a in jax.tree.leaves(alpha) if is_inexact(a)])
     return alpha, norm.astype(zero.dtype)
 
 

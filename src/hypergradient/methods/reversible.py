@@ -29,15 +29,17 @@ per weight per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ..dynamics import State
-from ..optim import broadcast_to
 from ..errors import Failure, MethodError, ReversalError
 from . import _fixedpoint as fp
+from ._layout import Layout
 from .base import Method, solution
 
 #: The buffer's capacity when λ is traced (under ``jit`` / ``vmap``) and cannot size it: enough for
@@ -170,194 +172,225 @@ class Reversible(Method):
     def value_and_grad(self, dyn, objective, lam):
         self.check(dyn)
         max_bits = TRACED_BITS_PER_STEP if self.max_bits_per_step is None else self.max_bits_per_step
-        has_v = dyn.optimizer.reversal != "sgd"
-        heavy = dyn.optimizer.reversal == "heavy_ball"
-        T = dyn.steps
-
-        # The integer state, the buffer and per-weight hyperparameters are one flat vector over all
-        # leaves: the fixed-point and coder code then appears once in the program, not once per leaf
-        # (fewer, larger operations; a fraction of the compile time).
         s0 = dyn.initial_state(lam)
-        leaves0, treedef = jax.tree.flatten(s0.params)
-        shapes = [jnp.shape(x) for x in leaves0]
-        dtypes = {jnp.result_type(x) for x in leaves0}
-        if len(dtypes) != 1:
-            raise MethodError(f"Reversible needs all weights in one float dtype, got {sorted(map(str, dtypes))}")
-        fmt = fp.format_for(dtypes.pop(), self.frac_bits)
-        sizes = [math.prod(sh) for sh in shapes]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        total = sum(sizes)
+        run = Run.of(dyn, lam, s0.params, self.frac_bits)
+        fmt, T, total = run.fmt, dyn.steps, run.layout.total
 
-        def flat(tree):
-            # in-place slice updates, not a concatenate: XLA:CPU fuses a concatenate with its
-            # producers into one loop that picks the operand per element (10x a copy here)
-            leaves = treedef.flatten_up_to(tree)
-            out = jnp.zeros(total, jnp.result_type(*leaves))
-            for x, o in zip(leaves, offsets):
-                out = jax.lax.dynamic_update_slice(out, jnp.reshape(x, -1).astype(out.dtype), (o,))
-            return out
-
-        def to_tree(ints):
-            x = fp.to_float(fmt, ints)
-            return jax.tree.unflatten(treedef, [x[o : o + n].reshape(sh) for o, n, sh in zip(offsets, sizes, shapes)])
-
-        def per_weight(value, key, derive=lambda x: (x, 0)):
-            """``derive(value) = (arrays, count)`` per layer (once for a scalar): the arrays laid out
-            over the flat weights, the counts summed.
-
-            Deriving before broadcasting keeps the integer divisions of a per-layer momentum's
-            coder alphabet at one per layer instead of one per weight.
-            """
-            if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and jnp.ndim(value) == 0:
-                broadcast_to(value, s0.params, key)  # validates like the optimizer does
-                return derive(jnp.asarray(value, fmt.float_dtype))
-            parts = [derive(jnp.asarray(v, fmt.float_dtype)) for v in jax.tree.leaves(broadcast_to(value, s0.params, key))]
-            # a concatenate here, unlike flat(): fused into its consumers, the broadcasts are never
-            # materialised (slice updates as in flat() made B1 26% slower)
-            lay_out = lambda *xs: jnp.concatenate(  # noqa: E731
-                [jnp.broadcast_to(x, sh).reshape(-1) for x, sh in zip(xs, shapes)]
-            )
-            return jax.tree.map(lay_out, *[arrays for arrays, _ in parts]), sum(count for _, count in parts)
-
-        def momentum_terms(mu):
-            n, bad = fp.rational(fmt, mu)
-            return (mu, fp.alphabet(fmt, n)), bad
-
-        def hparams(t):
-            """(lr, μ, μ's coder alphabet, count of μ out of range) at step t, laid out over the flat weights."""
-            hp = dyn.hparams(lam, t)
-            lr, _ = per_weight(hp["lr"], "lr")
-            if not has_v:
-                return lr, None, None, jnp.zeros((), jnp.int32)
-            (mu, n), bad = per_weight(hp["momentum"], "momentum", momentum_terms)
-            return lr, mu, n, jnp.asarray(bad, jnp.int32)
-
-        def velocity_increment(mu, g):
-            return fp.to_fixed(fmt, g if heavy else (1 - mu) * g)
-
-        def gradient(w, t):
-            loss, g = dyn.loss_and_grad(to_tree(w), lam, t)
-            return loss, flat(g).astype(fmt.float_dtype)
-
-        words = fp.capacity_words(fmt, T * (max_bits if has_v else fmt.bits))
-        w0, bad0 = fp.to_fixed(fmt, flat(s0.params))
+        words = fp.capacity_words(fmt, T * (max_bits if run.momentum else fmt.bits))
+        w0, bad0 = fp.to_fixed(fmt, run.layout.flat(s0.params))
         bad0 = bad0.astype(jnp.int32)
-        v0 = jnp.zeros_like(w0)
-        buf0 = fp.empty(fmt, total, words)
+        start = ForwardCarry(w0, jnp.zeros_like(w0), fp.empty(fmt, total, words), bad0, jnp.zeros((), jnp.int32))
+        end, (losses, sums) = jax.lax.scan(functools.partial(forward_step, run), start, jnp.arange(T))
 
-        # -- forward: the fixed-point training run ---------------------------------
-        def forward(carry, t):
-            w, v, buf, bad_range, bad_mu = carry
-            w_in = w
-            loss, g = gradient(w, t)
-            lr, mu, n, bmu = hparams(t)
-            if has_v:
-                buf, s = fp.decode(fmt, buf, n)
-                v, e = fp.mul(fmt, v, n.c, s)
-                buf = fp.encode_pow2(fmt, buf, e, fmt.mu_bits)
-                dv, b1 = velocity_increment(mu, g)
-                v, b2 = fp.add(fmt, v, dv)
-                u, b3 = fp.to_fixed(fmt, lr * fp.to_float(fmt, v))
-                bad = b1 + b2 + b3
-            else:
-                u, bad = fp.to_fixed(fmt, lr * g)
-                buf = fp.push_raw(fmt, buf, u)
-                dv = u
-            w, b4 = fp.add(fmt, w, -u)
-            bad_range = bad_range + (bad + b4).astype(jnp.int32)
-            return (w, v, buf, bad_range, bad_mu + bmu), (loss, checksums(w_in, dv))
-
-        zero = jnp.zeros((), jnp.int32)
-        (wT, vT, bufT, bad_range, bad_mu), (losses, sums) = jax.lax.scan(
-            forward, (w0, v0, buf0, bad0, zero), jnp.arange(T)
-        )
-
-        # -- objective and its gradient at the final weights -----------------------
-        paramsT = to_tree(wT)
+        paramsT = run.weights(end.w)
         value, obj_vjp = jax.vjp(objective, paramsT, lam)
         dE_dw, grad = obj_vjp(jnp.ones_like(value))
-        alpha = State(dE_dw, jax.tree.map(jnp.zeros_like, dE_dw) if has_v else ())
-
-        # -- backward: re-create s_t from s_{t+1}, and take the step's VJP there ----
-        def backward(carry, t):
-            w, v, buf, alpha, grad = carry
-            lr, mu, n, _ = hparams(t)
-            if has_v:
-                u, _ = fp.to_fixed(fmt, lr * fp.to_float(fmt, v))
-            else:
-                buf, u = fp.pop_raw(fmt, buf)
-            w = w + u
-            params = to_tree(w)
-            # Φ_t = update(∇L_t(w), v, w, λ): linearise the gradient once; its primal value also
-            # re-creates v_t, so the backward pass evaluates ∇L_t once per step.
-            (loss, g_tree), grad_vjp = jax.vjp(lambda p, lam: dyn.loss_and_grad(p, lam, t), params, lam)
-            if has_v:
-                dv, _ = velocity_increment(mu, flat(g_tree).astype(fmt.float_dtype))
-                v = v - dv
-                buf, e = fp.decode_pow2(fmt, buf, fmt.mu_bits)
-                v, s = fp.mul_inverse(fmt, v, e, n.c)
-                buf = fp.encode(fmt, buf, s, n)
-                opt_state = to_tree(v)
-            else:
-                dv = u  # popped, not recomputed: sgd's reversal does not depend on the gradient
-                opt_state = ()
-
-            def update(g, opt_state, params, lam):
-                return State(*dyn.optimizer.update(g, opt_state, params, dyn.hparams(lam, t)))
-
-            _, update_vjp = jax.vjp(update, g_tree, opt_state, params, lam)
-            dg, dv_state, dw, dlam = update_vjp(alpha)
-            dw2, dlam2 = grad_vjp((jnp.zeros_like(loss), dg))
-            alpha = State(jax.tree.map(jnp.add, dw, dw2), dv_state)
-            grad = jax.tree.map(lambda a, b, c: a + b + c, grad, dlam, dlam2)
-            return (w, v, buf, alpha, grad), checksums(w, dv)
-
-        (w_back, v_back, buf_back, alpha, grad), sums_back = jax.lax.scan(
-            backward, (wT, vT, bufT, alpha, grad), jnp.arange(T), reverse=True
-        )
+        alpha = State(dE_dw, jax.tree.map(jnp.zeros_like, dE_dw) if run.momentum else ())
+        back = BackwardCarry(end.w, end.v, end.buf, alpha, grad)
+        back, sums_back = jax.lax.scan(functools.partial(backward_step, run), back, jnp.arange(T), reverse=True)
         _, init_vjp = jax.vjp(dyn.initial_state, lam)
-        (dlam,) = init_vjp(alpha)
-        grad = jax.tree.map(jnp.add, grad, dlam)
+        (dlam,) = init_vjp(back.alpha)
+        grad = jax.tree.map(jnp.add, back.grad, dlam)
 
-        mismatch = (jnp.sum(w_back != w0) + jnp.sum(v_back != 0) + jnp.sum(~fp.is_empty(fmt, buf_back))).astype(jnp.int32)
-        # the step at which the backward pass left the forward trajectory (the last that differs: it is met
-        # first), and whether its weights were still the forward's there, only the gradient not
-        differs = sums != sums_back  # (T, 2): weights, increment
-        departed = jnp.max(jnp.where(differs[:, 0] | differs[:, 1], jnp.arange(T), -1))
-        at = jnp.maximum(departed, 0)
-        gradient_first = (departed >= 0) & ~differs[at, 0] & differs[at, 1]
-        bits = fp.stored_bits(fmt, bufT)
-        state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if has_v else 1)
-        buffer_bytes = float(buf0.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4))  # past int32 at long T
-        stats = {
-            "bits_per_weight_per_step": jnp.mean(bits) / T,
-            "bits_needed_per_step": jnp.max(bits) / T,
-            "buffer_bytes": buffer_bytes,
-            "buffer_bytes_used": jnp.sum(jnp.maximum(bits, 0)) / 8,
-            "trajectory_bytes_equivalent": float(T * state_bytes),
-            "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
-            "reversal_error": mismatch,
-            "reversal_departed_at_step": departed,
-            "range_overflow": bad_range,
-            "buffer_overflow": bufT.overflow,
-            "buffer_underflow": bufT.underflow + buf_back.underflow,
-            "momentum_out_of_range": bad_mu,
-            "frac_bits": fmt.frac_bits,
-            "momentum_bits": fmt.mu_bits,
-            "fixed_point_range": fmt.value_range,
-        }
-        stats = {k: jnp.asarray(v) for k, v in stats.items()}
-        failures = [  # the first that applies names the run's failure
-            (bad_range, Failure.RANGE_OVERFLOW),
-            (bad_mu, Failure.MOMENTUM_OUT_OF_RANGE),
-            (bufT.overflow, Failure.BUFFER_OVERFLOW),
-            (mismatch + bufT.underflow + buf_back.underflow,
-             jnp.where(gradient_first, Failure.GRADIENT_NOT_REPRODUCED, Failure.REVERSAL_MISMATCH)),
-        ]
-        result = jnp.asarray(Failure.OK, jnp.int32)
-        for count, code in reversed(failures):
-            result = jnp.where(count != 0, jnp.asarray(code, jnp.int32), result)
-        return solution(value, grad, paramsT, losses, stats, result)
+        mismatch = mismatches(fmt, w0, back)
+        departed, gradient_first = departure(sums, sums_back)
+        stats = run_stats(run, end, back, mismatch, departed)
+        return solution(value, grad, paramsT, losses, stats, result_of(end, back, mismatch, gradient_first))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """What the forward and the backward loop share: the training run at λ, the fixed-point
+    format, the flat layout of the weights, and the optimizer's form (``momentum``: there is a
+    velocity; ``heavy``: its increment is g, not (1 − μ)g)."""
+
+    dyn: Any
+    lam: Any
+    fmt: fp.Format
+    layout: Layout
+    momentum: bool
+    heavy: bool
+
+    @classmethod
+    def of(cls, dyn, lam, params, frac_bits) -> Run:
+        dtypes = {jnp.result_type(x) for x in jax.tree.leaves(params)}
+        if len(dtypes) != 1:
+            raise MethodError(f"Reversible needs all weights in one float dtype, got {sorted(map(str, dtypes))}")
+        fmt = fp.format_for(dtypes.pop(), frac_bits)
+        reversal = dyn.optimizer.reversal
+        return cls(dyn, lam, fmt, Layout.of(params), reversal != "sgd", reversal == "heavy_ball")
+
+    def weights(self, ints):
+        """The float weights (or velocity) of a flat integer vector."""
+        return self.layout.unflatten(fp.to_float(self.fmt, ints))
+
+    def gradient(self, w, t):
+        """(L_t, ∇L_t) at the integer weights w, the gradient flat."""
+        loss, g = self.dyn.loss_and_grad(self.weights(w), self.lam, t)
+        return loss, self.layout.flat(g).astype(self.fmt.float_dtype)
+
+    def hparams(self, t):
+        """(η_t, μ_t, μ_t's coder alphabet, count of μ_t out of range), laid out over the flat weights."""
+        hp = self.dyn.hparams(self.lam, t)
+        lr, _ = self.layout.per_weight(hp["lr"], "lr", self.fmt.float_dtype)
+        if not self.momentum:
+            return lr, None, None, jnp.zeros((), jnp.int32)
+        (mu, n), bad = self.layout.per_weight(hp["momentum"], "momentum", self.fmt.float_dtype, self._momentum_terms)
+        return lr, mu, n, jnp.asarray(bad, jnp.int32)
+
+    def _momentum_terms(self, mu):
+        n, bad = fp.rational(self.fmt, mu)
+        return (mu, fp.alphabet(self.fmt, n)), bad
+
+    def increment(self, mu, g):
+        """⌊c_t g⌉ and its count out of range: c_t = 1 (heavy ball) or 1 − μ_t (dampened)."""
+        return fp.to_fixed(self.fmt, g if self.heavy else (1 - mu) * g)
+
+
+class ForwardCarry(NamedTuple):
+    """The forward loop's carry: integer weights and velocity, the buffer, the error counts."""
+
+    w: jax.Array
+    v: jax.Array
+    buf: fp.Buffer
+    range_overflow: jax.Array
+    momentum_out_of_range: jax.Array
+
+
+def forward_step(run: Run, carry: ForwardCarry, t):
+    """Step t of the fixed-point run: v ← μ_t v with the bits it destroys pushed onto the buffer,
+    v ← v + ⌊c_t g⌉, w ← w − ⌊η_t v⌉ (sgd: the update itself is pushed). Also returns L_t and
+    the step's :func:`checksums`."""
+    fmt = run.fmt
+    w, v, buf, bad_range, bad_mu = carry
+    loss, g = run.gradient(w, t)
+    lr, mu, n, bmu = run.hparams(t)
+    if run.momentum:
+        buf, s = fp.decode(fmt, buf, n)
+        v, e = fp.mul(fmt, v, n.c, s)
+        buf = fp.encode_pow2(fmt, buf, e, fmt.mu_bits)
+        dv, b1 = run.increment(mu, g)
+        v, b2 = fp.add(fmt, v, dv)
+        u, b3 = fp.to_fixed(fmt, lr * fp.to_float(fmt, v))
+        bad = b1 + b2 + b3
+    else:
+        u, bad = fp.to_fixed(fmt, lr * g)
+        buf = fp.push_raw(fmt, buf, u)
+        dv = u
+    w_next, b4 = fp.add(fmt, w, -u)
+    bad_range = bad_range + (bad + b4).astype(jnp.int32)
+    return ForwardCarry(w_next, v, buf, bad_range, bad_mu + bmu), (loss, checksums(w, dv))
+
+
+class BackwardCarry(NamedTuple):
+    """The backward loop's carry: s_t re-created as integers with the buffer, α_t and g."""
+
+    w: jax.Array
+    v: jax.Array
+    buf: fp.Buffer
+    alpha: State
+    grad: Any
+
+
+def backward_step(run: Run, carry: BackwardCarry, t):
+    """Undo step t (w ← w + ⌊η_t v⌉, v ← (v − ⌊c_t g⌉) / μ_t, the buffer's bits popped back), then
+    g += α_t B_t, α_{t-1} = α_t A_t at the re-created s_{t-1}."""
+    fmt = run.fmt
+    w, v, buf, alpha, grad = carry
+    lr, mu, n, _ = run.hparams(t)
+    if run.momentum:
+        u, _ = fp.to_fixed(fmt, lr * fp.to_float(fmt, v))
+    else:
+        buf, u = fp.pop_raw(fmt, buf)
+    w = w + u
+    params = run.weights(w)
+    # Φ_t = update(∇L_t(w), v, w, λ): linearise the gradient once; its primal value also
+    # re-creates v_t, so the backward pass evaluates ∇L_t once per step.
+    (loss, g), grad_vjp = jax.vjp(lambda p, lam: run.dyn.loss_and_grad(p, lam, t), params, run.lam)
+    if run.momentum:
+        dv, _ = run.increment(mu, run.layout.flat(g).astype(fmt.float_dtype))
+        v = v - dv
+        buf, e = fp.decode_pow2(fmt, buf, fmt.mu_bits)
+        v, s = fp.mul_inverse(fmt, v, e, n.c)
+        buf = fp.encode(fmt, buf, s, n)
+        opt_state = run.weights(v)
+    else:
+        dv = u  # popped, not recomputed: sgd's reversal does not depend on the gradient
+        opt_state = ()
+
+    def update(g, opt_state, params, lam):
+        return State(*run.dyn.optimizer.update(g, opt_state, params, run.dyn.hparams(lam, t)))
+
+    _, update_vjp = jax.vjp(update, g, opt_state, params, run.lam)
+    dg, dv_state, dw, dlam = update_vjp(alpha)
+    dw2, dlam2 = grad_vjp((jnp.zeros_like(loss), dg))
+    alpha = State(jax.tree.map(jnp.add, dw, dw2), dv_state)
+    grad = jax.tree.map(lambda a, b, c: a + b + c, grad, dlam, dlam2)
+    return BackwardCarry(w, v, buf, alpha, grad), checksums(w, dv)
+
+
+def checksums(w, dv):
+    """Sums (wrapping) of the integer weights a step's gradient is taken at and of the increment made
+    from that gradient: where the backward pass's differ from the forward's, it left the forward
+    trajectory, through its integer arithmetic (weights differ) or a gradient not reproduced (only
+    the increment differs)."""
+    return jnp.stack([jnp.sum(w, dtype=w.dtype), jnp.sum(dv, dtype=w.dtype)])
+
+
+def mismatches(fmt: fp.Format, w0, back: BackwardCarry):
+    """How many integers of w_0, v_0 = 0 and the empty buffer the backward pass did not re-create."""
+    return (jnp.sum(back.w != w0) + jnp.sum(back.v != 0) + jnp.sum(~fp.is_empty(fmt, back.buf))).astype(jnp.int32)
+
+
+def departure(sums, sums_back):
+    """The step at which the backward pass left the forward trajectory (the last whose checksums
+    differ: it is met first; -1 if none), and whether its weights were still the forward's there,
+    only the gradient not."""
+    differs = sums != sums_back  # (T, 2): weights, increment
+    departed = jnp.max(jnp.where(differs[:, 0] | differs[:, 1], jnp.arange(sums.shape[0]), -1))
+    at = jnp.maximum(departed, 0)
+    return departed, (departed >= 0) & ~differs[at, 0] & differs[at, 1]
+
+
+def run_stats(run: Run, end: ForwardCarry, back: BackwardCarry, mismatch, departed) -> dict:
+    """The figures of ``Reversible``'s ``stats`` (its docstring names them)."""
+    fmt, T, total = run.fmt, run.dyn.steps, run.layout.total
+    bits = fp.stored_bits(fmt, end.buf)
+    state_bytes = total * jnp.dtype(fmt.float_dtype).itemsize * (2 if run.momentum else 1)
+    buffer_bytes = float(end.buf.stack.size * fmt.word_bytes + total * (fmt.bits // 8 + 4))  # past int32 at long T
+    stats = {
+        "bits_per_weight_per_step": jnp.mean(bits) / T,
+        "bits_needed_per_step": jnp.max(bits) / T,
+        "buffer_bytes": buffer_bytes,
+        "buffer_bytes_used": jnp.sum(jnp.maximum(bits, 0)) / 8,
+        "trajectory_bytes_equivalent": float(T * state_bytes),
+        "exact_reversal": (mismatch == 0).astype(fmt.float_dtype),
+        "reversal_error": mismatch,
+        "reversal_departed_at_step": departed,
+        "range_overflow": end.range_overflow,
+        "buffer_overflow": end.buf.overflow,
+        "buffer_underflow": end.buf.underflow + back.buf.underflow,
+        "momentum_out_of_range": end.momentum_out_of_range,
+        "frac_bits": fmt.frac_bits,
+        "momentum_bits": fmt.mu_bits,
+        "fixed_point_range": fmt.value_range,
+    }
+    return {k: jnp.asarray(v) for k, v in stats.items()}
+
+
+def result_of(end: ForwardCarry, back: BackwardCarry, mismatch, gradient_first):
+    """The run's :class:`Failure`: the first of these counts that is not 0 names it."""
+    failures = [
+        (end.range_overflow, Failure.RANGE_OVERFLOW),
+        (end.momentum_out_of_range, Failure.MOMENTUM_OUT_OF_RANGE),
+        (end.buf.overflow, Failure.BUFFER_OVERFLOW),
+        (mismatch + end.buf.underflow + back.buf.underflow,
+         jnp.where(gradient_first, Failure.GRADIENT_NOT_REPRODUCED, Failure.REVERSAL_MISMATCH)),
+    ]
+    result = jnp.asarray(Failure.OK, jnp.int32)
+    for count, code in reversed(failures):
+        result = jnp.where(count != 0, jnp.asarray(code, jnp.int32), result)
+    return result
 
 
 @jax.jit
@@ -372,10 +405,3 @@ def _mean_max_momentum_bits(dyn, lam):
 
     return jnp.mean(jax.vmap(bits)(jnp.arange(dyn.steps)))
 
-
-def checksums(w, dv):
-    """Sums (wrapping) of the integer weights a step's gradient is taken at and of the increment made
-    from that gradient: where the backward pass's differ from the forward's, it left the forward
-    trajectory, through its integer arithmetic (weights differ) or a gradient not reproduced (only
-    the increment differs)."""
-    return jnp.stack([jnp.sum(w, dtype=w.dtype), jnp.sum(dv, dtype=w.dtype)])

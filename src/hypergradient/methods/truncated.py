@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_int
 from .._pytree import is_inexact
 from .base import Segmented, solution
 
@@ -58,8 +59,7 @@ class Truncated(Segmented):
     k: int
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"Truncated(k) needs a positive int k, got {self.k!r}")
+        object.__setattr__(self, "k", check_int("Truncated(k)", self.k))
 
     def intervals_back(self, length: int) -> int:
         """How many earlier segments of ``length`` steps the window reaches into (r − 1)."""
