@@ -30,7 +30,6 @@ is a method like the others, defined here because choosing needs that program.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -263,8 +262,7 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
 def _probe(dyn: Dynamics, lam) -> float:
     """Seconds per training step: the median of three timed runs of ``PROBE_STEPS`` steps, after
     one that compiles."""
-    short = copy.copy(dyn)
-    short.steps = min(dyn.steps, PROBE_STEPS)
+    short = dyn.replace(steps=min(dyn.steps, PROBE_STEPS))
     jax.block_until_ready(train(short, lam))
     times = []
     for _ in range(3):

@@ -30,7 +30,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..data import Batches
 from ..errors import Failure, ImplicitWarning, MethodError
 from .base import Method, solution
 
@@ -39,15 +38,14 @@ POWER_ITERATIONS = 20
 
 
 def full_batch(dyn):
-    """The batch on which the training loss is stationary."""
-    if isinstance(dyn.data, Batches):
-        return dyn.data.arrays
-    if not callable(dyn.data):
-        return dyn.data
-    raise MethodError(
-        "Implicit needs the whole training set to state stationarity: give the dynamics a fixed batch or "
-        "hg.Batches, not a plain function of the step; or use hg.Reverse() / hg.Forward()"
-    )
+    """The batch on which the training loss is stationary: every training example."""
+    try:
+        return dyn.batches.examples
+    except AttributeError:
+        raise MethodError(
+            "Implicit needs the whole training set to state stationarity: give the dynamics a fixed batch or "
+            "hg.Batches, not a plain function of the step; or use hg.Reverse() / hg.Forward()"
+        ) from None
 
 
 def _vdot(a, b):
