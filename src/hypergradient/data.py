@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ._checks import check_int
 
 
 def shard(tree: Any, mesh: Mesh, axis: str = "data", process_local: bool = False) -> Any:
@@ -156,8 +157,9 @@ class Batches(Data):
             arrays = jax.tree.map(jnp.asarray, arrays)
         n = jax.tree.leaves(arrays)[0].shape[0]
         devices = 1 if mesh is None else mesh.shape[axis]
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"Batches: batch_size must be an int in [1, {n}] (n examples), got {batch_size!r}")
+        batch_size = check_int("Batches: batch_size", batch_size)
+        if batch_size > n:
+            raise ValueError(f"Batches: batch_size must be at most n = {n} examples, got {batch_size}")
         if batch_size % devices or n % devices:
             raise ValueError(
                 f"Batches: {devices} devices on mesh axis {axis!r} need n ({n}) and batch_size ({batch_size}) "
