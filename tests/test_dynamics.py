@@ -132,3 +132,82 @@ def test_nan_in_the_data_or_in_lambda_is_named_before_training():
         hg.hypergrad(bad, objective, lam)
     with pytest.raises(ValueError, match="training data"):
         hg.optimize(bad, objective, lam, hyper_steps=1)
+
+
+def test_dynamics_is_immutable_and_replace_makes_a_checked_copy():
+    dyn, objective, lam = ridge_problem(steps=5)
+    with pytest.raises(AttributeError, match="replace"):
+        dyn.steps = 3
+    short = dyn.replace(steps=3)
+    assert (short.steps, dyn.steps) == (3, 5) and short.loss is dyn.loss and short.data is dyn.data
+    assert short.run(lam).shape == dyn.run(lam).shape
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        dyn.replace(steps=0)
+    with pytest.raises(ValueError, match="steps"):
+        dyn.replace(steps=True)
+    with pytest.raises(TypeError, match="stepz"):
+        dyn.replace(stepz=3)
+
+
+def _kinds_problem(init, data):
+    """Least squares on 6 examples, whatever the kind of ``init`` (weights under ``"w"`` but for a
+    function) and of ``data`` (``None``: the loss holds the examples)."""
+    x, y = jnp.arange(12.0).reshape(6, 2), jnp.arange(6.0)
+
+    def loss(w, lam, batch):
+        bx, by = (x, y) if batch is None else batch
+        w = w["w"] if isinstance(w, dict) else w
+        return jnp.mean((bx @ w - by) ** 2)
+
+    return hg.Dynamics(init, loss, hg.optim.sgd(), lambda lam, t: {"lr": lam["lr"]}, data, steps=4)
+
+
+@pytest.mark.parametrize("kind", ["batches", "function", "fixed", "none"])
+def test_each_kind_of_data_is_normalized_once_and_given_back(kind, monkeypatch):
+    from hypergradient import data as hg_data
+    from hypergradient import dynamics
+
+    x = jnp.arange(12.0).reshape(6, 2)
+    y = jnp.arange(6.0)
+    given = {"batches": hg.Batches((x, y), 3), "function": lambda t: (x, y), "fixed": (x, y), "none": None}[kind]
+    calls, as_data = [], dynamics.as_data
+    monkeypatch.setattr(dynamics, "as_data", lambda d: calls.append(d) or as_data(d))
+    dyn = _kinds_problem(jnp.zeros(2), given)
+    expected = {"batches": hg.Batches, "function": hg_data.Steps, "fixed": hg_data.Fixed, "none": hg_data.Fixed}
+    assert type(dyn.batches) is expected[kind] and dyn.data is given
+    lam = {"lr": jnp.asarray(0.01)}
+    dyn.run(lam)
+    hg.hypergrad(dyn, lambda w, lam: jnp.sum(w**2), lam)
+    assert len(calls) == 1  # not again when the run is flattened, traced and compiled
+    want = {"batches": (x[3:], y[3:]), "function": (x, y), "fixed": (x, y), "none": None}[kind]
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, jax.jit(dyn.batch)(jnp.asarray(1)), want))
+    if kind == "function":
+        assert jax.tree.leaves(dyn.batches) == [] and not hasattr(dyn.batches, "examples")
+        with pytest.raises(hg.MethodError, match="whole training set"):
+            hg.Implicit().check(dyn)
+    else:
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, dyn.batches.examples, None if kind == "none" else (x, y)))
+
+
+@pytest.mark.parametrize("kind", ["function", "weights", "model"])
+def test_each_kind_of_init_is_normalized_once_and_given_back(kind, monkeypatch):
+    from hypergradient import dynamics
+
+    w0 = jnp.asarray([0.5, -1.0])
+    given = {"function": lambda lam: w0 * lam["scale"], "weights": {"w": w0},
+             "model": {"w": w0, "act": jnp.tanh}}[kind]
+    calls, as_init = [], dynamics.as_init
+    monkeypatch.setattr(dynamics, "as_init", lambda i: calls.append(i) or as_init(i))
+    dyn = _kinds_problem(given, None)
+    lam = {"lr": jnp.asarray(0.01), "scale": jnp.asarray(2.0)}
+    assert type(dyn.initializer) is {"function": dynamics.Function}.get(kind, dynamics.Weights)
+    assert (dyn.skeleton is None) == (kind != "model")
+    assert dyn.init is given if kind != "model" else jax.tree.structure(dyn.init) == jax.tree.structure(given)
+    w = dyn.initial_params(lam)
+    np.testing.assert_array_equal(w if kind == "function" else w["w"], 2 * w0 if kind == "function" else w0)
+    trained = dyn.run(lam)
+    if kind == "model":
+        assert trained["act"] is jnp.tanh  # the loss and the caller see the whole model
+    hg.hypergrad(dyn, lambda w, lam: jnp.sum(w**2) if kind == "function" else jnp.sum(w["w"] ** 2), lam)
+    assert len(calls) == 1
+

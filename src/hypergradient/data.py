@@ -3,17 +3,26 @@
 A training run asks for the batch of step ``t`` inside ``jit`` (and again on
 the backward pass), so batches are a pure function of ``t``: no iterator
 state, no host round trip.
+
+Whatever ``Dynamics(data=...)`` is given becomes one :class:`Data`, once, by :func:`as_data`:
+:class:`Batches` as it is, any other callable a :class:`Steps`, anything else (``None`` too) a
+:class:`Fixed` batch. Each is a pytree (its arrays are leaves, functions static) called as
+``data(t) -> batch``; those that know every training example offer them as ``examples``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ._checks import check_int
 
 
 def shard(tree: Any, mesh: Mesh, axis: str = "data", process_local: bool = False) -> Any:
@@ -39,8 +48,67 @@ def shard(tree: Any, mesh: Mesh, axis: str = "data", process_local: bool = False
     return jax.tree.map(put, tree)
 
 
+class Data:
+    """Where the batch of step ``t`` comes from: ``data(t) -> batch``, traceable in ``t``.
+
+    ``given`` is what ``Dynamics(data=...)`` was given. A source that knows every training
+    example offers them as one batch, ``examples`` (what :class:`~hypergradient.Implicit` states
+    stationarity on and what is checked for NaN); one that does not has no such attribute.
+    """
+
+    def __call__(self, t) -> Any:
+        raise NotImplementedError
+
+    @property
+    def given(self) -> Any:
+        return self
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["batch"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Fixed(Data):
+    """Full-batch training: the same ``batch`` at every step (``None`` too: ``loss`` receives it)."""
+
+    batch: Any
+
+    def __call__(self, t) -> Any:
+        return self.batch
+
+    @property
+    def given(self) -> Any:
+        return self.batch
+
+    @property
+    def examples(self) -> Any:
+        return self.batch
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn"])
+@dataclasses.dataclass(frozen=True)
+class Steps(Data):
+    """Any traceable ``fn(t) -> batch``, held static: it is part of the compiled program. Which
+    examples it draws from is its own affair, so it offers no ``examples``."""
+
+    fn: Callable[[Any], Any]
+
+    def __call__(self, t) -> Any:
+        return self.fn(t)
+
+    @property
+    def given(self) -> Any:
+        return self.fn
+
+
+def as_data(data: Any) -> Data:
+    """``data`` as a :class:`Data`: a :class:`Batches` itself, another callable a :class:`Steps`,
+    anything else (a pytree of arrays, ``None``) a :class:`Fixed` batch."""
+    if isinstance(data, Data):
+        return data
+    return Steps(data) if callable(data) else Fixed(data)
+
+
 @jax.tree_util.register_pytree_node_class
-class Batches:
+class Batches(Data):
     """Minibatches of ``arrays`` indexed by training step.
 
     Step ``t`` belongs to epoch ``e = t // n_batches`` and takes batch
@@ -89,8 +157,9 @@ class Batches:
             arrays = jax.tree.map(jnp.asarray, arrays)
         n = jax.tree.leaves(arrays)[0].shape[0]
         devices = 1 if mesh is None else mesh.shape[axis]
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"Batches: batch_size must be an int in [1, {n}] (n examples), got {batch_size!r}")
+        batch_size = check_int("Batches: batch_size", batch_size)
+        if batch_size > n:
+            raise ValueError(f"Batches: batch_size must be at most n = {n} examples, got {batch_size}")
         if batch_size % devices or n % devices:
             raise ValueError(
                 f"Batches: {devices} devices on mesh axis {axis!r} need n ({n}) and batch_size ({batch_size}) "
@@ -105,6 +174,11 @@ class Batches:
     @property
     def size(self) -> int:
         return jax.tree.leaves(self.arrays)[0].shape[0]
+
+    @property
+    def examples(self) -> Any:
+        """Every example, the arrays the batches are cut from."""
+        return self.arrays
 
     @property
     def devices(self) -> int:

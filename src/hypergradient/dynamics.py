@@ -17,6 +17,8 @@ static, and ``loss`` and the objective receive the whole model again.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -24,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_int
 from ._pytree import Skeleton, has_only_arrays, is_array, partition
-from .data import Batches
+from .data import Data, as_data
 from .errors import DivergenceError
 from .optim import Optimizer
 from .precision import library_precision
@@ -90,9 +93,55 @@ def check_finite(tree: Any, what: str) -> None:
             )
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn"])
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """``init`` given as a function ``λ -> w_0`` (held static: init scales are hyperparameters too)."""
+
+    fn: Callable[[Any], Params]
+    skeleton = None
+
+    def __call__(self, lam) -> Params:
+        return self.fn(lam)
+
+    @property
+    def given(self) -> Callable[[Any], Params]:
+        return self.fn
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"], meta_fields=["skeleton"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Weights:
+    """``init`` given as fixed weights: the arrays that are trained (leaves), and for a model the
+    rest of it (``skeleton``, static; ``None`` for a pytree of arrays alone)."""
+
+    arrays: Params
+    skeleton: Skeleton | None
+
+    def __call__(self, lam) -> Params:
+        return self.arrays
+
+    @property
+    def given(self) -> Params:
+        return self.arrays if self.skeleton is None else self.skeleton.combine(self.arrays)
+
+
+def as_init(init: Any) -> Function | Weights:
+    """``init`` as a :class:`Function` or :class:`Weights` (a model split into its arrays and the rest).
+    Decided here, once: inside ``jit`` a model's leaves are tracers."""
+    if is_function(init):
+        return Function(init)
+    return Weights(init, None) if has_only_arrays(init) else Weights(*partition(init))
+
+
 @jax.tree_util.register_pytree_node_class
 class Dynamics:
     """A training run whose final weights are differentiated in λ.
+
+    Immutable: ``dyn.replace(steps=50)`` is a new run with one argument changed. ``init`` and
+    ``data`` are normalized once, here, into ``initializer`` (a :class:`Function` or
+    :class:`Weights`, ``λ -> w_0``) and ``batches`` (a :class:`~hypergradient.data.Data`,
+    ``t -> batch``); ``dyn.init`` and ``dyn.data`` give them back as they were given.
 
     Args:
       init: the initial weights, a pytree (a callable pytree such as an
@@ -109,6 +158,13 @@ class Dynamics:
         training), or ``None`` (``loss`` receives ``None``).
       steps: the number of training steps ``T >= 1``.
     """
+
+    initializer: Function | Weights
+    batches: Data
+    loss: Callable[[Params, Any, Any], jax.Array]
+    optimizer: Optimizer
+    optimizer_hparams: Callable[[Any, jax.Array], Mapping[str, Any]]
+    steps: int
 
     def __init__(
         self,
@@ -128,43 +184,47 @@ class Dynamics:
             raise TypeError("loss must be a function (w, λ, batch) -> scalar")
         if not callable(optimizer_hparams):
             raise TypeError("optimizer_hparams must be a function (λ, t) -> dict of optimizer hyperparameters")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        self._init_is_fn = is_function(init)  # decided once: inside jit the leaves are tracers
-        self.skeleton: Skeleton | None = None  # the non-array part of a model given as init
-        if not self._init_is_fn and not has_only_arrays(init):
-            init, self.skeleton = partition(init)
-        self.init = init
-        self.loss = loss
-        self.optimizer = optimizer
-        self.optimizer_hparams = optimizer_hparams
-        self.data = data
-        self.steps = int(steps)
+        self._set(as_init(init), as_data(data), loss, optimizer, optimizer_hparams, check_int("steps", steps))
 
-    # -- pytree: arrays are leaves, functions are static ----------------------
+    def _set(self, *values) -> None:
+        for name, value in zip(_FIELDS, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Dynamics is immutable: use dyn.replace({name}=...) for a run with another {name}")
+
+    def replace(self, **changes) -> Dynamics:
+        """This run with some of the constructor's arguments changed, checked as a new one is."""
+        given = {"init": self.init, "loss": self.loss, "optimizer": self.optimizer,
+                 "optimizer_hparams": self.optimizer_hparams, "data": self.data, "steps": self.steps}
+        unknown = set(changes) - set(given)
+        if unknown:
+            raise TypeError(f"Dynamics.replace: no argument {', '.join(sorted(unknown))} (it takes {', '.join(given)})")
+        return Dynamics(**{**given, **changes})
+
+    @property
+    def init(self) -> Params | Callable[[Any], Params]:
+        """``init`` as given: the function ``λ -> w_0``, or the initial weights (the whole model)."""
+        return self.initializer.given
+
+    @property
+    def data(self) -> Any:
+        """``data`` as given: the ``Batches``, the function of ``t``, or the fixed batch."""
+        return self.batches.given
+
+    @property
+    def skeleton(self) -> Skeleton | None:
+        """The non-array part of a model given as ``init`` (``None`` otherwise)."""
+        return self.initializer.skeleton
+
+    # -- pytree: the sources hold the arrays, functions are static ------------
     def tree_flatten(self):
-        init_leaf = None if self._init_is_fn else self.init
-        data_is_fn = callable(self.data) and not isinstance(self.data, Batches)
-        data_leaf = None if data_is_fn else self.data
-        static = (
-            self.init if self._init_is_fn else None,
-            self.skeleton,
-            self.loss,
-            self.optimizer,
-            self.optimizer_hparams,
-            self.data if data_is_fn else None,
-            self.steps,
-        )
-        return (init_leaf, data_leaf), static
+        return (self.initializer, self.batches), (self.loss, self.optimizer, self.optimizer_hparams, self.steps)
 
     @classmethod
     def tree_unflatten(cls, static, children):
         obj = object.__new__(cls)
-        init_fn, obj.skeleton, obj.loss, obj.optimizer, obj.optimizer_hparams, data_fn, obj.steps = static
-        init_leaf, data_leaf = children
-        obj._init_is_fn = init_fn is not None
-        obj.init = init_fn if init_fn is not None else init_leaf
-        obj.data = data_fn if data_fn is not None else data_leaf
+        obj._set(*children, *static)
         return obj
 
     def __repr__(self) -> str:
@@ -173,7 +233,7 @@ class Dynamics:
     # -- the system ------------------------------------------------------------
     def initial_params(self, lam) -> Params:
         """w_0: ``init(λ)`` or the fixed initial weights (a model's array leaves)."""
-        return self.init(lam) if self._init_is_fn else self.init
+        return self.initializer(lam)
 
     def model(self, params: Params) -> Params:
         """The weights as ``loss`` and the objective see them: the whole model when ``init`` was one."""
@@ -190,7 +250,7 @@ class Dynamics:
 
     def batch(self, t):
         """The minibatch of step ``t``."""
-        return self.data(t) if callable(self.data) else self.data
+        return self.batches(t)
 
     def hparams(self, lam, t) -> Mapping[str, Any]:
         """The optimizer's hyperparameters at step ``t``."""
@@ -236,10 +296,8 @@ class Dynamics:
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` if the initial weights or the training data hold NaN or inf."""
-        if not self._init_is_fn:
-            check_finite(self.init, "the initial weights")
-        data = self.data.arrays if isinstance(self.data, Batches) else None if callable(self.data) else self.data
-        check_finite(data, "the training data")
+        check_finite(self.init, "the initial weights")  # a function holds no arrays
+        check_finite(getattr(self.batches, "examples", None), "the training data")
 
     def validate(self, lam) -> None:
         """Trace one step abstractly (at the programs' product precision); raise a ``ValueError``
@@ -272,6 +330,9 @@ class Dynamics:
                     f"the {self.optimizer.name} step fails with hyperparameters of shapes {_shapes(hp)} "
                     f"on weights of shapes {_shapes(state.params)}: {e}"
                 ) from e
+
+
+_FIELDS = ("initializer", "batches", "loss", "optimizer", "optimizer_hparams", "steps")
 
 
 def _shapes(tree):

@@ -30,7 +30,6 @@ is a method like the others, defined here because choosing needs that program.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_int
 from ._pytree import partition, signature
 from .dynamics import Dynamics, train
 from .errors import MethodError
@@ -160,9 +160,8 @@ class Auto(Method):
     memory_budget: int | None = None
 
     def __post_init__(self):
-        b = self.memory_budget
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0):
-            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {b!r}")
+        if self.memory_budget is not None:
+            check_int("memory_budget (bytes, or None)", self.memory_budget)
 
     def resolve(self, dyn, lam, objective=None) -> Method:
         """The chosen method (resolved at λ when λ is concrete)."""
@@ -263,8 +262,7 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
 def _probe(dyn: Dynamics, lam) -> float:
     """Seconds per training step: the median of three timed runs of ``PROBE_STEPS`` steps, after
     one that compiles."""
-    short = copy.copy(dyn)
-    short.steps = min(dyn.steps, PROBE_STEPS)
+    short = dyn.replace(steps=min(dyn.steps, PROBE_STEPS))
     jax.block_until_ready(train(short, lam))
     times = []
     for _ in range(3):

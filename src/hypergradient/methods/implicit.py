@@ -30,7 +30,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..data import Batches
+from .._checks import check_int
+from .._pytree import tree_norm
 from ..errors import Failure, ImplicitWarning, MethodError
 from .base import Method, solution
 
@@ -39,23 +40,18 @@ POWER_ITERATIONS = 20
 
 
 def full_batch(dyn):
-    """The batch on which the training loss is stationary."""
-    if isinstance(dyn.data, Batches):
-        return dyn.data.arrays
-    if not callable(dyn.data):
-        return dyn.data
-    raise MethodError(
-        "Implicit needs the whole training set to state stationarity: give the dynamics a fixed batch or "
-        "hg.Batches, not a plain function of the step; or use hg.Reverse() / hg.Forward()"
-    )
+    """The batch on which the training loss is stationary: every training example."""
+    try:
+        return dyn.batches.examples
+    except AttributeError:
+        raise MethodError(
+            "Implicit needs the whole training set to state stationarity: give the dynamics a fixed batch or "
+            "hg.Batches, not a plain function of the step; or use hg.Reverse() / hg.Forward()"
+        ) from None
 
 
 def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _norm(a):
-    return jnp.sqrt(_vdot(a, a))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +80,7 @@ class Implicit(Method):
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"Implicit(solver=...) must be one of {SOLVERS}, got {self.solver!r}")
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ValueError(f"Implicit(iters=...) must be a positive int, got {self.iters!r}")
+        check_int("Implicit(iters=...)", self.iters)
 
     def check(self, dyn):
         full_batch(dyn)
@@ -138,10 +133,10 @@ class Implicit(Method):
         _, cross = jax.vjp(lambda lam: grad_w(w, lam), lam)
         (mixed,) = cross(v)
         grad = jax.tree.map(lambda a, b: a - b, dE_dlam, mixed)
-        g_T = _norm(grad_w(w, lam))
+        g_T = tree_norm(grad_w(w, lam))
         tiny = jnp.finfo(g_T.dtype).tiny
-        stationarity = g_T / jnp.maximum(_norm(grad_w(s0.params, lam)), tiny)
-        residual = _norm(jax.tree.map(jnp.subtract, hvp(v), dE_dw)) / jnp.maximum(_norm(dE_dw), tiny)
+        stationarity = g_T / jnp.maximum(tree_norm(grad_w(s0.params, lam)), tiny)
+        residual = tree_norm(jax.tree.map(jnp.subtract, hvp(v), dE_dw)) / jnp.maximum(tree_norm(dE_dw), tiny)
         result = jnp.where(stationarity > self.stationarity_tol, Failure.NOT_STATIONARY,
                            jnp.where(residual > self.solve_tol, Failure.SOLVE_NOT_CONVERGED, Failure.OK))
         stats = {"grad_norm_at_wT": g_T, "stationarity": stationarity, "solve_residual": residual}
@@ -156,7 +151,7 @@ def _largest_eigenvalue(hvp, like):
 
     def step(_, v):
         hv = hvp(v)
-        return jax.tree.map(lambda x: x / _norm(hv), hv)
+        return jax.tree.map(lambda x: x / tree_norm(hv), hv)
 
-    v = jax.lax.fori_loop(0, POWER_ITERATIONS, step, jax.tree.map(lambda x: x / _norm(v), v))
+    v = jax.lax.fori_loop(0, POWER_ITERATIONS, step, jax.tree.map(lambda x: x / tree_norm(v), v))
     return _vdot(v, hvp(v))
