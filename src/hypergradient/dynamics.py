@@ -139,9 +139,8 @@ class Dynamics:
     """A training run whose final weights are differentiated in λ.
 
     Immutable: ``dyn.replace(steps=50)`` is a new run with one argument changed. ``init`` and
-    ``data`` are normalized once, here, into ``initializer`` (a :class:`Function` or
-    :class:`Weights`, ``λ -> w_0``) and ``batches`` (a :class:`~hypergradient.data.Data`,
-    ``t -> batch``); ``dyn.init`` and ``dyn.data`` give them back as they were given.
+    ``data`` are normalized once, here, into ``initializer`` (a ``Function`` or ``Weights``,
+    ``λ -> w_0``) and ``batches`` (a ``Batches``, ``Steps`` or ``Fixed``, ``t -> batch``); ``dyn.init`` and ``dyn.data`` give them back as they were given.
 
     Args:
       init: the initial weights, a pytree (a callable pytree such as an
