@@ -232,6 +232,15 @@ def _bound(value: Any, what: str, owner: str) -> float:
     return v
 
 
+def _set_interval(c: Any, owner: str) -> None:
+    """Check ``c.lo ≤ c.hi`` (scalars, not NaN) and store them as floats on the frozen ``c``."""
+    lo, hi = _bound(c.lo, "lo", owner), _bound(c.hi, "hi", owner)
+    if lo > hi:
+        raise ValueError(f"{owner}: lo must be ≤ hi, got lo={lo!r} > hi={hi!r}")
+    object.__setattr__(c, "lo", lo)
+    object.__setattr__(c, "hi", hi)
+
+
 class Constraint:
     """Base of the projections: ``c(lam) -> lam`` projects the selected leaves.
 
@@ -260,12 +269,7 @@ class Box(Constraint):
     on: Selector = None
 
     def __post_init__(self):
-        lo = _bound(self.lo, "lo", "box")
-        hi = _bound(self.hi, "hi", "box")
-        if lo > hi:
-            raise ValueError(f"box: lo must be ≤ hi, got lo={lo!r} > hi={hi!r}")
-        object.__setattr__(self, "lo", lo)
-        object.__setattr__(self, "hi", hi)
+        _set_interval(self, "box")
 
     def _project(self, x: jax.Array) -> jax.Array:
         return projections.projection_box(x, self.lo, self.hi)
@@ -333,18 +337,12 @@ class BoxL1(Constraint):
     on: Selector = None
 
     def __post_init__(self):
-        lo = _bound(self.lo, "lo", "box_l1")
-        hi = _bound(self.hi, "hi", "box_l1")
-        radius = _positive_finite(self.radius, "radius", "box_l1")
-        if lo < 0:
+        _set_interval(self, "box_l1")
+        if self.lo < 0:
             raise ValueError(
-                f"box_l1: lo must be ≥ 0 (so that Σ|x_i| = Σx_i on the box), got lo={lo!r}"
+                f"box_l1: lo must be ≥ 0 (so that Σ|x_i| = Σx_i on the box), got lo={self.lo!r}"
             )
-        if lo > hi:
-            raise ValueError(f"box_l1: lo must be ≤ hi, got lo={lo!r} > hi={hi!r}")
-        object.__setattr__(self, "lo", lo)
-        object.__setattr__(self, "hi", hi)
-        object.__setattr__(self, "radius", radius)
+        object.__setattr__(self, "radius", _positive_finite(self.radius, "radius", "box_l1"))
 
     def _project(self, x: jax.Array) -> jax.Array:
         n = x.size
