@@ -100,11 +100,8 @@ class L2PerWeight(runner.Experiment):
 
     def baseline(self) -> tuple[float, dict]:
         """The best shared strength of the grid, and every grid point's scores (with its weights)."""
-        grid = {s: self.scores_and_weights(self.train(self.shared(s))) for s in self.config.grid}
-        best = min(grid, key=lambda s: grid[s]["val_loss"])
-        runner.detail(f"grid search over {len(grid)} shared L2 strengths ({len(self.data.train.x)} training "
-                      f"examples): best {best:g}, validation loss {grid[best]['val_loss']:.4f}")
-        return best, grid
+        return runner.grid_search(self.config.grid, lambda s: self.scores_and_weights(self.train(self.shared(s))),
+                                  f"shared L2 strengths ({len(self.data.train.x)} training examples)")
 
     def searches(self, baseline) -> list[runner.Search]:
         best, _ = baseline

@@ -220,6 +220,15 @@ def detail(message: str) -> None:
     say("      " + message)
 
 
+def grid_search(grid, scores_of, what: str) -> tuple[float, dict]:
+    """The point of ``grid`` whose ``scores_of(point)`` has the lowest validation loss, and every
+    point's scores; ``what`` names the points in the status line."""
+    scores = {point: scores_of(point) for point in grid}
+    best = min(scores, key=lambda point: scores[point]["val_loss"])
+    detail(f"grid search over {len(scores)} {what}: best {best:g}, validation loss {scores[best]['val_loss']:.4f}")
+    return best, scores
+
+
 def run(experiment: type[Experiment], config, out_dir, progress: bool | None = None) -> dict:
     """Run ``experiment`` with ``config``; write its results folder ``out_dir``; return result.json's dict.
 

@@ -118,11 +118,8 @@ class Schedules(runner.Experiment):
 
     def baseline(self) -> tuple[float, dict]:
         """The best constant learning rate of the grid, and every grid point's scores."""
-        grid = {lr: self.scores(self.train(self.constant(lr))) for lr in self.config.grid}
-        best = min(grid, key=lambda lr: grid[lr]["val_loss"])
-        runner.detail(f"grid search over {len(grid)} constant learning rates (momentum {self.config.momentum}): "
-                      f"best constant learning rate {best:g}, validation loss {grid[best]['val_loss']:.4f}")
-        return best, grid
+        return runner.grid_search(self.config.grid, lambda lr: self.scores(self.train(self.constant(lr))),
+                                  f"constant learning rates (momentum {self.config.momentum})")
 
     def searches(self, baseline) -> list[runner.Search]:
         best, _ = baseline
