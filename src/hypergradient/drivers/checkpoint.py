@@ -14,9 +14,12 @@ structure, shapes and dtypes must match it exactly, otherwise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -77,6 +80,26 @@ class Periodic:
         if kind is not None and self.path is not None and self.finished > self.saved:
             self._write()
         return False
+
+
+@contextlib.contextmanager
+def sigint_held():
+    """Run the block whole: a Ctrl-C (SIGINT) that arrives in it is raised as ``KeyboardInterrupt``
+    when it ends. A driver moves its state to the next hyper-step in such a block, so that the
+    checkpoint written on the way out never holds half of an update (λ_{k+1} with the count of
+    step k). Only where Python's own handler is in force, in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _manager(path: str):

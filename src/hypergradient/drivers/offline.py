@@ -136,16 +136,18 @@ def _tune(state: _Offline, store: Store, hyper_steps: int, dyn, objective, metho
             t0 = time.perf_counter()
             res = state.hypergradient(k, dyn, objective, method, store)
             value = float(res.value)
-            state.good, state.good_step = state.hparams, k
-            state.best = state.best.offer(state.hparams, value, k)
             stopped = callback is not None and bool(callback(k, state.hparams, value, res.grad))
             new = None if stopped else update(res.grad, state.opt_state, state.hparams)
-            state.record(value, float(tree_norm(res.grad)), time.perf_counter() - t0)
+            with ckpt.sigint_held():
+                state.good, state.good_step = state.hparams, k
+                state.best = state.best.offer(state.hparams, value, k)
+                state.record(value, float(tree_norm(res.grad)), time.perf_counter() - t0)
+                if not stopped:
+                    state.hparams, state.opt_state = new
+                    saving.done(k + 1, last=k + 1 == hyper_steps)
             tick(run, value)
             if stopped:
                 break
-            state.hparams, state.opt_state = new
-            saving.done(k + 1, last=k + 1 == hyper_steps)
     return stopped
 
 

@@ -64,13 +64,15 @@ def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimi
                     state.final_history(), state.best)
             values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
             i = int(np.argmin(values))
-            state.best = state.best.offer(jax.tree.map(np.asarray, _member(state.hparams, i)), values[i], k)
             new_lam, new_opt = update(sol.grad, state.opt_state, state.hparams)
-            state.hparams, state.opt_state = _where_members(ok, new_lam, state.hparams), _where_members(ok, new_opt,
-                                                                                                    state.opt_state)
-            state.record(values, np.asarray(jax.vmap(tree_norm)(sol.grad)), time.perf_counter() - t0)
+            norms = np.asarray(jax.vmap(tree_norm)(sol.grad))
+            with ckpt.sigint_held():
+                state.best = state.best.offer(jax.tree.map(np.asarray, _member(state.hparams, i)), values[i], k)
+                state.record(values, norms, time.perf_counter() - t0)
+                state.hparams = _where_members(ok, new_lam, state.hparams)
+                state.opt_state = _where_members(ok, new_opt, state.opt_state)
+                saving.done(k + 1, last=k + 1 == hyper_steps)
             tick(run, float(values[i]))
-            saving.done(k + 1, last=k + 1 == hyper_steps)
     return _result(state, dyn, arrays, final)
 
 
