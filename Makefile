@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-floor bench bench-sweeps clean
+.PHONY: demo test bench bench-sweeps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
 
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/bench.py
+
+bench-sweeps: $(VENV)/.installed-bench
+	$(PY) benchmarks/sweeps.py
+
 # The oldest Python and dependency versions pyproject.toml declares (.ci/floor.txt), in a venv of their own.
 # The Ray cluster test is left to `make test`: it exercises Ray, whose version the floor does not pin.
 FLOOR_PYTHON ?= python3.11
@@ -35,14 +41,9 @@ $(FLOOR_VENV)/.installed: pyproject.toml .ci/floor.txt
 	$(FLOOR_VENV)/bin/python -m pip install -q -c .ci/floor.txt -e ".[test]"
 	touch $@
 
+.PHONY: test-floor
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest -n 2 -q --ignore tests/test_tune_cluster.py
-
-bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/bench.py
-
-bench-sweeps: $(VENV)/.installed-bench
-	$(PY) benchmarks/sweeps.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) results .pytest_cache
