@@ -35,5 +35,21 @@ bench: $(VENV)/.installed-bench
 bench-sweeps: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.sweeps
 
+# The oldest Python and dependency versions pyproject.toml declares (.ci/floor.txt), in a venv of their own.
+# The Ray cluster test is left to `make test`: it exercises Ray, whose version the floor does not pin.
+FLOOR_PYTHON ?= python3.11
+FLOOR_VENV := .venv-floor
+
+$(FLOOR_VENV)/.installed: pyproject.toml .ci/floor.txt
+	rm -rf $(FLOOR_VENV)
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c .ci/floor.txt -e ".[test]"
+	touch $@
+
+.PHONY: test-floor
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -m pytest -n 2 -q --ignore tests/test_tune_cluster.py
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) results .pytest_cache
