@@ -52,4 +52,4 @@ test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest -n 2 -q --ignore tests/test_tune_cluster.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) results .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) results .pytest_cache site jupyter_execute
