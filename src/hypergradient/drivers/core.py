@@ -164,12 +164,13 @@ def problem_header(dyn, lam, hyper_optimizer, constraint, member=None) -> dict:
 
 
 class Store:
-    """A driver's checkpoint, ``checkpoint_dir/<driver>``, and the header that names its problem.
-    Without a directory (``path`` None) nothing is read or written."""
+    """A driver's checkpoint, ``checkpoint_dir/<driver>``, and the header that names its problem
+    (``header()``, built only when there is a directory). Without one (``path`` None) nothing is
+    read or written."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike | None, driver: str, header: dict):
+    def __init__(self, checkpoint_dir: str | os.PathLike | None, driver: str, header: Callable[[], dict]):
         self.path = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), driver)
-        self.header = {"driver": driver, **header}
+        self.header = None if self.path is None else {"driver": driver, **header()}
 
     def load(self) -> ckpt.Checkpoint | None:
         """The stored checkpoint, checked to be of this problem; ``None`` when there is none."""

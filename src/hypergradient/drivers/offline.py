@@ -119,7 +119,7 @@ def optimize(
                                    callback=callback, checkpoint_dir=checkpoint_dir, progress=progress)
     lam = check_arguments(dyn, lam0, hyper_optimizer, constraint, callback)
     state = _Offline.start(lam, hyper_optimizer.init(lam), lam, recorded(lam))
-    store = Store(checkpoint_dir, "optimize", problem_header(dyn, lam, hyper_optimizer, constraint))
+    store = Store(checkpoint_dir, "optimize", lambda: problem_header(dyn, lam, hyper_optimizer, constraint))
     stopped = _tune(state, store, hyper_steps, dyn, objective, method, jitted_update(hyper_optimizer, constraint),
                     callback, progress)
     return _result(state, dyn, objective, stopped)

@@ -158,7 +158,8 @@ def online(
     programs = _programs(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, lam, recorded(lam),
                          not isinstance(meter, NoProgressMeter))
     store = Store(checkpoint_dir, "online",
-                  {"method": repr(method), "every": every, **problem_header(dyn, lam, hyper_optimizer, constraint)})
+                  lambda: {"method": repr(method), "every": every,
+                           **problem_header(dyn, lam, hyper_optimizer, constraint)})
     run = _Run(dyn, arrays, programs, every, programs.initial_carry(dyn, lam))
     run.resume(store)
     with meter.running(n_updates, run.done) as index:

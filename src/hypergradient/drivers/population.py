@@ -48,7 +48,7 @@ def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimi
     update = jax.jit(jax.vmap(hyper_update(hyper_optimizer, constraint)))
     state = Tuning.start(lam, jax.vmap(hyper_optimizer.init)(lam), first, record=False)
     store = Store(checkpoint_dir, "population",
-                  {"members": k_members, **problem_header(dyn, lam, hyper_optimizer, constraint, member=first)})
+                  lambda: {"members": k_members, **problem_header(dyn, lam, hyper_optimizer, constraint, member=first)})
     start = state.resume(store)
     with meter_for(progress).running(hyper_steps, min(start, hyper_steps)) as run, \
             ckpt.Periodic(store.path, partial(state.save, store), start) as saving:
