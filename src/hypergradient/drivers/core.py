@@ -140,12 +140,14 @@ def hyper_update(hyper_optimizer: optax.GradientTransformation, constraint: Call
 _updates = ProgramCache(32)
 
 
-def jitted_update(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None):
-    """The jitted :func:`hyper_update`, one per (optimizer, constraint) pair as :mod:`fingerprint`
-    compares them, so that a later call with an equal pair (``optax.adam(0.1)`` written again)
-    compiles nothing."""
-    k = (fingerprint.key(hyper_optimizer), fingerprint.key(constraint))
-    return _updates.get_or_build(k, lambda: jax.jit(hyper_update(hyper_optimizer, constraint)))
+def jitted_update(hyper_optimizer: optax.GradientTransformation, constraint: Callable | None,
+                  members: bool = False):
+    """The jitted :func:`hyper_update` (vmapped over a population's ``members``), one per
+    (optimizer, constraint) pair as :mod:`fingerprint` compares them, so that a later call with an
+    equal pair (``optax.adam(0.1)`` written again) compiles nothing."""
+    k = (fingerprint.key(hyper_optimizer), fingerprint.key(constraint), members)
+    update = hyper_update(hyper_optimizer, constraint)
+    return _updates.get_or_build(k, lambda: jax.jit(jax.vmap(update) if members else update))
 
 
 # -- checkpoints and the state of a host-side loop ------------------------------------

@@ -24,7 +24,7 @@ from ..errors import Failure, HyperDivergenceError
 from ..hypergrad import ProgramCache, trained_objective, value_and_grad
 from ..precision import matmul_precision
 from . import checkpoint as ckpt
-from .core import OptimizeResult, Store, Tuning, as_hparams, check_arguments, hyper_update, problem_header
+from .core import OptimizeResult, Store, Tuning, as_hparams, check_arguments, jitted_update, problem_header
 from .progress import meter_for, tick
 
 _programs = ProgramCache(16)
@@ -45,7 +45,7 @@ def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimi
     method.check(dyn)
     arrays, skeleton = partition(objective)
     step, final = _programs_for(dyn, skeleton, arrays, method, first)
-    update = jax.jit(jax.vmap(hyper_update(hyper_optimizer, constraint)))
+    update = jitted_update(hyper_optimizer, constraint, members=True)
     state = Tuning.start(lam, jax.vmap(hyper_optimizer.init)(lam), first, record=False)
     store = Store(checkpoint_dir, "population",
                   lambda: {"members": k_members, **problem_header(dyn, lam, hyper_optimizer, constraint, member=first)})
