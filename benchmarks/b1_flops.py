@@ -64,7 +64,7 @@ def main(argv=None):
         "train_step": flops(step, state, lam),
         "reverse_step": flops(lambda s, l, ct: jax.vjp(step, s, l)[1](ct), state, lam, state),
         "reversible_backward_step": flops(
-            lambda w, l, ct: jax.vjp(lambda w, l: dyn.loss_and_grad(w, l, t), w, l)[1](ct),
+            lambda w, l, ct: jax.vjp(lambda w, l: dyn.loss_and_grad(w, l, t)[:2], w, l)[1](ct),
             state.params, lam, (jnp.zeros(()), state.params),
         ),
         "forward_step_m4": flops(forward_step, state, lr4, tangents),

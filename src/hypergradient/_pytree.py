@@ -56,7 +56,7 @@ def signature(tree: Any) -> tuple:
 
 
 def nbytes(tree: Any) -> int:
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+    return int(sum(x.dtype.itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
 def tree_norm(tree: Any) -> jax.Array:

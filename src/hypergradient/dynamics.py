@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _nnx
 from ._checks import check_int
 from ._pytree import Skeleton, has_only_arrays, is_array, partition
 from .data import Data, as_data
-from .errors import DivergenceError
+from .errors import DivergenceError, MethodError
 from .optim import Optimizer
 from .precision import library_precision
 
@@ -41,6 +42,21 @@ class State(NamedTuple):
 
     params: Params
     opt_state: Any
+
+
+class StatefulState(NamedTuple):
+    """The state of a run whose model has state of its own (BatchNorm's running statistics, an
+    NNX module's RNG counts): weights, optimizer state and model state. Part of s_t like the
+    rest: carried, recomputed and differentiated where it depends on λ."""
+
+    params: Params
+    opt_state: Any
+    model_state: Any
+
+
+def model_state(s) -> Any:
+    """The model state held in the training state ``s`` (``None`` for a run without one)."""
+    return getattr(s, "model_state", None)
 
 
 def first_nonfinite(losses) -> int | None:
@@ -104,6 +120,9 @@ class Function:
     def __call__(self, lam) -> Params:
         return self.fn(lam)
 
+    def combine(self, params, model_state) -> Params:
+        return params
+
     @property
     def given(self) -> Callable[[Any], Params]:
         return self.fn
@@ -121,14 +140,19 @@ class Weights:
     def __call__(self, lam) -> Params:
         return self.arrays
 
+    def combine(self, params, model_state) -> Params:
+        """The model as ``loss`` sees it: the whole model for a module, the arrays alone otherwise."""
+        return params if self.skeleton is None else self.skeleton.combine(params)
+
     @property
     def given(self) -> Params:
-        return self.arrays if self.skeleton is None else self.skeleton.combine(self.arrays)
+        return self.combine(self.arrays, None)
 
 
 def as_init(init: Any) -> Function | Weights:
     """``init`` as a :class:`Function` or :class:`Weights` (a model split into its arrays and the rest).
-    Decided here, once: inside ``jit`` a model's leaves are tracers."""
+    Decided here, once: inside ``jit`` a model's leaves are tracers. (An NNX module is split by
+    :class:`hypergradient._nnx.Module`, before.)"""
     if is_function(init):
         return Function(init)
     return Weights(init, None) if has_only_arrays(init) else Weights(*partition(init))
@@ -156,23 +180,43 @@ class Dynamics:
         traceable function), a fixed batch (any non-callable pytree: full-batch
         training), or ``None`` (``loss`` receives ``None``).
       steps: the number of training steps ``T >= 1``.
+      state: the model's own initial state (an Equinox ``eqx.nn.State``, any pytree): ``loss`` is
+        then called as ``loss(w, λ, batch, state=s)`` and returns ``(value, new_state)``, and the
+        objective as ``objective(w, λ, state=s_T)``. The state is part of s_t: every method
+        carries it, and it is differentiated where it depends on λ (BatchNorm's running
+        statistics at w_T do). A Flax NNX module as ``init`` needs no ``state``: its variables
+        other than ``nnx.Param`` are its state, kept inside the module that ``loss`` receives.
+      key: a ``jax.random`` key: ``loss`` is then also called with ``key=fold_in(key, t)`` at step
+        ``t``, for dropout and augmentation. Every method (recomputation, Forward, the online
+        drivers, populations) replays the same keys; with data sharded over devices the loss sees
+        the global batch and one key, and ``jax_threefry_partitionable`` (JAX's default) draws
+        the same bits whatever the number of devices.
+
+    ``state`` and ``key`` are passed to ``loss`` only when given, so a loss without them is
+    called as ``loss(w, λ, batch)``.
     """
 
     initializer: Function | Weights
     batches: Data
-    loss: Callable[[Params, Any, Any], jax.Array]
+    initial_model_state: Any
+    key: jax.Array | None
+    loss: Callable[..., Any]
     optimizer: Optimizer
     optimizer_hparams: Callable[[Any, jax.Array], Mapping[str, Any]]
     steps: int
+    stateful: bool
 
     def __init__(
         self,
         init: Params | Callable[[Any], Params],
-        loss: Callable[[Params, Any, Any], jax.Array],
+        loss: Callable[..., Any],
         optimizer: Optimizer,
         optimizer_hparams: Callable[[Any, jax.Array], Mapping[str, Any]],
         data: Any = None,
         steps: int = 100,
+        *,
+        state: Any = None,
+        key: jax.Array | None = None,
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -183,7 +227,17 @@ class Dynamics:
             raise TypeError("loss must be a function (w, λ, batch) -> scalar")
         if not callable(optimizer_hparams):
             raise TypeError("optimizer_hparams must be a function (λ, t) -> dict of optimizer hyperparameters")
-        self._set(as_init(init), as_data(data), loss, optimizer, optimizer_hparams, check_int("steps", steps))
+        if key is not None and not (is_array(key) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                                      or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+            raise TypeError(f"key must be a jax.random key (jax.random.key(0)), got {key!r}")
+        if _nnx.is_module(init):
+            if state is not None:
+                raise TypeError("an NNX module carries its state itself (BatchStat, Rngs): give init=module without state=")
+            initializer, model_state = _nnx.Module.split(init)
+        else:
+            initializer, model_state = as_init(init), state
+        self._set(initializer, as_data(data), model_state, key, loss, optimizer, optimizer_hparams,
+                  check_int("steps", steps), state is not None)
 
     def _set(self, *values) -> None:
         for name, value in zip(_FIELDS, values):
@@ -195,7 +249,8 @@ class Dynamics:
     def replace(self, **changes) -> Dynamics:
         """This run with some of the constructor's arguments changed, checked as a new one is."""
         given = {"init": self.init, "loss": self.loss, "optimizer": self.optimizer,
-                 "optimizer_hparams": self.optimizer_hparams, "data": self.data, "steps": self.steps}
+                 "optimizer_hparams": self.optimizer_hparams, "data": self.data, "steps": self.steps,
+                 "state": self.initial_model_state if self.stateful else None, "key": self.key}
         unknown = set(changes) - set(given)
         if unknown:
             raise TypeError(f"Dynamics.replace: no argument {', '.join(sorted(unknown))} (it takes {', '.join(given)})")
@@ -204,7 +259,14 @@ class Dynamics:
     @property
     def init(self) -> Params | Callable[[Any], Params]:
         """``init`` as given: the function ``λ -> w_0``, or the initial weights (the whole model)."""
+        if isinstance(self.initializer, _nnx.Module):
+            return self.model(self.initializer.arrays, self.initial_model_state)
         return self.initializer.given
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether s_t holds a model state (``state=`` given, or an NNX module as ``init``)."""
+        return self.stateful or isinstance(self.initializer, _nnx.Module)
 
     @property
     def data(self) -> Any:
@@ -218,7 +280,8 @@ class Dynamics:
 
     # -- pytree: the sources hold the arrays, functions are static ------------
     def tree_flatten(self):
-        return (self.initializer, self.batches), (self.loss, self.optimizer, self.optimizer_hparams, self.steps)
+        children = (self.initializer, self.batches, self.initial_model_state, self.key)
+        return children, (self.loss, self.optimizer, self.optimizer_hparams, self.steps, self.stateful)
 
     @classmethod
     def tree_unflatten(cls, static, children):
@@ -227,25 +290,66 @@ class Dynamics:
         return obj
 
     def __repr__(self) -> str:
-        return f"Dynamics(optimizer={self.optimizer.name}, steps={self.steps}, data={self.data!r})"
+        extra = (", state=..." if self.carries_state else "") + (", key=..." if self.key is not None else "")
+        return f"Dynamics(optimizer={self.optimizer.name}, steps={self.steps}, data={self.data!r}{extra})"
 
     # -- the system ------------------------------------------------------------
     def initial_params(self, lam) -> Params:
         """w_0: ``init(λ)`` or the fixed initial weights (a model's array leaves)."""
         return self.initializer(lam)
 
-    def model(self, params: Params) -> Params:
-        """The weights as ``loss`` and the objective see them: the whole model when ``init`` was one."""
-        return params if self.skeleton is None else self.skeleton.combine(params)
+    def model(self, params: Params, model_state: Any = None) -> Params:
+        """The weights as ``loss`` and the objective see them: the whole model when ``init`` was one
+        (an NNX module holding ``model_state``, the initial one when ``None``)."""
+        if isinstance(self.initializer, _nnx.Module):
+            return self.initializer.combine(params, self.initial_model_state if model_state is None else model_state)
+        return self.initializer.combine(params, model_state)
 
-    def train_loss(self, params, lam, batch) -> jax.Array:
-        """``loss`` at the weights ``params`` (the trained arrays) on ``batch``."""
-        return self.loss(self.model(params), lam, batch)
+    def train_loss(self, params, lam, batch, model_state=None, key=None) -> tuple[jax.Array, Any]:
+        """``loss`` at the weights ``params`` (the trained arrays) on ``batch``, and the model state
+        after it: ``(value, new model state)`` (``None`` for a run without one)."""
+        extra = {} if key is None else {"key": key}
+        model = self.model(params, model_state)
+        if not self.stateful:
+            value = self.loss(model, lam, batch, **extra)
+            return value, self.initializer.state_of(model) if isinstance(self.initializer, _nnx.Module) else None
+        out = self.loss(model, lam, batch, state=model_state, **extra)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("with Dynamics(state=...), loss must return (value, new_state), "
+                            f"it returned {type(out).__name__}")
+        return out
 
-    def initial_state(self, lam) -> State:
-        """s_0 = (w_0, optimizer.init(w_0))."""
+    def step_key(self, t) -> jax.Array | None:
+        """The key of step ``t``, ``fold_in(key, t)`` (``None`` without ``key=``)."""
+        return None if self.key is None else jax.random.fold_in(self.key, t)
+
+    def initial_state(self, lam) -> State | StatefulState:
+        """s_0 = (w_0, optimizer.init(w_0)), and the initial model state when there is one."""
         w0 = self.initial_params(lam)
-        return State(w0, self.optimizer.init(w0))
+        return self.state_of(w0, self.optimizer.init(w0), self.initial_model_state)
+
+    def state_of(self, params, opt_state, model_state) -> State | StatefulState:
+        """The training state holding these parts (``model_state`` is dropped for a run without one)."""
+        if self.carries_state:
+            return StatefulState(params, opt_state, model_state)
+        return State(params, opt_state)
+
+    def objective_at(self, objective, final, lam, *args) -> jax.Array:
+        """``objective(model, λ, *args)`` at the end of a run (with ``state=`` the model state's
+        keyword too); ``final`` is s_T, or for a run without model state the trained arrays w_T.
+
+        This is how a :class:`~hypergradient.Method` calls a user's objective: with the whole
+        state it serves every run; with the weights alone, only runs without model state.
+        """
+        if isinstance(final, (State, StatefulState)):
+            params, held = final.params, model_state(final)
+        elif self.carries_state:
+            raise MethodError("this method gives the objective the weights alone, but the run carries a model "
+                              "state (state= or an NNX module): give it the whole state s_T")
+        else:
+            params, held = final, None
+        extra = {"state": held} if self.stateful else {}
+        return objective(self.model(params, held), lam, *args, **extra)
 
     def batch(self, t):
         """The minibatch of step ``t``."""
@@ -255,15 +359,17 @@ class Dynamics:
         """The optimizer's hyperparameters at step ``t``."""
         return self.optimizer_hparams(lam, t)
 
-    def loss_and_grad(self, params, lam, t):
-        """Training loss of step ``t`` and its gradient in the weights."""
-        return jax.value_and_grad(self.train_loss)(params, lam, self.batch(t))
+    def loss_and_grad(self, params, lam, t, model_state=None):
+        """Training loss of step ``t``, its gradient in the weights, and the model state after it."""
+        (value, new), g = jax.value_and_grad(self.train_loss, has_aux=True)(
+            params, lam, self.batch(t), model_state, self.step_key(t))
+        return value, g, new
 
     def step(self, state: State, lam, t) -> tuple[State, jax.Array]:
         """Φ_t: one training step; returns the new state and the step's training loss."""
-        loss, g = self.loss_and_grad(state.params, lam, t)
+        loss, g, held = self.loss_and_grad(state.params, lam, t, model_state(state))
         params, opt_state = self.optimizer.update(g, state.opt_state, state.params, self.hparams(lam, t))
-        return State(params, opt_state), loss
+        return self.state_of(params, opt_state, held), loss
 
     def rollout(self, state: State, lam, start, length: int) -> tuple[State, jax.Array]:
         """Apply Φ_t for t = start..start+length-1 as one ``lax.scan``.
@@ -291,12 +397,13 @@ class Dynamics:
             step = first_nonfinite(losses)
             if step is not None:
                 raise DivergenceError(f"training diverged: the training loss is not finite at step {step}", step)
-        return self.model(state.params)
+        return self.model(state.params, model_state(state))
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` if the initial weights or the training data hold NaN or inf."""
         check_finite(self.init, "the initial weights")  # a function holds no arrays
         check_finite(getattr(self.batches, "examples", None), "the training data")
+        check_finite(self.initial_model_state, "the initial model state")
 
     def validate(self, lam) -> None:
         """Trace one step abstractly (at the programs' product precision); raise a ``ValueError``
@@ -312,7 +419,13 @@ class Dynamics:
             self.optimizer.check_hparams(hp)
             batch = jax.eval_shape(self.batch, t0)
             try:
-                loss = jax.eval_shape(lambda p: self.train_loss(p, lam, self.batch(t0)), state.params)
+                loss, held = jax.eval_shape(
+                    lambda s: self.train_loss(s.params, lam, self.batch(t0), model_state(s), self.step_key(t0)), state)
+            except TypeError as e:
+                if "loss must return (value, new_state)" in str(e):
+                    raise
+                raise ValueError(f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
+                                 f"weight shapes {_shapes(state.params)}): {e}") from e
             except Exception as e:
                 raise ValueError(
                     f"the training loss fails on the batch of step 0 (batch shapes {_shapes(batch)}, "
@@ -320,6 +433,12 @@ class Dynamics:
                 ) from e
             if getattr(loss, "shape", None) != ():
                 raise ValueError(f"loss must return a scalar, it returned shape {getattr(loss, 'shape', loss)}")
+            if self.carries_state and _signature(held) != _signature(model_state(state)):
+                raise ValueError(
+                    "the model state loss returns differs from the one it was given (structure, shapes or dtypes): "
+                    f"given {_shapes(model_state(state))}, returned {_shapes(held)}; the state is carried from step to "
+                    "step and must keep its form"
+                )
             try:
                 jax.eval_shape(self.step, state, lam, t0)
             except ValueError:
@@ -331,11 +450,17 @@ class Dynamics:
                 ) from e
 
 
-_FIELDS = ("initializer", "batches", "loss", "optimizer", "optimizer_hparams", "steps")
+_FIELDS = ("initializer", "batches", "initial_model_state", "key", "loss", "optimizer", "optimizer_hparams",
+           "steps", "stateful")
 
 
 def _shapes(tree):
     return jax.tree.map(lambda a: tuple(a.shape), tree)
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(tuple(a.shape), a.dtype) for a in leaves]
 
 
 @jax.jit

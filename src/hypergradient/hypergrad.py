@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._pytree import nbytes, partition, signature
-from .dynamics import Dynamics, check_finite, first_nonfinite, train
+from .dynamics import Dynamics, check_finite, first_nonfinite, model_state, train
 from .errors import DivergenceError, Failure
 from .methods.base import Method, Objective, Solution
 from .methods.reverse import Reverse
@@ -35,8 +35,9 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
 
     Args:
       dyn: the training run.
-      objective: ``(w, λ) -> scalar`` at the final weights; any callable pytree (a
-        ``jax.tree_util.Partial`` holding the validation arrays, an Equinox module).
+      objective: ``(w, λ) -> scalar`` at the final weights (``(w, λ, state=s_T)`` for a run given
+        ``state=``); any callable pytree (a ``jax.tree_util.Partial`` holding the validation
+        arrays, an Equinox module).
       lam: the hyperparameters, a pytree of floating-point arrays.
       method: how to differentiate (default ``hg.Reverse()``); see :class:`~hypergradient.Method`.
 
@@ -49,7 +50,7 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
         method = method.resolve(dyn, lam, objective)
     with library_precision():
-        sol = method.value_and_grad(dyn, lambda w, lam: objective(dyn.model(w), lam), lam)
+        sol = method.value_and_grad(dyn, lambda final, lam: dyn.objective_at(objective, final, lam), lam)
     train_ok = jnp.all(jnp.isfinite(sol.losses))
     value_ok = jnp.isfinite(sol.value)
     grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(sol.grad)]))
@@ -73,6 +74,8 @@ class HypergradResult(NamedTuple):
         ``final_train_loss``, ``temp_bytes`` (XLA's peak temporary memory), ``state_bytes``,
         ``hparam_numbers`` and the method's own figures.
       losses: the training loss of every step.
+      state: the model state at the end of the run (``Dynamics(state=...)``; an NNX module's is
+        inside ``params``), ``None`` for a run without one.
     """
 
     value: jax.Array
@@ -80,6 +83,7 @@ class HypergradResult(NamedTuple):
     params: Any
     stats: dict
     losses: jax.Array
+    state: Any = None
 
 
 def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = None) -> HypergradResult:
@@ -130,7 +134,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         **sizes,
         **stats,
     }
-    return HypergradResult(sol.value, sol.grad, dyn.model(sol.params), stats, sol.losses)
+    return HypergradResult(sol.value, sol.grad, dyn.model(sol.params, sol.state), stats, sol.losses, sol.state)
 
 
 def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, steps: int, locate=None) -> None:
@@ -171,7 +175,7 @@ def nonfinite_origin(dyn: Dynamics, objective: Objective, lam) -> tuple[int, str
             return dyn.step(s, lam, t)[0], s
 
         s_T, states = jax.lax.scan(forward, dyn.initial_state(lam), jnp.arange(dyn.steps))
-        alpha = jax.grad(lambda s: objective(dyn.model(s.params), lam), allow_int=True)(s_T)
+        alpha = jax.grad(lambda s: dyn.objective_at(objective, s, lam), allow_int=True)(s_T)
 
         def backward(alpha, t_s):
             t, s = t_s
@@ -203,7 +207,7 @@ def check_objective(dyn: Dynamics, objective: Objective, lam) -> None:
     """The objective must map (w_T, λ) to a real scalar."""
     if not callable(objective):
         raise TypeError("objective must be a function (w, λ) -> scalar")
-    out = jax.eval_shape(lambda lam: objective(dyn.model(dyn.initial_params(lam)), lam), lam)
+    out = jax.eval_shape(lambda lam: dyn.objective_at(objective, dyn.initial_state(lam), lam), lam)
     if not hasattr(out, "shape") or out.shape != ():
         raise ValueError(f"objective must return a scalar, it returned {getattr(out, 'shape', type(out).__name__)}")
     if not jnp.issubdtype(out.dtype, jnp.floating):
@@ -282,10 +286,10 @@ _evaluations = ProgramCache(64)
 
 
 def trained_objective(dyn: Dynamics, objective: Objective, lam):
-    """Traceable: the trained arrays w_T, objective(w_T, λ) and the per-step losses."""
+    """Traceable: ``((w_T's trained arrays, model state), objective at s_T, per-step losses)``."""
     with library_precision():
         state, losses = train(dyn, lam)
-        return state.params, objective(dyn.model(state.params), lam), losses
+        return (state.params, model_state(state)), dyn.objective_at(objective, state, lam), losses
 
 
 def evaluate(dyn: Dynamics, objective: Objective, lam):
@@ -295,5 +299,5 @@ def evaluate(dyn: Dynamics, objective: Objective, lam):
     key = (signature(dyn), skeleton, signature(arrays), signature(lam), matmul_precision())
     program = _evaluations.get_or_build(
         key, lambda: jax.jit(lambda d, a, l: trained_objective(d, skeleton.combine(a), l)))
-    params, value, losses = program(dyn, arrays, lam)
-    return dyn.model(params), value, losses
+    (params, held), value, losses = program(dyn, arrays, lam)
+    return dyn.model(params, held), value, losses

@@ -43,7 +43,7 @@ def spec(tree: Any) -> dict:
     return {
         "treedef": str(treedef),
         "shapes": [list(np.shape(x)) for x in leaves],
-        "dtypes": [str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(np.dtype(x.dtype)) for x in leaves],
+        "dtypes": [str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype) for x in leaves],
     }
 
 

@@ -69,6 +69,7 @@ class OptimizeResult(NamedTuple):
     best_value: float = float("nan")
     best_step: int = -1
     population_values: Any = None
+    state: Any = None
 
 
 class Best(NamedTuple):

@@ -190,11 +190,12 @@ class _Offline(Tuning):
 
 def _result(state: _Offline, dyn, objective, stopped: bool) -> OptimizeResult:
     """The result at the final λ, from one plain training run there (refused when it diverges)."""
-    params, value, losses = evaluate(dyn, objective, state.hparams)
+    (params, held), value, losses = evaluate(dyn, objective, state.hparams)
     steps = len(state.history["value"])
     step = first_nonfinite(losses)
     if step is not None:
         raise state.diverged(steps, step, dyn, "training at the final hyperparameters "
                              f"(after the last update) diverged at step {step}")
     best = state.best.offer(state.hparams, float(value), steps)
-    return OptimizeResult(state.hparams, params, float(value), state.final_history(), steps, stopped, *best)
+    return OptimizeResult(state.hparams, params, float(value), state.final_history(), steps, stopped, *best,
+                          state=held)

@@ -37,7 +37,7 @@ import optax
 
 from .._checks import check_int
 from .._pytree import partition, signature, tree_norm
-from ..dynamics import Dynamics, first_nonfinite
+from ..dynamics import Dynamics, first_nonfinite, model_state
 from ..errors import HyperDivergenceError, MethodError
 from ..hypergrad import ProgramCache
 from ..methods.base import Method, Segmented
@@ -272,8 +272,9 @@ class _Run:
                 self.done, step, carry.good_hparams, history, _best(carry),
             )
         best = _best(carry).offer(carry.hparams, float(value), self.done)
-        return OptimizeResult(carry.hparams, self.dyn.model(state.params), float(value), history, self.done, False,
-                              *best)
+        held = model_state(state)
+        return OptimizeResult(carry.hparams, self.dyn.model(state.params, held), float(value), history, self.done,
+                              False, *best, state=held)
 
 
 class _Programs(NamedTuple):
@@ -303,12 +304,11 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
     n_updates, remainder = divmod(dyn.steps, every)
     with_k = _takes_step_index(skeleton.combine(arrays))
 
-    def outer(dyn, arrays, w, lam, k):
-        objective, model = skeleton.combine(arrays), dyn.model(w)
-        return objective(model, lam, k) if with_k else objective(model, lam)
+    def outer(dyn, arrays, final, lam, k):
+        return dyn.objective_at(skeleton.combine(arrays), final, lam, *((k,) if with_k else ()))
 
-    w0 = jax.eval_shape(dyn.initial_params, lam)
-    out = jax.eval_shape(lambda w, lam: outer(dyn, arrays, w, lam, jnp.zeros((), jnp.int32)), w0, lam)
+    s0 = jax.eval_shape(dyn.initial_state, lam)
+    out = jax.eval_shape(lambda s, lam: outer(dyn, arrays, s, lam, jnp.zeros((), jnp.int32)), s0, lam)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
     update = hyper_update(hyper_optimizer, constraint)
@@ -318,7 +318,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
         return Carry(method.start(dyn, lam, every), lam, lam, best, hyper_optimizer.init(lam), jnp.asarray(True))
 
     def body(dyn, arrays, carry: Carry, k, meter_index):
-        energy = lambda w, lam: outer(dyn, arrays, w, lam, k)  # noqa: E731
+        energy = lambda final, lam: outer(dyn, arrays, final, lam, k)  # noqa: E731
         inner, value, g, losses = method.segment(dyn, energy, carry.inner, carry.hparams, k * every, every)
         finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(losses))
         for leaf in jax.tree.leaves(g):
@@ -356,7 +356,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
         state = method.state(carry.inner)
         state, losses = (dyn.rollout(state, carry.hparams, n_updates * every, remainder)
                          if remainder else (state, jnp.zeros(0, jax.tree.leaves(lam)[0].dtype)))
-        return state, losses, outer(dyn, arrays, state.params, carry.hparams, jnp.asarray(n_updates, jnp.int32))
+        return state, losses, outer(dyn, arrays, state, carry.hparams, jnp.asarray(n_updates, jnp.int32))
 
     return _Programs(jax.jit(initial_carry), body, run_chunk, finish)
 

@@ -91,13 +91,14 @@ def _member(tree, i: int):
 
 def _result(state: Tuning, dyn, arrays, final) -> OptimizeResult:
     """The best member's result, from one plain training run of every member at its final λ."""
-    params, values, losses = final(dyn, arrays, state.hparams)
+    (params, held), values, losses = final(dyn, arrays, state.hparams)
     values = np.where(np.isfinite(np.asarray(losses)).all(axis=1), np.asarray(values, np.float64), np.inf)
     i = int(np.argmin(values))
     member, steps = _member(state.hparams, i), len(state.history["value"])
     best = state.best.offer(member, values[i], steps)
-    return OptimizeResult(member, dyn.model(_member(params, i)), float(values[i]), state.final_history(), steps,
-                          False, *best, values)
+    held = _member(held, i)
+    return OptimizeResult(member, dyn.model(_member(params, i), held), float(values[i]), state.final_history(), steps,
+                          False, *best, values, held)
 
 
 def _where_members(ok, new, old):

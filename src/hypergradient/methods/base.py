@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..dynamics import Dynamics
+from ..dynamics import Dynamics, State, StatefulState, model_state
 from ..errors import Failure
 
 Objective = Callable[[Any, Any], jax.Array]
@@ -40,6 +40,8 @@ class Solution(NamedTuple):
       result: a :class:`~hypergradient.errors.Failure` code (int32; 0 when all went well).
       stats: the method's own figures, a dict of arrays (``Reversible``: bits per weight per step,
         buffer bytes, ...).
+      state: the model state at the end (``Dynamics(state=...)``, an NNX module's variables other
+        than its parameters); ``None`` for a run without one.
     """
 
     value: jax.Array
@@ -49,12 +51,14 @@ class Solution(NamedTuple):
     diverged: jax.Array
     result: jax.Array
     stats: dict
+    state: Any = None
 
 
-def solution(value, grad, params, losses, stats: dict | None = None, result=Failure.OK) -> Solution:
+def solution(value, grad, final, losses, stats: dict | None = None, result=Failure.OK) -> Solution:
     """A method's :class:`Solution` before the divergence checks (``diverged`` is filled in by
-    :func:`hypergradient.value_and_grad`)."""
-    return Solution(value, grad, params, losses, jnp.asarray(False), jnp.asarray(result, jnp.int32), stats or {})
+    :func:`hypergradient.value_and_grad`); ``final`` is s_T, or the trained arrays w_T alone."""
+    params, held = (final.params, model_state(final)) if isinstance(final, (State, StatefulState)) else (final, None)
+    return Solution(value, grad, params, losses, jnp.asarray(False), jnp.asarray(result, jnp.int32), stats or {}, held)
 
 
 class Method(abc.ABC):
@@ -65,8 +69,9 @@ class Method(abc.ABC):
     def value_and_grad(self, dyn: Dynamics, objective: Objective, lam) -> Solution:
         """f(λ) and ∇f(λ) for the training run ``dyn``; pure and traceable.
 
-        ``objective(w, λ)`` receives the trained arrays ``w`` (the hypergradient entry point
-        wraps a user's objective so that it sees the whole model).
+        ``objective(s, λ)`` receives the final training state s_T (a ``State``; for a run without
+        model state, the trained arrays w_T alone will do). The hypergradient entry point wraps a
+        user's objective so that it sees the whole model (:meth:`Dynamics.objective_at`).
         """
 
     def check(self, dyn: Dynamics) -> None:
@@ -109,4 +114,4 @@ class Segmented(Method):
 
     def value_and_grad(self, dyn: Dynamics, objective: Objective, lam) -> Solution:
         carry, value, grad, losses = self.segment(dyn, objective, self.start(dyn, lam, dyn.steps), lam, 0, dyn.steps)
-        return solution(value, grad, self.state(carry).params, losses)
+        return solution(value, grad, self.state(carry), losses)

@@ -82,8 +82,8 @@ class DrMAD(Method):
         T = dyn.steps
         s0 = dyn.initial_state(lam)
         sT, losses = dyn.rollout(s0, lam, 0, T)
-        value, obj_vjp = jax.vjp(objective, sT.params, lam)
-        dE_dw, grad = obj_vjp(jnp.ones_like(value))
+        value, obj_vjp = jax.vjp(objective, sT, lam)
+        dE_ds, grad = obj_vjp(jnp.ones_like(value))
 
         leaves0, treedef = jax.tree.flatten(s0)
         leavesT = treedef.flatten_up_to(sT)
@@ -96,6 +96,9 @@ class DrMAD(Method):
             a = jnp.asarray(t, jnp.result_type(float)) / T
             out = []
             for x0, xT in zip(leaves0, leavesT):
+                if jnp.issubdtype(x0.dtype, jax.dtypes.prng_key):  # a key stays; its draws are counted apart
+                    out.append(x0)
+                    continue
                 x = (1 - a) * x0 + a * xT
                 out.append(x.astype(jnp.result_type(x0)) if is_inexact(x0) else jnp.round(x).astype(jnp.result_type(x0)))
             return out
@@ -107,8 +110,7 @@ class DrMAD(Method):
             it = iter(float_leaves)
             return jax.tree.unflatten(treedef, [next(it) if f else x for x, f in zip(all_leaves, floating)])
 
-        # cotangent of s_T: ∂E/∂w_T for the weights, zero for the optimizer state
-        alpha = split(treedef.flatten_up_to(type(sT)(dE_dw, jax.tree.map(jnp.zeros_like, sT.opt_state))))
+        alpha = split(treedef.flatten_up_to(dE_ds))  # ∂E/∂s_T (the optimizer state's part is zero)
 
         def backward(carry, t):
             alpha, grad = carry
@@ -135,4 +137,4 @@ class DrMAD(Method):
         state_bytes = sum(x.size * x.dtype.itemsize for x in leaves0)
         stats = {"stored_state_bytes": jnp.asarray(2 * state_bytes), "backward_growth": growth}
         result = jnp.where(growth <= UNSTABLE_GROWTH, Failure.OK, Failure.APPROXIMATION_UNSTABLE)  # NaN: unstable
-        return solution(value, grad, sT.params, losses, stats, result)
+        return solution(value, grad, sT, losses, stats, result)

@@ -78,7 +78,7 @@ class Forward(Segmented):
         floats, z, (others, losses) = jax.vmap(push, out_axes=(None, 0, None))(carry.z, basis)
 
         def energy(floats, lam):
-            return objective(rebuild(floats, others).params, lam)
+            return objective(rebuild(floats, others), lam)
 
         value, (g_state, g_lam) = jax.value_and_grad(energy, argnums=(0, 1))(floats, lam)
         # ∂E/∂s_t · Z_t: each state leaf's gradient contracted with its m tangents

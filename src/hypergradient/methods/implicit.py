@@ -83,6 +83,12 @@ class Implicit(Method):
         check_int("Implicit(iters=...)", self.iters)
 
     def check(self, dyn):
+        if dyn.carries_state or dyn.key is not None:
+            raise MethodError(
+                "Implicit states stationarity of one deterministic training loss, and this run's loss "
+                f"{'carries a model state' if dyn.carries_state else 'draws a new key every step'}: use hg.Reverse "
+                "(checkpoint_every=...), hg.Forward() or hg.Truncated(k)"
+            )
         full_batch(dyn)
 
     def failure(self, result, stats):
@@ -112,7 +118,7 @@ class Implicit(Method):
         value, (dE_dw, dE_dlam) = jax.value_and_grad(objective, argnums=(0, 1))(w, lam)
 
         def grad_w(w, lam):
-            return jax.grad(dyn.train_loss)(w, lam, batch)
+            return jax.grad(lambda w: dyn.train_loss(w, lam, batch)[0])(w)
 
         def hvp(v):
             return jax.jvp(lambda w: grad_w(w, lam), (w,), (v,))[1]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from .._checks import is_int
 from .._pytree import is_inexact, tree_norm
+from ..dynamics import model_state
 from ..errors import ChaosWarning, Failure
 from .base import Method, solution
 
@@ -74,13 +75,13 @@ class Reverse(Method):
         def f(lam, probes):
             state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
             state = _probe_weights(state, probes[-1])
-            return objective(state.params, lam), (state.params, losses)
+            return objective(state, lam), (dyn.state_of(state.params, (), model_state(state)), losses)
 
         probes = jnp.zeros(dyn.steps + 1, jax.tree.leaves(lam)[0].dtype)
-        (value, (params, losses)), (grad, norms) = jax.value_and_grad(f, (0, 1), has_aux=True)(lam, probes)
+        (value, (final, losses)), (grad, norms) = jax.value_and_grad(f, (0, 1), has_aux=True)(lam, probes)
         growth = backward_growth(norms)
         result = jnp.where(growth > CHAOS_GROWTH, Failure.CHAOTIC, Failure.OK)
-        return solution(value, grad, params, losses, {"backward_growth": growth}, result)
+        return solution(value, grad, final, losses, {"backward_growth": growth}, result)
 
     def failure(self, result, stats):
         if result != Failure.CHAOTIC:

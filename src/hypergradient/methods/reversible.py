@@ -119,6 +119,12 @@ class Reversible(Method):
         return max((self.resolve(dyn, lam) for lam in members), key=lambda r: r.max_bits_per_step)
 
     def check(self, dyn) -> None:
+        if dyn.carries_state:
+            raise MethodError(
+                "Reversible reverses the weights and the velocity exactly, and cannot undo a model state's update "
+                "(BatchNorm's running averages lose information): use hg.Reverse(checkpoint_every=...), "
+                "hg.Forward() or hg.Truncated(k)"
+            )
         if dyn.optimizer.reversal is None:
             raise MethodError(
                 f"Reversible needs sgd or momentum (heavy ball or dampened); {dyn.optimizer.name} has no exact "
@@ -226,7 +232,7 @@ class Run:
 
     def gradient(self, w, t):
         """(L_t, ∇L_t) at the integer weights w, the gradient flat."""
-        loss, g = self.dyn.loss_and_grad(self.weights(w), self.lam, t)
+        loss, g, _ = self.dyn.loss_and_grad(self.weights(w), self.lam, t)
         return loss, self.layout.flat(g).astype(self.fmt.float_dtype)
 
     def hparams(self, t):
@@ -306,7 +312,7 @@ def backward_step(run: Run, carry: BackwardCarry, t):
     params = run.weights(w)
     # Φ_t = update(∇L_t(w), v, w, λ): linearise the gradient once; its primal value also
     # re-creates v_t, so the backward pass evaluates ∇L_t once per step.
-    (loss, g), grad_vjp = jax.vjp(lambda p, lam: run.dyn.loss_and_grad(p, lam, t), params, run.lam)
+    (loss, g), grad_vjp = jax.vjp(lambda p, lam: run.dyn.loss_and_grad(p, lam, t)[:2], params, run.lam)
     if run.momentum:
         dv, _ = run.increment(mu, run.layout.flat(g).astype(fmt.float_dtype))
         v = v - dv

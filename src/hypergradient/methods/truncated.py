@@ -103,7 +103,7 @@ class Truncated(Segmented):
                                carry.state, rerun)
             state, losses = dyn.rollout(now, lam, start, length)
             origin = jax.tree.map(lambda x: x[0], after)
-            return objective(state.params, lam), (state, losses, origin)
+            return objective(state, lam), (state, losses, origin)
 
         (value, (state, losses, origin)), grad = jax.value_and_grad(f, has_aux=True)(lam)
         past = jax.tree.map(lambda p, x: jnp.concatenate([p[1:], x[None]]), carry.past, lam)
@@ -112,7 +112,7 @@ class Truncated(Segmented):
 
     def value_and_grad(self, dyn, objective, lam):
         state, value, grad, losses = self._window(dyn, objective, dyn.initial_state, lam, 0, dyn.steps)
-        return solution(value, grad, state.params, losses, {"truncation": jnp.asarray(min(self.k, dyn.steps))})
+        return solution(value, grad, state, losses, {"truncation": jnp.asarray(min(self.k, dyn.steps))})
 
     def _window(self, dyn, objective, state_of, lam, start, length: int):
         """Run ``length`` steps from ``state_of(λ)``, differentiating the last k of them (and
@@ -125,7 +125,7 @@ class Truncated(Segmented):
 
         def f(lam):
             state, losses = dyn.rollout(state_of(lam), lam, start + head, k)
-            return objective(state.params, lam), (state, losses)
+            return objective(state, lam), (state, losses)
 
         (value, (state, losses)), grad = jax.value_and_grad(f, has_aux=True)(lam)
         if head:
