@@ -310,6 +310,7 @@ class Dynamics:
                 raise ValueError(f"init(λ) failed: {e}") from e
             hp = jax.eval_shape(self.hparams, lam, t0)
             self.optimizer.check_hparams(hp)
+            self.batches.check()
             batch = jax.eval_shape(self.batch, t0)
             try:
                 loss = jax.eval_shape(lambda p: self.train_loss(p, lam, self.batch(t0)), state.params)
