@@ -114,7 +114,11 @@ def test_divergence_names_the_first_nonfinite_step():
 def test_data_as_a_plain_function_of_the_step():
     dyn, objective, lam = ridge_problem(steps=10)
     x, y = dyn.data
-    as_fn = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, lambda t: (x, y), 10)
+
+    def turning(t):  # every example at every step, in an order that turns with t (ignoring t is refused)
+        return jnp.roll(x, t, axis=0), jnp.roll(y, t, axis=0)
+
+    as_fn = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, turning, 10)
     a = hg.hypergrad(dyn, objective, lam)
     b = hg.hypergrad(as_fn, objective, lam)
     np.testing.assert_allclose(float(a.grad["lr"]), float(b.grad["lr"]), rtol=1e-12)
@@ -169,7 +173,11 @@ def test_each_kind_of_data_is_normalized_once_and_given_back(kind, monkeypatch):
 
     x = jnp.arange(12.0).reshape(6, 2)
     y = jnp.arange(6.0)
-    given = {"batches": hg.Batches((x, y), 3), "function": lambda t: (x, y), "fixed": (x, y), "none": None}[kind]
+
+    def turning(t):
+        return jnp.roll(x, t, axis=0), jnp.roll(y, t, axis=0)
+
+    given = {"batches": hg.Batches((x, y), 3), "function": turning, "fixed": (x, y), "none": None}[kind]
     calls, as_data = [], dynamics.as_data
     monkeypatch.setattr(dynamics, "as_data", lambda d: calls.append(d) or as_data(d))
     dyn = _kinds_problem(jnp.zeros(2), given)
@@ -179,7 +187,7 @@ def test_each_kind_of_data_is_normalized_once_and_given_back(kind, monkeypatch):
     dyn.run(lam)
     hg.hypergrad(dyn, lambda w, lam: jnp.sum(w**2), lam)
     assert len(calls) == 1  # not again when the run is flattened, traced and compiled
-    want = {"batches": (x[3:], y[3:]), "function": (x, y), "fixed": (x, y), "none": None}[kind]
+    want = {"batches": (x[3:], y[3:]), "function": turning(1), "fixed": (x, y), "none": None}[kind]
     assert jax.tree.all(jax.tree.map(jnp.array_equal, jax.jit(dyn.batch)(jnp.asarray(1)), want))
     if kind == "function":
         assert jax.tree.leaves(dyn.batches) == [] and not hasattr(dyn.batches, "examples")

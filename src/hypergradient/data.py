@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._checks import check_int
@@ -63,6 +65,10 @@ class Data:
     def given(self) -> Any:
         return self
 
+    def check(self) -> None:
+        """Raise ``ValueError`` if ``data(t)`` cannot give each step its own batch (a source built
+        for it, a fixed batch or :class:`Batches`, always can)."""
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["batch"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,12 +104,94 @@ class Steps(Data):
     def given(self) -> Any:
         return self.fn
 
+    def check(self) -> None:
+        """Raise ``ValueError`` unless ``fn`` is a pure function of ``t`` that depends on it.
+
+        ``fn`` runs when the training program is traced, not at every step, so whatever it reads
+        on the host then (``next(iterator)``, a NumPy random draw) becomes a constant of every
+        step. Two traces at an abstract ``t`` tell: constants that differ between them are such
+        a read; outputs that no operation on ``t`` reaches are the same batch at every step.
+        """
+        t = jax.ShapeDtypeStruct((), jnp.int32)
+        first, second = _trace(self.fn, t), _trace(self.fn, t)
+        if not _same_program(first, second):
+            raise ValueError(
+                "data: two traces of data(t) gave different batches, so it reads host state when traced "
+                "(next() of an iterator, a host-side random generator) and every step would train on what one "
+                "read returned; a host-side iterator cannot be replayed: data must be a pure function of t "
+                "(index your dataset by t, e.g. with hg.Batches, and draw randomness from "
+                "jax.random.fold_in(key, t))"
+            )
+        outputs = first.jaxpr.outvars
+        if outputs and not _reaches(first.jaxpr, outputs):
+            raise ValueError(
+                "data: data(t) does not depend on t, so it gives the same batch at every step: pass the batch "
+                "itself as data=batch for full-batch training, or index your dataset by t (e.g. with hg.Batches "
+                "or jax.lax.dynamic_slice)"
+            )
+
+
+def _trace(fn: Callable[[Any], Any], t) -> ClosedJaxpr:
+    try:
+        return jax.make_jaxpr(lambda t: fn(t))(t)  # a new function: make_jaxpr caches by function
+    except StopIteration as e:  # would end a caller's loop, far from here, without a word
+        raise ValueError(
+            "data: data(t) raised StopIteration: a host-side iterator cannot be replayed (it is read once, when "
+            "the training program is traced); data must be a pure function of t, e.g. hg.Batches"
+        ) from e
+
+
+# JAX prints objects as <... at 0xXXXXXXXXXXXX>; should one slip through, a fresh address is no change
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _same_program(a, b) -> bool:
+    """Whether two traces of one function are the same program: the same operations and literals
+    (printed) and equal constants."""
+    if _ADDRESS.sub("", str(a.jaxpr)) != _ADDRESS.sub("", str(b.jaxpr)) or len(a.consts) != len(b.consts):
+        return False
+    return all(map(_same_constant, a.consts, b.consts))
+
+
+def _same_constant(a, b) -> bool:
+    if a is b:  # arrays closed over: the same object at every trace, nothing to read back
+        return True
+    if not (hasattr(a, "dtype") and hasattr(b, "dtype")):
+        return type(a) is type(b) and bool(np.all(a == b))
+    if jnp.shape(a) != jnp.shape(b) or a.dtype != b.dtype:
+        return False
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return True  # an outer trace's value: not readable, and the same shape
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+    if any(isinstance(c, jax.Array) and not c.is_fully_addressable for c in (a, b)):
+        return True  # held by several processes: not readable here, and the same shape
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(np.array_equal(a, b, equal_nan=bool(np.issubdtype(a.dtype, np.inexact))))
+
+
+def _reaches(jaxpr, outputs) -> bool:
+    """Whether any of ``outputs`` is computed from the jaxpr's inputs (an operation that takes a
+    reached value reaches all it returns: inner jaxprs are not opened, which errs towards yes)."""
+    reached = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in reached for v in eqn.invars):
+            reached.update(eqn.outvars)
+    return any(not isinstance(v, Literal) and v in reached for v in outputs)
+
 
 def as_data(data: Any) -> Data:
     """``data`` as a :class:`Data`: a :class:`Batches` itself, another callable a :class:`Steps`,
-    anything else (a pytree of arrays, ``None``) a :class:`Fixed` batch."""
+    anything else (a pytree of arrays, ``None``) a :class:`Fixed` batch. An iterator is refused:
+    it cannot be replayed step by step."""
     if isinstance(data, Data):
         return data
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is an iterator ({type(data).__name__}): a host-side iterator cannot be replayed inside the "
+            "compiled training run; data must be a pure function of t (index your dataset by t, e.g. with "
+            "hg.Batches) or a fixed batch"
+        )
     return Steps(data) if callable(data) else Fixed(data)
 
 

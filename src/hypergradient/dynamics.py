@@ -417,6 +417,7 @@ class Dynamics:
                 raise ValueError(f"init(λ) failed: {e}") from e
             hp = jax.eval_shape(self.hparams, lam, t0)
             self.optimizer.check_hparams(hp)
+            self.batches.check()
             batch = jax.eval_shape(self.batch, t0)
             try:
                 loss, held = jax.eval_shape(
