@@ -27,7 +27,8 @@ def test_every_method_on_four_devices_equals_one_device():
     assert diffs.pop("devices") == 4
     assert set(diffs) >= {f"{m} {o}" for m in ("reverse", "checkpoint", "forward", "truncated", "reversible", "drmad")
                           for o in ("ordered", "shuffled")} | {"implicit", "optimize", "online", "online trho",
-                                                               "population", "optimize resumed"}
+                                                               "population", "optimize resumed"} | {
+        f"{m} stateful {o}" for m in ("reverse", "checkpoint", "forward") for o in ("ordered", "shuffled")}
     assert all(d < 1e-8 for d in diffs.values()), diffs
 
 

@@ -57,6 +57,29 @@ def problem(data):
     return dyn, objective, lam, (x, y)
 
 
+def stateful_problem(data):
+    """The same network with a running mean of its hidden layer (model state, read by the
+    objective) and dropout drawn from the step's key over the global batch."""
+    x, y, xv, yv = ridge_data(n=N, nv=16, d=4, seed=3)
+
+    def loss(w, lam, batch, *, state, key):
+        bx, by = batch
+        h = jnp.tanh(bx @ w["a"])
+        mask = jax.random.bernoulli(key, 0.75, h.shape) / 0.75
+        value = jnp.mean(((h * mask) @ w["b"] - by) ** 2) + jnp.exp(lam["log_l2"]) * jnp.sum(w["a"] ** 2)
+        return value, 0.7 * state + 0.3 * jnp.mean(h, 0)
+
+    rng = np.random.default_rng(0)
+    w0 = {"a": jnp.asarray(rng.normal(size=(4, 5)) / 2), "b": jnp.asarray(rng.normal(size=5) / 2)}
+    dyn = hg.Dynamics(init=w0, loss=loss, optimizer=hg.optim.momentum(),
+                      optimizer_hparams=lambda lam, t: {"lr": lam["lr"][t], "momentum": 0.5}, data=data, steps=T,
+                      state=jnp.zeros(5), key=jax.random.key(5))
+    objective = jax.tree_util.Partial(
+        lambda xv, yv, w, lam, state: jnp.mean(((jnp.tanh(xv @ w["a"]) - state) @ w["b"] - yv) ** 2),
+        jnp.asarray(xv), jnp.asarray(yv))
+    return dyn, objective
+
+
 def rel(a, b):
     a, b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]), np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -94,6 +117,16 @@ def main():
             a = hg.hypergrad(dyn, shard_obj, lam, method)
             b = hg.hypergrad(single, objective, lam, method)
             out[f"{name} {shuffled}"] = max(rel(a.grad, b.grad), abs(float(a.value) - float(b.value)))
+        # a model state and dropout keys: the loss sees the global batch and one key per step
+        dyn_s, objective_s = stateful_problem(sharded)
+        single_s, _ = stateful_problem(single.data)
+        shard_obj_s = jax.tree_util.Partial(objective_s.func, *hg.data.shard(tuple(objective_s.args), mesh))
+        for name, method in [("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=2)),
+                             ("forward", hg.Forward())]:
+            a = hg.hypergrad(dyn_s, shard_obj_s, lam, method)
+            b = hg.hypergrad(single_s, objective_s, lam, method)
+            out[f"{name} stateful {shuffled}"] = max(rel(a.grad, b.grad), rel(a.state, b.state),
+                                                     abs(float(a.value) - float(b.value)))
     full = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, hg.Batches((x, y), N, mesh=mesh), 200)
     full_single = hg.Dynamics(dyn.init, dyn.loss, dyn.optimizer, dyn.optimizer_hparams, (jnp.asarray(x), jnp.asarray(y)), 200)
     lam200 = {"log_l2": jnp.asarray(-2.0), "lr": jnp.full(200, 0.1)}
