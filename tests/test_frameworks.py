@@ -141,3 +141,16 @@ def test_equinox_state_comes_back():
     dyn, objective = eqx_problem()
     res = hg.hypergrad(dyn, objective, LAM)
     np.testing.assert_allclose(float(objective(res.params, LAM, state=res.state)), float(res.value), rtol=1e-12)
+
+
+def test_an_online_checkpoint_holds_the_nnx_rng_key(tmp_path):
+    """The online carry holds the module's typed PRNG key: written as key data, restored as a key."""
+    import optax
+
+    dyn, objective = nnx_problem(running=True)
+    kwargs = dict(method=hg.Forward(), every=2, hyper_optimizer=optax.adam(0.01), progress=False,
+                  checkpoint_dir=tmp_path)
+    first = hg.online(dyn, objective, LAM, **kwargs)
+    again = hg.online(dyn, objective, LAM, **kwargs)  # resumes from the finished run's checkpoint
+    assert again.value == first.value
+    assert int(again.params.drop.rngs.count.get_value()) == T

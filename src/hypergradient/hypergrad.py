@@ -293,11 +293,11 @@ def trained_objective(dyn: Dynamics, objective: Objective, lam):
 
 
 def evaluate(dyn: Dynamics, objective: Objective, lam):
-    """Plain training at λ and the objective there: ``(w_T, f(λ), losses)``, nothing
+    """Plain training at λ and the objective there: ``(w_T, f(λ), losses, model state at T)``, nothing
     differentiated; compiled once per problem like :func:`compiled`, nothing raised."""
     arrays, skeleton = partition(objective)
     key = (signature(dyn), skeleton, signature(arrays), signature(lam), matmul_precision())
     program = _evaluations.get_or_build(
         key, lambda: jax.jit(lambda d, a, l: trained_objective(d, skeleton.combine(a), l)))
     (params, held), value, losses = program(dyn, arrays, lam)
-    return dyn.model(params, held), value, losses
+    return dyn.model(params, held), value, losses, held

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import CheckpointMismatchError
@@ -37,9 +38,22 @@ FORMAT = 2
 CHECKPOINT_SECONDS = 2.0
 
 
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def _storable(x: Any) -> Any:
+    """A leaf as it is written: a typed PRNG key (an NNX module's RNG stream) as its key data."""
+    if not _is_key(x):
+        return x
+    return jax.eval_shape(jax.random.key_data, x) if isinstance(x, jax.ShapeDtypeStruct) else jax.random.key_data(x)
+
+
 def spec(tree: Any) -> dict:
-    """A JSON-able description of a pytree: structure, shapes and dtypes of its leaves."""
+    """A JSON-able description of a pytree: structure, shapes and dtypes of its leaves (a key's as
+    its key data's)."""
     leaves, treedef = jax.tree.flatten(tree)
+    leaves = [_storable(x) for x in leaves]
     return {
         "treedef": str(treedef),
         "shapes": [list(np.shape(x)) for x in leaves],
@@ -119,7 +133,7 @@ def save(path: str | os.PathLike, trees: Mapping[str, Any], header: Mapping[str,
     arrays: dict[str, list] = {}
     specs = {}
     for name, tree in trees.items():
-        leaves = jax.tree.leaves(tree)
+        leaves = [_storable(x) for x in jax.tree.leaves(tree)]
         specs[name] = spec(tree)
         if isinstance(tree, Mapping):
             specs[name]["keys"] = sorted(tree)  # the order in which a dict flattens
@@ -158,8 +172,10 @@ class Checkpoint:
                     f"{field} {stored[field]}, this run's has {wanted[field]}. Use another "
                     f"checkpoint_dir, or delete this one to start afresh."
                 )
-        treedef = jax.tree.structure(template)
-        return jax.tree.unflatten(treedef, [self._arrays[name][str(i)] for i in range(treedef.num_leaves)])
+        leaves, treedef = jax.tree.flatten(template)
+        return jax.tree.unflatten(treedef, [
+            jax.random.wrap_key_data(self._arrays[name][str(i)], impl=jax.random.key_impl(t)) if _is_key(t)
+            else self._arrays[name][str(i)] for i, t in enumerate(leaves)])
 
     def restore_dict(self, name: str) -> dict[str, np.ndarray]:
         """A stored flat dict of arrays (such as a history), without a template."""

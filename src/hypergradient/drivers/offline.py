@@ -190,7 +190,7 @@ class _Offline(Tuning):
 
 def _result(state: _Offline, dyn, objective, stopped: bool) -> OptimizeResult:
     """The result at the final λ, from one plain training run there (refused when it diverges)."""
-    (params, held), value, losses = evaluate(dyn, objective, state.hparams)
+    params, value, losses, held = evaluate(dyn, objective, state.hparams)
     steps = len(state.history["value"])
     step = first_nonfinite(losses)
     if step is not None:
