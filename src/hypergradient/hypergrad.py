@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._lam_checks import check_fits
 from ._pytree import nbytes, partition, signature
 from .dynamics import Dynamics, check_finite, first_nonfinite, model_state, train
 from .errors import DivergenceError, Failure
@@ -262,6 +263,7 @@ def compiled(dyn: Dynamics, objective: Objective, method: Method, lam):
     dyn.validate(lam)
     dyn.check_finite()
     check_objective(dyn, objective, lam)
+    check_fits(dyn, lambda final, lam: dyn.objective_at(objective, final, lam), lam)
     method.check(dyn)
     start = time.perf_counter()
     program = jax.jit(lambda d, a, l: value_and_grad(d, skeleton.combine(a), l, method))

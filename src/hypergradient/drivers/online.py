@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from .._checks import check_int
+from .._lam_checks import check_fits
 from .._pytree import partition, signature, tree_norm
 from ..dynamics import Dynamics, first_nonfinite, model_state
 from ..errors import HyperDivergenceError, MethodError
@@ -311,6 +312,7 @@ def _build(dyn, skeleton, arrays, method, every, hyper_optimizer, constraint, la
     out = jax.eval_shape(lambda s, lam: outer(dyn, arrays, s, lam, jnp.zeros((), jnp.int32)), s0, lam)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"objective must return a floating-point scalar, it returned {out}")
+    check_fits(dyn, lambda s, lam: outer(dyn, arrays, s, lam, jnp.zeros((), jnp.int32)), lam)
     update = hyper_update(hyper_optimizer, constraint)
 
     def initial_carry(dyn, lam):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._lam_checks import check_fits
 from .._pytree import partition, signature, tree_norm
 from ..errors import Failure, HyperDivergenceError
 from ..hypergrad import ProgramCache, trained_objective, value_and_grad
@@ -118,6 +119,8 @@ def _programs_for(dyn, skeleton, arrays, method, first):
     ``(dyn, arrays, λ) -> Solution`` and the final evaluation ``(dyn, arrays, λ) -> (w_T, f, losses)``."""
 
     def build():
+        check_fits(dyn, lambda s, lam: dyn.objective_at(skeleton.combine(arrays), s, lam), first)
+
         def per_member(fn):
             return jax.jit(lambda d, a, lam: jax.vmap(lambda l: fn(d, skeleton.combine(a), l))(lam))
 
