@@ -1,10 +1,11 @@
 """A training step inside ``lax.scan`` against the same step called from a Python loop, on CPU,
 and what the hypergradient program costs to compile against what it costs to run.
 
-Three problems: a small CNN (``models.cnn_init``: 3x3 convolutions with (16, 32) channels, SiLU,
-2x2 average pooling, a dense layer; 28x28 images drawn at random, batch 128, momentum SGD), the same
-CNN with its convolutions written as matrix products over patches (``cnn-patches``), and B1
-(``b1.py``: the MLP 784-50-50-50-10, batch 200). For each, in one process, alternating:
+Three problems: a small CNN (``models.cnn_init``, ``models.cnn_apply``: 3x3 convolutions with
+(16, 32) channels, SiLU, 2x2 average pooling, a dense layer; 28x28 images drawn at random, batch
+128, momentum SGD), the same CNN with ``lax.conv_general_dilated`` for its convolutions
+(``cnn-lax``, what ``cnn_apply`` was before it took one product over patches), and B1 (``b1.py``:
+the MLP 784-50-50-50-10, batch 200). For each, in one process, alternating:
 
 - ``loop``: the jitted step ``dyn.step`` called T times from Python (what a user's own loop does);
 - ``scan``, ``scan_unroll2``, ``scan_unroll4``: the same step in one jitted ``lax.scan`` over T
@@ -19,7 +20,7 @@ size of the HLO before and after optimization, and seconds to run; ``--policy`` 
 Reverse measurement with the step's remat policy of ``methods/reverse._scan`` replaced (an
 ablation: ``dots_saveable``, the library's, against saving everything or nothing).
 
-    python -m benchmarks.scan_step [--problems cnn,cnn-patches,b1] [--steps 20] [--repeats 5] [--hypergradient]
+    python -m benchmarks.scan_step [--problems cnn-lax,cnn,b1] [--steps 20] [--repeats 5] [--hypergradient]
                                    [--policy] [--out benchmarks/results/scan_step.json]
 
 XLA:CPU flags are read from ``XLA_FLAGS`` at the start of the process: run it again with, for
@@ -65,40 +66,32 @@ def _cnn_objective(x, y, w, lam):
     return models.cross_entropy(models.cnn_apply(w, x), y)
 
 
-def conv_patches(x, w):
-    """The 'SAME', stride-1 convolution of ``cnn_apply`` (NHWC, HWIO) as one matrix product over
-    the image's patches: its derivatives are matrix products, pads and slices, which XLA:CPU runs
-    the same inside a loop as outside (see :func:`noncanonical_convolutions`)."""
-    kh, kw, ci, co = w.shape
-    n, h, wd, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    cols = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(kh) for j in range(kw)], axis=-1)
-    return cols @ w.reshape(kh * kw * ci, co)
-
-
-def cnn_patches_apply(params, x):
-    """``models.cnn_apply`` (28x28 images) with :func:`conv_patches` for ``lax.conv_general_dilated``."""
+def cnn_lax_apply(params, x):
+    """``models.cnn_apply`` (28x28 images) as it was, with ``lax.conv_general_dilated``: its
+    gradient's convolutions run XLA:CPU's naive emitter inside a scan (see
+    :func:`noncanonical_convolutions`); ``models.cnn_apply`` takes one product over patches."""
     x = x.reshape(x.shape[0], CNN_SIDE, CNN_SIDE, 1)
     for layer in params[:-1]:
-        x = jax.nn.silu(conv_patches(x, layer["W"]) + layer["b"])
+        x = jax.lax.conv_general_dilated(x, layer["W"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.nn.silu(x + layer["b"])
         n, h, w, c = x.shape
         x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return x.reshape(x.shape[0], -1) @ params[-1]["W"] + params[-1]["b"]
 
 
-def _cnn_patches_loss(w, lam, batch):
+def _cnn_lax_loss(w, lam, batch):
     x, y = batch
-    return models.cross_entropy(cnn_patches_apply(w, x), y) + models.l2_penalty(w, jnp.exp(lam["log_l2"]))
+    return models.cross_entropy(cnn_lax_apply(w, x), y) + models.l2_penalty(w, jnp.exp(lam["log_l2"]))
 
 
-def _cnn_patches_objective(x, y, w, lam):
-    return models.cross_entropy(cnn_patches_apply(w, x), y)
+def _cnn_lax_objective(x, y, w, lam):
+    return models.cross_entropy(cnn_lax_apply(w, x), y)
 
 
-def cnn_patches(steps: int):
-    """:func:`cnn` with its convolutions as matrix products over patches (same values to 1e-7)."""
+def cnn_lax(steps: int):
+    """:func:`cnn` with ``lax.conv_general_dilated`` for its convolutions (same values to 2e-7)."""
     dyn, objective, lam = cnn(steps)
-    return dyn.replace(loss=_cnn_patches_loss), jax.tree_util.Partial(_cnn_patches_objective, *objective.args), lam
+    return dyn.replace(loss=_cnn_lax_loss), jax.tree_util.Partial(_cnn_lax_objective, *objective.args), lam
 
 
 def cnn(steps: int):
@@ -115,7 +108,7 @@ def cnn(steps: int):
     return dyn, objective, lam
 
 
-PROBLEMS = {"cnn": cnn, "cnn-patches": cnn_patches, "b1": lambda steps: b1.problem(steps=steps)}
+PROBLEMS = {"cnn-lax": cnn_lax, "cnn": cnn, "b1": lambda steps: b1.problem(steps=steps)}
 
 
 def noncanonical_convolutions(compiled) -> int:
@@ -227,7 +220,7 @@ def hypergradient_costs(dyn, objective, lam, method, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", default="cnn,cnn-patches,b1")
+    ap.add_argument("--problems", default="cnn-lax,cnn,b1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hypergradient", action="store_true", help="also the hypergradient's compile and run seconds")

@@ -157,8 +157,8 @@ def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Not ``lax.conv_general_dilated``: XLA:CPU puts a convolution in the form its fast (Eigen)
     kernel takes only outside loops, and the convolutions of a gradient are not in that form, so
-    inside ``lax.scan`` (every training run here) they run a naive loop, 5-30x slower per
-    training step (docs/sharp_bits.md, "Convolutions in a loop on CPU"). The derivatives of this
+    inside ``lax.scan`` (every training run here) they run a naive loop: a training step
+    2-30x slower (docs/sharp_bits.md, "Convolutions in a loop on CPU"). The derivatives of this
     product are products, pads and slices, as fast in a loop as outside.
     """
     kh, kw, c_in, c_out = w.shape
