@@ -274,3 +274,55 @@ def test_a_run_killed_after_config_json_leaves_no_results_of_another_configurati
     assert code == 130
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt"]  # not the run's: kept
+
+
+# Runs the command line and prints, as its last line, what JAX's monitoring saw of compilation.
+MONITORED = """
+import collections, json, sys
+from jax import monitoring
+
+seconds, events = collections.Counter(), collections.Counter()
+monitoring.register_event_duration_secs_listener(lambda e, d, **kw: seconds.update({e: d}))
+monitoring.register_event_listener(lambda e, **kw: events.update([e]))
+from hypergradient.apps.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "seconds": seconds, "events": events}))
+"""
+
+
+def monitored_run(tmp_path, name, env):
+    done = subprocess.run([sys.executable, "-c", MONITORED, "run", "schedules", "--tiny", "--hyper-steps", "1",
+                           "--no-progress", "--out", str(tmp_path / name)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0
+    return seen["seconds"], seen["events"]
+
+
+def test_a_second_run_takes_its_programs_from_the_compilation_cache(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("HYPERGRADIENT_COMPILE_CACHE")  # on by default
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache = tmp_path / "xdg" / "hypergradient" / "jax"
+    first, first_events = monitored_run(tmp_path, "first", env)
+    entries = set(cache.iterdir())
+    assert entries and first_events["/jax/compilation_cache/cache_misses"] >= 1
+    second, second_events = monitored_run(tmp_path, "second", env)
+    assert second_events["/jax/compilation_cache/cache_hits"] >= len(entries) - 1
+    assert second_events.get("/jax/compilation_cache/cache_misses", 0) <= 1
+    compile = "/jax/core/compile/backend_compile_duration"  # reading from the cache, on a hit
+    assert second[compile] < 0.5 * first[compile]
+
+
+def test_the_cache_folder_follows_the_flag_and_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("HYPERGRADIENT_COMPILE_CACHE")
+    assert cli.compile_cache_dir() == tmp_path / "hypergradient" / "jax"
+    assert cli.compile_cache_dir(disabled=True) is None
+    monkeypatch.setenv("HYPERGRADIENT_COMPILE_CACHE", "off")
+    assert cli.compile_cache_dir() is None
+    monkeypatch.setenv("HYPERGRADIENT_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert cli.compile_cache_dir() == tmp_path / "mine"
+    args = cli.build_parser().parse_args(["run", "schedules", "--no-compile-cache"])
+    assert args.no_compile_cache

@@ -7,6 +7,11 @@
                                   [--scheduler asha] [--gpus-per-trial G] [--mlflow [URI]]]
     hypergradient plan EXPERIMENT [--memory-budget BYTES] [--dataset NAME] [--data-dir DIR] [--tiny]
 
+run, compare and plan keep their compiled programs in JAX's persistent compilation cache
+(``$XDG_CACHE_HOME/hypergradient/jax``, by default ``~/.cache/hypergradient/jax``), so a second
+run of the same experiment compiles nothing; ``--no-compile-cache`` or
+``HYPERGRADIENT_COMPILE_CACHE=0`` turns it off, ``HYPERGRADIENT_COMPILE_CACHE=DIR`` moves it.
+
 ``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
 2 a usage error: unknown experiment, dataset or method, a dataset that is not
 on disk or not readable, an --out that is a file or that another run holds;
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +49,12 @@ examples:
 Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,
 result.json, PNG plots). Interrupted with Ctrl-C, a run keeps its checkpoints
 under OUT/checkpoints; the same command resumes from the last hyper-step.
+Compiled programs are kept in ~/.cache/hypergradient/jax (--no-compile-cache:
+not kept; HYPERGRADIENT_COMPILE_CACHE=0 or =DIR in the environment).
 """
+
+#: The environment variable that turns the compilation cache off ("0") or moves it (a folder).
+COMPILE_CACHE_ENV = "HYPERGRADIENT_COMPILE_CACHE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (by default they are shown when stderr is a terminal)")
+    _cache_argument(run)
     trials = run.add_argument_group("trials on Ray (extra `ray`; see docs/tune.md)")
     trials.add_argument("--trials", type=positive_int, metavar="N",
                         help="run N tuning runs under Ray Tune, each with its own hyper learning rate and seed; "
@@ -110,14 +122,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log every trial's settings, metrics and files to MLflow "
                         "(default: a local store, OUT/mlflow.db and OUT/mlartifacts)")
 
-    compare.add_arguments(sub.add_parser(
+    compare_parser = sub.add_parser(
         "compare",
         help="random search, Optuna TPE and hypergradient descent at an equal wall-clock budget",
         description="Compare random search, Optuna's TPE and hypergradient descent (offline and real time) "
         "on one experiment, at the same wall-clock budget; write trace.csv, summary.csv/.md and trace.png.",
-    ))
-    _plan_arguments(sub)
+    )
+    compare.add_arguments(compare_parser)
+    _cache_argument(compare_parser)
+    _cache_argument(_plan_arguments(sub))
     return parser
+
+
+def _cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program anew instead of reusing those compiled by earlier runs "
+                        f"(kept in {_default_cache_dir()}); the same as {COMPILE_CACHE_ENV}=0 in the environment, "
+                        f"where {COMPILE_CACHE_ENV}=DIR keeps them in DIR instead")
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hypergradient" / "jax"
+
+
+def compile_cache_dir(disabled: bool = False) -> Path | None:
+    """Where the command keeps compiled programs: ``None`` when ``disabled`` or
+    ``$HYPERGRADIENT_COMPILE_CACHE`` is 0/false/off, the folder it names otherwise, else
+    ``$XDG_CACHE_HOME/hypergradient/jax`` (``~/.cache/hypergradient/jax``)."""
+    setting = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if disabled or setting.lower() in ("0", "false", "no", "off"):
+        return None
+    return Path(setting) if setting and setting.lower() not in ("1", "true", "yes", "on") else _default_cache_dir()
+
+
+def use_compile_cache(directory: Path | None) -> None:
+    """Keep every program compiled from now on in JAX's persistent cache under ``directory``
+    (small CPU programs too: no minimum compile time or size), unless the user has set a cache of
+    their own (``JAX_COMPILATION_CACHE_DIR``). JAX reads these settings at the first compile of the
+    process, so a command calls this before it compiles anything."""
+    import jax
+
+    if directory is None or jax.config.jax_compilation_cache_dir is not None:
+        return
+    settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # for the processes the command starts (Ray's trials)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     if args.command == "list":
         return _list()
+    use_compile_cache(compile_cache_dir(args.no_compile_cache))
     if args.command == "compare":
         return compare.main(args)
     if args.command == "plan":
@@ -187,7 +239,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _plan_arguments(sub) -> None:
+def _plan_arguments(sub) -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan", help="every hypergradient method for an experiment's training run: memory, time, the choice",
         description="Print hg.plan's table for the experiment's training run at its first λ_0: each method's "
@@ -201,6 +253,7 @@ def _plan_arguments(sub) -> None:
     plan.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="as for run")
     plan.add_argument("--data-dir", metavar="DIR", help="as for run")
     plan.add_argument("--tiny", action="store_true", help="the tiny configuration of run --tiny")
+    return plan
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -139,13 +139,7 @@ def cnn_apply(
     x = x.reshape(x.shape[0], *image_shape, 1)  # NHWC
     for layer in params[:-1]:
         dtype = jnp.result_type(x, layer["W"])  # promote as a matmul would
-        x = jax.lax.conv_general_dilated(
-            x.astype(dtype),
-            layer["W"].astype(dtype),
-            (1, 1),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        x = _conv_same(x.astype(dtype), layer["W"].astype(dtype))
         # SiLU and average pooling keep the model smooth. Relu's (and max pooling's) derivative
         # jumps, so a training step w - η∇L(w) jumps as an example's unit switches, and the
         # hypergradient of a long run (the derivative of its smooth pieces) misses those jumps:
@@ -155,6 +149,23 @@ def cnn_apply(
         n, h, w, c = x.shape
         x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return x.reshape(x.shape[0], -1) @ params[-1]["W"] + params[-1]["b"]
+
+
+def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The 'SAME', stride-1 convolution of NHWC images by an HWIO kernel, as one matrix product over
+    the images' patches.
+
+    Not ``lax.conv_general_dilated``: XLA:CPU puts a convolution in the form its fast (Eigen)
+    kernel takes only outside loops, and the convolutions of a gradient are not in that form, so
+    inside ``lax.scan`` (every training run here) they run a naive loop: a training step
+    2-30x slower (docs/sharp_bits.md, "Convolutions in a loop on CPU"). The derivatives of this
+    product are products, pads and slices, as fast in a loop as outside.
+    """
+    kh, kw, c_in, c_out = w.shape
+    n, h, wd, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))  # as XLA pads
+    patches = jnp.concatenate([padded[:, i:i + h, j:j + wd] for i in range(kh) for j in range(kw)], axis=-1)
+    return patches @ w.reshape(kh * kw * c_in, c_out)
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array, weights: jax.Array | None = None) -> jax.Array:
