@@ -392,9 +392,11 @@ def _read(manager, path: str, step: int) -> Checkpoint:
     except Exception as e:
         raise _Damaged(f"its arrays cannot be read: {_first_line(e)}") from e
     for name, tree in (digests or {}).items():
+        keys = meta["trees"][name].get("keys")
         for i, expected in tree.items():
             if i not in stored.get(name, {}) or digest(stored[name][i]) != expected:
-                raise _Damaged(f"array {i} of {name!r} is not the one saved (SHA-256 differs)")
+                leaf = f"{name}[{keys[int(i)]!r}]" if keys else f"leaf {i} of {name}"
+                raise _Damaged(f"array {leaf} in arrays/ is not the one saved (SHA-256 differs)")
     arrays = {name: {**tree, **stored.get(name, {})} for name, tree in empty.items()}
     return Checkpoint(path, meta, arrays)
 
