@@ -12,9 +12,11 @@ import numpy as np
 import optax
 import pytest
 
+import hypergradient as hg
 from hypergradient.drivers import checkpoint
 from hypergradient.drivers.checkpoint import CheckpointMismatchError, CheckpointWarning
 from hypergradient.drivers.offline import optimize
+from hypergradient.drivers.online import online
 from problems import ridge_problem
 
 HYPER = optax.adam(0.05)
@@ -243,3 +245,30 @@ def test_another_format_is_refused(ckpt_dir):
         checkpoint._write_integrity(str(path / step))
     with pytest.raises(CheckpointMismatchError, match="format 1, expected 2"):
         checkpoint.load(path)
+
+
+def test_online_a_flipped_byte_in_the_carry_falls_back_and_resumes_bit_for_bit(tmp_path):
+    """The online driver's carry (weights, tangent, λ, optimizer states) and rows are digested
+    too: a damaged newest step is skipped, and the run resumes to the uninterrupted result."""
+    dyn, objective, lam = ridge_problem(steps=20)
+    kwargs = dict(method=hg.Forward(), every=5, hyper_optimizer=HYPER, chunk=1, progress=False)
+    full = online(dyn, objective, lam, **kwargs)
+    path = tmp_path / "online"
+    written = online(dyn, objective, lam, checkpoint_dir=tmp_path, **kwargs)
+    assert sorted(os.listdir(path)) == ["3", "4"]
+    meta = json.loads((path / "4" / "meta" / "metadata").read_text())
+    assert meta["digests"]["carry"] and meta["digests"]["rows"]
+    for rel in step_files(path / "4", "arrays"):
+        target = path / "4" / rel
+        original = target.read_bytes()
+        flip(target, target.stat().st_size // 2)
+        with pytest.warns(CheckpointWarning, match=rel):
+            assert checkpoint.load(path).header["step"] == 3
+        target.write_bytes(original)
+    flip(path / "4" / "arrays" / "manifest.ocdbt", 0)
+    with pytest.warns(CheckpointWarning, match="step 4"):
+        resumed = online(dyn, objective, lam, checkpoint_dir=tmp_path, **kwargs)
+    assert written.steps == resumed.steps == full.steps == 4
+    np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(full.params))
+    for k in ("value", "train_loss"):
+        np.testing.assert_array_equal(resumed.history[k], full.history[k])

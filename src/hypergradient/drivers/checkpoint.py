@@ -93,7 +93,7 @@ def spec(tree: Any) -> dict:
 def digest(x: np.ndarray) -> str:
     """SHA-256 of an array's dtype, shape and bytes (C order): equal exactly when the arrays are."""
     x = np.ascontiguousarray(x)
-    h = hashlib.sha256(f"{x.dtype.str}{list(x.shape)}".encode())
+    h = hashlib.sha256(f"{x.dtype}{list(x.shape)}".encode())
     h.update(x.tobytes())
     return h.hexdigest()
 
@@ -380,9 +380,6 @@ def _read(manager, path: str, step: int) -> Checkpoint:
     digests = meta.get("digests")
     if digests is not None and not verified:
         raise _Damaged(f"it has no {INTEGRITY} (its save was cut short, or the file was deleted)")
-    if digests is None and not verified:
-        warnings.warn(CheckpointWarning(f"checkpoint {path} (step {step}) was written by a version without "
-                                        "checkpoint digests: it is loaded unchecked"), stacklevel=3)
     try:
         empty = {name: {str(i): np.zeros(shape, dtype) for i, (shape, dtype) in
                         enumerate(zip(s["shapes"], s["dtypes"]))} for name, s in meta["trees"].items()}
@@ -392,11 +389,14 @@ def _read(manager, path: str, step: int) -> Checkpoint:
     except Exception as e:
         raise _Damaged(f"its arrays cannot be read: {_first_line(e)}") from e
     for name, tree in (digests or {}).items():
-        keys = meta["trees"][name].get("keys")
+        keys = meta["trees"].get(name, {}).get("keys")
         for i, expected in tree.items():
             if i not in stored.get(name, {}) or digest(stored[name][i]) != expected:
                 leaf = f"{name}[{keys[int(i)]!r}]" if keys else f"leaf {i} of {name}"
                 raise _Damaged(f"array {leaf} in arrays/ is not the one saved (SHA-256 differs)")
+    if digests is None and not verified:
+        warnings.warn(CheckpointWarning(f"checkpoint {path} (step {step}) was written by a version without "
+                                        "checkpoint digests: it is loaded unchecked"), stacklevel=4)
     arrays = {name: {**tree, **stored.get(name, {})} for name, tree in empty.items()}
     return Checkpoint(path, meta, arrays)
 
