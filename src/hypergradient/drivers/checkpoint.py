@@ -2,10 +2,18 @@
 
 A checkpoint is a directory that orbax's ``CheckpointManager`` manages: one step folder per save,
 holding named pytrees (their leaves as arrays) and a JSON header. Orbax writes a step to a
-temporary folder and renames it when complete, and the previous step is deleted only after that,
-so a process killed at any moment (SIGKILL included) leaves the previous checkpoint or the new
-one, never a torn one. Arrays sharded over devices or processes are written by the processes
-that hold them; every process of a multi-process run calls :func:`save`.
+temporary folder and renames it when complete, and the last two steps are kept, so a process
+killed at any moment (SIGKILL included) leaves an intact step behind, never only a torn one.
+Arrays sharded over devices or processes are written by the processes that hold them; every
+process of a multi-process run calls :func:`save`.
+
+Nothing damaged is loaded silently. The JSON meta holds a SHA-256 digest of every saved array
+(its dtype, shape and bytes), and ``integrity.json``, written into the step folder once orbax
+has finished it, the size and SHA-256 of every file of the step. :func:`load` checks both: a
+step with a flipped byte, a missing or truncated file, or no ``integrity.json`` (a save cut short)
+is skipped with a :class:`CheckpointWarning` for the previous step, and when no step is intact
+:class:`CheckpointMismatchError` names what is damaged. Temporary folders that a killed save
+left behind are removed when a checkpoint directory is opened.
 
 Pytrees are restored against a *template* (the tree a fresh run would build): the stored tree
 structure, shapes and dtypes must match it exactly, otherwise
@@ -15,12 +23,15 @@ structure, shapes and dtypes must match it exactly, otherwise
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +47,24 @@ FORMAT = 2
 #: the last hyper-step, and when the run is interrupted or fails: a SIGKILL loses at most these
 #: seconds of work, and short hyper-steps do not pay a write each.
 CHECKPOINT_SECONDS = 2.0
+
+#: How many steps a checkpoint directory keeps: the newest, and the one to fall back to when the
+#: newest is damaged.
+KEEP = 2
+
+#: The file in a step folder that lists every other file with its size and SHA-256.
+INTEGRITY = "integrity.json"
+
+#: What orbax names a step (or item) folder it has not finished writing.
+_TMP = ".orbax-checkpoint-tmp"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint step was skipped as damaged, or loaded without the digests to check it."""
+
+
+class _Damaged(Exception):
+    """One step of a checkpoint cannot be trusted; the message says why, in a few words."""
 
 
 def _is_key(x: Any) -> bool:
@@ -59,6 +88,88 @@ def spec(tree: Any) -> dict:
         "shapes": [list(np.shape(x)) for x in leaves],
         "dtypes": [str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype) for x in leaves],
     }
+
+
+def digest(x: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order): equal exactly when the arrays are."""
+    x = np.ascontiguousarray(x)
+    h = hashlib.sha256(f"{x.dtype}{list(x.shape)}".encode())
+    h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_digest(x: Any) -> str:
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """The files under ``folder`` (relative, with ``/``), ``integrity.json`` left out."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != INTEGRITY and not rel.startswith(INTEGRITY + "."):
+                out.append(rel)
+    return sorted(out)
+
+
+def _write_integrity(folder: str) -> None:
+    """List every file of the finished step ``folder`` with its size and SHA-256, atomically."""
+    files = {rel: [os.path.getsize(os.path.join(folder, rel)), _file_digest(os.path.join(folder, rel))]
+             for rel in _files(folder)}
+    tmp = os.path.join(folder, f"{INTEGRITY}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files, "digest": _json_digest(files)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, INTEGRITY))
+
+
+def _check_files(folder: str) -> bool:
+    """Raise :class:`_Damaged` unless every file ``integrity.json`` lists is there, whole; False
+    when the step has no ``integrity.json``."""
+    where = os.path.join(folder, INTEGRITY)
+    if not os.path.exists(where):
+        return False
+    try:
+        with open(where) as f:
+            stored = json.load(f)
+        files = stored["files"]
+        ok = stored["digest"] == _json_digest(files)
+    except Exception:
+        ok = False
+    if not ok:
+        raise _Damaged(f"{INTEGRITY} is damaged")
+    for rel, (size, sha) in files.items():
+        name = os.path.join(folder, rel)
+        if not os.path.isfile(name):
+            raise _Damaged(f"{rel} is missing")
+        if os.path.getsize(name) != size:
+            raise _Damaged(f"{rel} has {os.path.getsize(name)} bytes, {size} were written")
+        if _file_digest(name) != sha:
+            raise _Damaged(f"{rel} is not the file that was written (SHA-256 differs)")
+    return True
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove the temporary folders of saves that were killed before orbax renamed them."""
+    if not _primary():
+        return
+    for name in os.listdir(path):
+        if _TMP in name:
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 class Periodic:
@@ -120,18 +231,19 @@ def _manager(path: str):
     import orbax.checkpoint as ocp
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=KEEP, enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(os.path.abspath(path), options=options, item_names=("arrays", "meta"))
 
 
 def save(path: str | os.PathLike, trees: Mapping[str, Any], header: Mapping[str, Any]) -> None:
     """Write ``trees`` (name -> pytree) and a JSON ``header`` as the newest step of the checkpoint
-    directory ``path``, atomically; the header's ``step`` numbers it."""
+    directory ``path``, atomically, with the digests that :func:`load` checks; the header's ``step``
+    numbers it."""
     import orbax.checkpoint as ocp
 
     path = os.fspath(path)
     arrays: dict[str, list] = {}
-    specs = {}
+    specs, digests = {}, {}
     for name, tree in trees.items():
         leaves = [_storable(x) for x in jax.tree.leaves(tree)]
         specs[name] = spec(tree)
@@ -140,8 +252,11 @@ def save(path: str | os.PathLike, trees: Mapping[str, Any], header: Mapping[str,
         # an array spread over several processes is written by them all; anything else, from the host
         arrays[name] = {str(i): leaf if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
                         else np.asarray(leaf) for i, leaf in enumerate(leaves) if np.size(leaf)}  # empty: the spec says it all
-    meta = {"format": FORMAT, "header": dict(header), "trees": specs}
+        # no process holds a spread array's bytes; integrity.json covers the files they are in
+        digests[name] = {i: digest(a) for i, a in arrays[name].items() if isinstance(a, np.ndarray)}
+    meta = {"format": FORMAT, "header": dict(header), "trees": specs, "digests": digests}
     step = int(header.get("step", 0))
+    _set_aside(path, step)
     manager = _manager(path)
     try:
         manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
@@ -149,6 +264,27 @@ def save(path: str | os.PathLike, trees: Mapping[str, Any], header: Mapping[str,
         manager.wait_until_finished()
     finally:
         manager.close()
+    if _primary():  # a kill before this leaves a step without integrity.json, which load skips
+        _write_integrity(os.path.join(path, str(step)))
+
+
+def _set_aside(path: str, step: int) -> None:
+    """Move the steps numbered ``step`` or later out of orbax's way, to ``<path>.damaged/``: they
+    are the steps that :func:`load` skipped as damaged (a run resumes from the newest intact one)."""
+    if _primary() and os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.isdigit() and int(name) >= step:
+                os.makedirs(path + ".damaged", exist_ok=True)
+                dest, n = os.path.join(path + ".damaged", name), 1
+                while os.path.exists(dest):
+                    dest, n = os.path.join(path + ".damaged", f"{name}-{n}"), n + 1
+                os.replace(os.path.join(path, name), dest)
+                warnings.warn(CheckpointWarning(f"checkpoint {path}: step {name}, skipped as damaged, is moved to "
+                                                f"{dest}"), stacklevel=3)
+    if jax.process_count() > 1:  # no process may save while the first is still moving steps away
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hypergradient checkpoint: damaged steps set aside")
 
 
 class Checkpoint:
@@ -188,35 +324,80 @@ class Checkpoint:
 
 
 def load(path: str | os.PathLike) -> Checkpoint | None:
-    """Read the newest step of the checkpoint directory ``path``; ``None`` if there is none."""
-    import orbax.checkpoint as ocp
+    """Read the newest intact step of the checkpoint directory ``path``; ``None`` if there is none.
 
+    Every file of a step and every array in it is checked against the digests written with it. A
+    damaged step is skipped with a :class:`CheckpointWarning` naming it and what is wrong; when
+    none is intact, :class:`CheckpointMismatchError` says so in one line. Temporary folders of
+    saves that were killed are removed first.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         return None
     if not os.path.isdir(path):
         raise CheckpointMismatchError(f"{path} is not a readable hypergradient checkpoint: not a directory")
+    _remove_stale_temporaries(path)
     manager = _manager(path)
+    skipped, found = [], None
     try:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        try:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if meta.get("format") != FORMAT:
-                raise CheckpointMismatchError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT}")
-            empty = {name: {str(i): np.zeros(shape, dtype) for i, (shape, dtype) in
-                            enumerate(zip(s["shapes"], s["dtypes"]))} for name, s in meta["trees"].items()}
-            template = {name: {i: a for i, a in tree.items() if a.size} for name, tree in empty.items()}
-            stored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(template)))["arrays"]
-        except CheckpointMismatchError:
-            raise
-        except Exception as e:  # a folder we did not write, or damaged on disk
-            raise CheckpointMismatchError(f"{path} is not a readable hypergradient checkpoint: {e}") from e
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                found = _read(manager, path, step)
+                break
+            except _Damaged as e:
+                skipped.append(f"step {step}: {e}")
     finally:
         manager.close()
-    arrays = {name: {**tree, **{k: np.asarray(v) for k, v in stored.get(name, {}).items()}}
-              for name, tree in empty.items()}
+    if found is None and skipped:
+        raise CheckpointMismatchError(f"{path} is not a readable hypergradient checkpoint ({'; '.join(skipped)}). "
+                                      f"Delete it to start afresh.")
+    if skipped:
+        warnings.warn(CheckpointWarning(
+            f"checkpoint {path} is damaged ({'; '.join(skipped)}): loaded step {found.header.get('step')}, the "
+            f"newest intact one; the next save moves the damaged steps to {path}.damaged"), stacklevel=2)
+    return found
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(e).__name__
+
+
+def _read(manager, path: str, step: int) -> Checkpoint:
+    """Step ``step`` of ``path``, checked against its digests; :class:`_Damaged` when it does not
+    match them, :class:`CheckpointMismatchError` when it is of another format."""
+    import orbax.checkpoint as ocp
+
+    verified = _check_files(os.path.join(path, str(step)))
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict):
+            raise TypeError(f"its meta is a {type(meta).__name__}")
+    except Exception as e:  # a folder we did not write, or damaged on disk
+        raise _Damaged(f"its meta cannot be read: {_first_line(e)}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT}")
+    digests = meta.get("digests")
+    if digests is not None and not verified:
+        raise _Damaged(f"it has no {INTEGRITY} (its save was cut short, or the file was deleted)")
+    try:
+        empty = {name: {str(i): np.zeros(shape, dtype) for i, (shape, dtype) in
+                        enumerate(zip(s["shapes"], s["dtypes"]))} for name, s in meta["trees"].items()}
+        template = {name: {i: a for i, a in tree.items() if a.size} for name, tree in empty.items()}
+        stored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(template)))["arrays"]
+        stored = {name: {k: np.asarray(v) for k, v in tree.items()} for name, tree in stored.items()}
+    except Exception as e:
+        raise _Damaged(f"its arrays cannot be read: {_first_line(e)}") from e
+    for name, tree in (digests or {}).items():
+        keys = meta["trees"].get(name, {}).get("keys")
+        for i, expected in tree.items():
+            if i not in stored.get(name, {}) or digest(stored[name][i]) != expected:
+                leaf = f"{name}[{keys[int(i)]!r}]" if keys else f"leaf {i} of {name}"
+                raise _Damaged(f"array {leaf} in arrays/ is not the one saved (SHA-256 differs)")
+    if digests is None and not verified:
+        warnings.warn(CheckpointWarning(f"checkpoint {path} (step {step}) was written by a version without "
+                                        "checkpoint digests: it is loaded unchecked"), stacklevel=4)
+    arrays = {name: {**tree, **stored.get(name, {})} for name, tree in empty.items()}
     return Checkpoint(path, meta, arrays)
 
 
