@@ -286,8 +286,9 @@ def _trials(args: argparse.Namespace, config, out: Path) -> int:
         found, result = tune.run_experiment(args.experiment, config, args.trials, out, address=args.ray,
                                             search=args.search, scheduler=args.scheduler,
                                             gpus_per_trial=args.gpus_per_trial, mlflow=args.mlflow)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted. Tune's records are in {out / 'ray'}.", file=sys.stderr)
+    except KeyboardInterrupt as e:  # tune.Interrupted says how many trials finished
+        print(f"\ninterrupted{f': {e}' if str(e) else ''}; run the same command again to resume the trials "
+              f"(Tune's records are in {out / 'ray'}).", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ExperimentError, ImportError, ConnectionError) as e:
         return _error(str(e))

@@ -19,16 +19,25 @@ checkpoint whenever the driver has written a new one; a trial restarted after it
 copies it back and the driver resumes from it.
 
 ``out`` receives ``trials.csv`` (one row per trial), ``trials.png`` (every trial's curve), ``best/``
-(the best trial's ``result.json`` and its driver checkpoint) and ``ray/`` (Tune's own records).
-Needs the extra ``ray`` (``pip install 'hypergradient[ray]'``).
+(the best trial's ``result.json`` and its driver checkpoint), ``trials-settings.json`` (what defines
+the trials) and ``ray/`` (Tune's own records). ``out`` is held while the trials run, as a single run
+holds its folder. Called again with the same settings, :func:`run` restores Tune's experiment in
+``out/ray`` (``Tuner.restore``): finished trials are kept, unfinished ones go on from their
+checkpoints. Interrupted (Ctrl-C), it writes the trials that finished and raises
+:class:`Interrupted`. Needs the extra ``ray`` (``pip install 'hypergradient[ray]'``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import json
+import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,11 +51,28 @@ from hypergradient.errors import ExperimentError
 
 from . import datasets, experiments, methods
 from .experiments import folder, plots, runner
-from .terminal import missing_extra
+from .terminal import missing_extra, say
 
 METRIC = "best_objective"
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha",)
+EXPERIMENT = "ray"  # Tune's experiment folder under out
+FINISHED = "finished"  # in a trial's last report: it ran all its hyper-steps
+SETTINGS_FILE = "trials-settings.json"
+CONNECT_SECONDS = 30  # how long a cluster's address may take to answer
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the trials; ``trials.csv`` holds those that finished, and the same call resumes.
+
+    Attributes:
+      finished: how many trials had finished (the rows of ``trials.csv``).
+      trials: how many trials Tune knew of.
+    """
+
+    def __init__(self, message: str, finished: int, trials: int):
+        super().__init__(message)
+        self.finished, self.trials = finished, trials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,31 +116,137 @@ def run(build: Callable[[Mapping[str, Any]], tuple], search_space: Mapping[str, 
       mlflow: a tracking URI: log every trial's settings, metrics and files to MLflow (``""``: a
         local store, ``out/mlflow.db`` and ``out/mlartifacts``).
       num_cpus: the CPUs of a new local instance (default: all of this machine's).
+
+    Raises:
+      ExperimentError: ``out`` is held by another run; a resource per trial is negative, or more
+        than any node of the cluster has.
+      ConnectionError: nothing answers at ``address`` within 30 s.
+      Interrupted: Ctrl-C; ``trials.csv`` holds the trials that finished, and the same call resumes.
     """
-    ray, tune = _ray(mlflow is not None)
-    if search not in SEARCHES or scheduler not in (None, *SCHEDULERS):
-        raise ValueError(f"search must be one of {SEARCHES} and scheduler None or one of {SCHEDULERS}; "
-                         f"got {search!r}, {scheduler!r}")
+    _check_options(search, scheduler, cpus_per_trial, gpus_per_trial)
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with folder.claim(out):
+        return _tune(build, search_space, trials, address=address, search=search, scheduler=scheduler,
+                     cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, method=method, out=out,
+                     max_failures=max_failures, mlflow=mlflow, num_cpus=num_cpus)
+
+
+def _check_options(search: str, scheduler: str | None, cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Refuse what would never run (a negative resource makes Ray wait for ever), before anything starts."""
+    if search not in SEARCHES or scheduler not in (None, *SCHEDULERS):
+        raise ExperimentError(f"search must be one of {SEARCHES} and scheduler None or one of {SCHEDULERS}; "
+                              f"got {search!r}, {scheduler!r}")
+    for name, value in (("cpus", cpus_per_trial), ("gpus", gpus_per_trial)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ExperimentError(f"{name} per trial must be a number >= 0, got {value:g}")
+
+
+def _tune(build: Callable, search_space: Mapping[str, Any], trials: int, *, address, search, scheduler,
+          cpus_per_trial, gpus_per_trial, method, out: Path, max_failures, mlflow, num_cpus) -> Trials:
+    """:func:`run` in ``out``, which the caller holds."""
+    ray, tune = _ray(mlflow is not None)
+    experiment = out / EXPERIMENT
+    _prepare(out, {"build": _describe(build), "search_space": _describe(dict(search_space)), "trials": trials,
+                   "search": search, "scheduler": scheduler, "method": _describe(method)})
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=num_cpus if address in (None, "local") else None)
+        local = address in (None, "local") and not (address is None and os.environ.get("RAY_ADDRESS"))
+        if not local:
+            _check_answers(address or os.environ["RAY_ADDRESS"])
+        ray.init(address=address, num_cpus=num_cpus if local else None, logging_level=logging.WARNING)
     try:
-        trainable = functools.partial(_trial, build=build, method=method)
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
-            param_space=dict(search_space),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials,
-                                        search_alg=_searcher(search), scheduler=_scheduler(scheduler)),
-            run_config=tune.RunConfig(name="ray", storage_path=str(out),
-                                      failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      callbacks=_mlflow(mlflow, out), verbose=0),
-        )
+        _check_resources(ray, cpus_per_trial, gpus_per_trial)
+        trainable = tune.with_resources(functools.partial(_trial, build=build, method=method),
+                                        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        if tune.Tuner.can_restore(experiment):
+            say(f"resuming the trials in {experiment}: finished trials are kept")
+            tuner = tune.Tuner.restore(str(experiment), trainable)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=dict(search_space),
+                tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials,
+                                            search_alg=_searcher(search), scheduler=_scheduler(scheduler)),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out),
+                                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                                          callbacks=_mlflow(mlflow, out), verbose=0),
+            )
         return _write(tuner.fit(), out)
     finally:
         if started:
             ray.shutdown()
+
+
+def _prepare(out: Path, settings: dict) -> None:
+    """Write ``out/trials-settings.json``; Tune's experiment and the tables of other settings go first.
+
+    Tune restores an experiment with the settings it was started with, whatever the new call asks:
+    trials of other settings are started afresh instead of resumed.
+    """
+    settings = json.loads(json.dumps(folder.jsonable(settings)))
+    path = out / SETTINGS_FILE
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None
+    if before != settings:
+        if (out / EXPERIMENT).exists():
+            say(f"the trial settings differ from those in {out}: starting the trials afresh")
+            shutil.rmtree(out / EXPERIMENT)
+        for name in ("trials.csv", "trials.png"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "best", ignore_errors=True)
+    folder.write_json(path, settings)
+
+
+def _describe(x: Any) -> Any:
+    """``x`` as plain values that stay the same from one process to the next (no ids or addresses):
+    what :func:`_prepare` compares. A function is its qualified name, an object its class and fields."""
+    if isinstance(x, functools.partial):
+        return {"partial": _describe(x.func), "args": _describe(x.args), "keywords": _describe(x.keywords)}
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    if isinstance(x, Mapping):
+        return {str(k): _describe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_describe(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if callable(x) and hasattr(x, "__qualname__"):
+        return f"{getattr(x, '__module__', '')}.{x.__qualname__}"
+    if dataclasses.is_dataclass(x):
+        return {type(x).__qualname__: _describe({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})}
+    if hasattr(x, "__dict__"):
+        return {type(x).__qualname__: _describe(vars(x))}
+    return repr(x)
+
+
+def _check_answers(address: str) -> None:
+    """Raise ``ConnectionError`` unless something listens at a cluster's ``HOST:PORT`` (``ray.init``
+    would wait for it for ever)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except ValueError:
+        raise ConnectionError(f"the Ray address {address!r} is not HOST:PORT") from None
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise ConnectionError(f"no Ray cluster at {address} ({why} within {CONNECT_SECONDS} s); "
+                              f"start one with `ray start --head` or give another address") from None
+
+
+def _check_resources(ray, cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Refuse a trial that no node of the cluster can hold (Tune would keep it pending for ever)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    for name, need in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)):
+        most = max((n.get(name, 0) for n in nodes), default=0)
+        if need > most:
+            raise ExperimentError(
+                f"each trial asks for {need:g} {name}(s), but no node of the Ray cluster has more than {most:g} "
+                f"(the cluster: {len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)")
 
 
 def _ray(with_mlflow: bool):
@@ -185,7 +317,8 @@ def _trial(config: Mapping[str, Any], *, build: Callable, method: hg.Method | No
             final = {"hyper_steps": res.steps, "objective": float(res.value), METRIC: _finite(res.best_value)}
         except hg.HyperDivergenceError as e:
             final = {"hyper_steps": int(e.hyper_step), "objective": math.inf, METRIC: seen["best"]}
-        tune.report({**final, "done": True}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+        # "finished", not Tune's own "done", which Tune also sets on a trial its scheduler stops
+        tune.report({**final, FINISHED: True}, checkpoint=tune.Checkpoint.from_directory(str(work)))
 
 
 def _finite(value) -> float:
@@ -211,25 +344,39 @@ def _new_checkpoint(tune, work: Path, seen: dict):
 # -- the results folder --------------------------------------------------------------------------
 
 def _write(results, out: Path) -> Trials:
-    """trials.csv, trials.png and best/ from Tune's ``ResultGrid``."""
-    rows, curves, checkpoints = [], {}, {}
+    """trials.csv, trials.png and best/ from Tune's ``ResultGrid``, of the trials that finished.
+
+    A trial Tune left unfinished (Ctrl-C stops Tune's loop and ``fit`` returns) is left out, and
+    :class:`Interrupted` raised once the files are written.
+    """
+    rows, curves, checkpoints, unfinished = [], {}, {}, 0
     for result in results:
-        metrics, trial = result.metrics or {}, (result.metrics or {}).get("trial_id", result.path)
-        done = metrics.get("done", False)
+        metrics = result.metrics or {}
+        status = ("error" if result.error else "done" if metrics.get(FINISHED)
+                  else "stopped" if metrics.get("done") else None)  # Tune marks done a trial its scheduler stops
+        if status is None:
+            unfinished += 1
+            continue
+        trial = metrics.get("trial_id", result.path)
         rows.append({"trial": trial,
-                     **{k: v for k, v in result.config.items() if isinstance(v, (int, float, str, bool))},
+                     **{k: v for k, v in (result.config or {}).items() if isinstance(v, (int, float, str, bool))},
                      "best_objective": metrics.get(METRIC, math.inf),
-                     "hyper_steps_run": metrics["hyper_steps"] if done else metrics.get("hyper_step", -1) + 1,
+                     "hyper_steps_run": metrics["hyper_steps"] if status == "done" else metrics.get("hyper_step", -1) + 1,
                      "final_objective": metrics.get("objective", math.inf),
-                     "status": "error" if result.error else "done" if done else "stopped"})
+                     "status": status})
         curves[trial] = _curve(result.metrics_dataframe)
         checkpoints[trial] = result.checkpoint
+    if rows:
+        best = min(rows, key=lambda r: r["best_objective"])
+        folder.write_csv(out / "trials.csv", {k: [r.get(k, "") for r in rows] for k in rows[0]})
+        _plot(curves, best["trial"], out / "trials.png")
+        _write_best(best, curves[best["trial"]], checkpoints[best["trial"]], out / "best")
+    if unfinished:
+        total = len(rows) + unfinished
+        where = f" (in {out / 'trials.csv'})" if rows else ""
+        raise Interrupted(f"{len(rows)} of {total} trials finished{where}", len(rows), total)
     if not rows:
         raise RuntimeError("Tune ran no trial")
-    best = min(rows, key=lambda r: r["best_objective"])
-    folder.write_csv(out / "trials.csv", {k: [r.get(k, "") for r in rows] for k in rows[0]})
-    _plot(curves, best["trial"], out / "trials.png")
-    _write_best(best, curves[best["trial"]], checkpoints[best["trial"]], out / "best")
     return Trials(rows, best, curves)
 
 
@@ -281,10 +428,16 @@ def run_experiment(name: str, config, trials: int, out: str | Path, **options) -
     hyper_steps = getattr(config, "offline_hyper_steps", None) or config.hyper_steps
     space = {"hyper_lr": tune.loguniform(config.hyper_lr / 10, config.hyper_lr * 10),
              "seed": tune.randint(0, 2**16), "hyper_steps": hyper_steps}
-    found = run(functools.partial(build_experiment, name=name, config=config), space, trials,
-                method=methods.make(config.method, config.truncation), out=out, **options)
-    best = dataclasses.replace(config, hyper_lr=found.best["hyper_lr"], seed=found.best["seed"])
-    return found, module.run(best, Path(out) / "best", progress=False)
+    call = inspect.signature(run).bind(functools.partial(build_experiment, name=name, config=config), space, trials,
+                                       method=methods.make(config.method, config.truncation), out=out, **options)
+    call.apply_defaults()
+    args = call.arguments
+    _check_options(args["search"], args["scheduler"], args["cpus_per_trial"], args["gpus_per_trial"])
+    out = args["out"] = Path(out).resolve()
+    with folder.claim(out):  # the trials and best/ after them, as one run
+        found = _tune(**args)
+        best = dataclasses.replace(config, hyper_lr=found.best["hyper_lr"], seed=found.best["seed"])
+        return found, module.run(best, out / "best", progress=False)
 
 
 def build_experiment(trial: Mapping[str, Any], *, name: str, config) -> tuple:
