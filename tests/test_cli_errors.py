@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -242,3 +243,24 @@ def test_the_command_says_where_the_previous_run_went(capsys, tmp_path, monkeypa
     (previous,) = out.glob("previous-*")
     assert f"moved the previous run to {previous}" in err
     assert (previous / "result.json").exists()
+
+
+# -- smaller items ---------------------------------------------------------------------------------
+
+def test_a_population_member_that_diverged_scores_inf_even_where_its_training_is_finite():
+    """Member 1's hypergradient is not finite (∂√c/∂c at c = 0) while its training and objective
+    are: it diverged at every hyper-step and keeps that λ, so its final objective is inf, not the
+    finite value of a run that was refused (as a float32 loss of 1.36e30 with an overflowed
+    gradient was)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from problems import ridge_problem
+
+    dyn, objective, lam = ridge_problem(steps=5)
+    population = {"log_l2": jnp.stack([lam["log_l2"]] * 2), "lr": jnp.stack([lam["lr"]] * 2),
+                  "c": jnp.asarray([1.0, 0.0])}
+    res = hg.optimize(dyn, lambda w, lam: objective(w, lam) + jnp.sqrt(lam["c"]), population, hyper_steps=2,
+                      population_axis=0, progress=False)
+    assert np.isinf(res.history["value"][:, 1]).all()
+    assert np.isfinite(res.population_values[0]) and np.isinf(res.population_values[1])
