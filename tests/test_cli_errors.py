@@ -264,3 +264,18 @@ def test_a_population_member_that_diverged_scores_inf_even_where_its_training_is
                       population_axis=0, progress=False)
     assert np.isinf(res.history["value"][:, 1]).all()
     assert np.isfinite(res.population_values[0]) and np.isinf(res.population_values[1])
+
+
+def test_the_first_eta_leaves_out_the_compilation(monkeypatch, capsys):
+    """A first step of 30 s (compiling), then 1 s a step: after 3 steps, 97 steps of 1 s are left."""
+    from hypergradient.drivers import progress
+
+    clock = iter([0.0, 30.0, 31.0, 32.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    meter = progress.TextProgressMeter(every_seconds=0)
+    with meter.running(100) as run:
+        for _ in range(3):
+            progress.tick(run, 0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "hyper-steps 1/100: objective 0.5, first step 30 s (compilation included)"
+    assert lines[2] == "hyper-steps 3/100: objective 0.5, 1 s/step, 97 s left"
