@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import jax
@@ -279,3 +280,22 @@ def test_the_first_eta_leaves_out_the_compilation(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "hyper-steps 1/100: objective 0.5, first step 30 s (compilation included)"
     assert lines[2] == "hyper-steps 3/100: objective 0.5, 1 s/step, 97 s left"
+
+
+def test_a_chaotic_run_warns_once_with_the_worst_figure(capsys, recwarn):
+    figures = [3e4, 2e9, float("inf"), 5e5] * 31  # 124 hyper-steps, each with its caveat
+    with runner.caveats_once("optimize"):
+        for growth in figures:
+            grew = hg.methods.reverse.grew(growth)
+            warnings.warn(hg.ChaosWarning(f"the backward pass {grew} (largest ‖α_t‖ against ‖α_T‖): chaotic"))
+        warnings.warn("something else", DeprecationWarning)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning: optimize: ChaosWarning at 124 hyper-steps; the worst: the backward pass overflowed "
+                     "(largest ‖α_t‖ against ‖α_T‖): chaotic"]
+    assert [str(w.message) for w in recwarn] == ["something else"]  # other warnings pass through
+
+
+def test_one_chaotic_hyper_step_is_said_as_it_was(capsys):
+    with runner.caveats_once("optimize"):
+        warnings.warn(hg.ChaosWarning("the backward pass grew 2e+09x: chaotic"))
+    assert capsys.readouterr().err == "warning: optimize: ChaosWarning: the backward pass grew 2e+09x: chaotic\n"

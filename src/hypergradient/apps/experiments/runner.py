@@ -329,8 +329,8 @@ def _say_once(label: str, caught: list) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     for kind, messages in seen.items():
         worst = max(messages, key=_growth)
-        times = f"at {len(messages)} hyper-steps, the worst: " if len(messages) > 1 else ""
-        say(f"warning: {label}: {kind.__name__} {times}{worst}")
+        times = f" at {len(messages)} hyper-steps; the worst" if len(messages) > 1 else ""
+        say(f"warning: {label}: {kind.__name__}{times}: {worst}")
 
 
 def _growth(message: str) -> float:
