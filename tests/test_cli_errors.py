@@ -299,3 +299,19 @@ def test_one_chaotic_hyper_step_is_said_as_it_was(capsys):
     with runner.caveats_once("optimize"):
         warnings.warn(hg.ChaosWarning("the backward pass grew 2e+09x: chaotic"))
     assert capsys.readouterr().err == "warning: optimize: ChaosWarning: the backward pass grew 2e+09x: chaotic\n"
+
+
+def test_ctrl_c_during_tuning_writes_the_history_of_the_finished_hyper_steps(capsys, tmp_path, monkeypatch):
+    def interrupted_after_three(dyn, objective, lam0, *, progress, **options):
+        with progress.running(10) as run:
+            for k in range(3):
+                hg.drivers.progress.tick(run, 1.0 / (k + 1))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.hg, "optimize", interrupted_after_three)
+    out = tmp_path / "run"
+    assert cli.main(["run", "l2-per-weight", "--tiny", "--no-progress", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"wrote the 3 hyper-steps finished before the interruption to {out / 'history.csv'}" in err
+    rows = (out / "history.csv").read_text().splitlines()
+    assert rows[0] == "search,hyper_step,value" and rows[1:] == ["optimize,0,1", "optimize,1,0.5", "optimize,2,0.33333333"]

@@ -197,10 +197,12 @@ class Experiment(abc.ABC):
 
 
 class _ResumeNotice(hg.ProgressMeter):
-    """The progress meter ``progress`` asks for, and a line saying how far a resumed run had got."""
+    """The progress meter ``progress`` asks for, a line saying how far a resumed run had got, and
+    each finished hyper-step's objective appended to ``finished`` as ``(label, hyper-step, value)``
+    (what an interrupted run writes to history.csv)."""
 
-    def __init__(self, label: str, progress: bool | None):
-        self.label = label
+    def __init__(self, label: str, progress: bool | None, finished: list | None = None):
+        self.label, self.finished, self.done = label, [] if finished is None else finished, 0
         if progress is False:
             self.inner = hg.NoProgressMeter()
         else:
@@ -209,9 +211,12 @@ class _ResumeNotice(hg.ProgressMeter):
     def _start(self, total, initial, desc):
         if initial:
             detail(f"resuming {self.label} from its checkpoint: {initial} of {total} hyper-steps done")
+        self.done = initial
         return self.inner._start(total, initial, desc)
 
     def _step(self, run, value):
+        self.finished.append((self.label, self.done, value))
+        self.done += 1
         self.inner._step(run, value)
 
     def _end(self, run):
@@ -257,7 +262,12 @@ def _stages(experiment: type[Experiment], config, data: datasets.Splits, out_dir
     exp = experiment(config, data)
     say("[2/4] baseline")
     base = exp.baseline()
-    tuned = [_tune(exp, search, out_dir, progress) for search in exp.searches(base)]
+    finished: list = []
+    try:
+        tuned = [_tune(exp, search, out_dir, progress, finished) for search in exp.searches(base)]
+    except KeyboardInterrupt:
+        _write_interrupted(out_dir, finished)
+        raise
     say("[4/4] score")
     scores = [exp.score(t) for t in tuned]
     report = exp.report(out_dir, base, tuned, scores)
@@ -280,12 +290,23 @@ def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
     return exp.dynamics, exp.objective, exp.searches(exp.baseline())[0].lam0
 
 
-def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
+def _write_interrupted(out_dir: Path, finished: list) -> None:
+    """history.csv of the hyper-steps this process finished before Ctrl-C (the checkpoints hold the
+    rest; the same command resumes and rewrites it whole)."""
+    if not finished:
+        return
+    labels, steps, values = zip(*finished)
+    folder.write_csv(out_dir / "history.csv", {"search": list(labels), "hyper_step": list(steps),
+                                                "value": list(values)})
+    say(f"wrote the {len(finished)} hyper-steps finished before the interruption to {out_dir / 'history.csv'}")
+
+
+def _tune(exp: Experiment, search: Search, out_dir: Path, progress, finished: list | None = None) -> Tuned:
     config = exp.config
     options = dict(method=methods.make(config.method, config.truncation),
                    hyper_optimizer=optax.adam(config.hyper_lr), constraint=search.constraint,
                    checkpoint_dir=out_dir / "checkpoints" / search.label,
-                   progress=_ResumeNotice(search.label, progress))
+                   progress=_ResumeNotice(search.label, progress, finished))
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
     started = time.perf_counter()
     if methods.METHODS[config.method].realtime:
