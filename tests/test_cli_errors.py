@@ -315,3 +315,22 @@ def test_ctrl_c_during_tuning_writes_the_history_of_the_finished_hyper_steps(cap
     assert f"wrote the 3 hyper-steps finished before the interruption to {out / 'history.csv'}" in err
     rows = (out / "history.csv").read_text().splitlines()
     assert rows[0] == "search,hyper_step,value" and rows[1:] == ["optimize,0,1", "optimize,1,0.5", "optimize,2,0.33333333"]
+
+
+def test_process_local_batches_refuse_the_whole_arrays_on_every_process(monkeypatch):
+    """Two processes (simulated: the all-gather hands back this process's fingerprint twice, as two
+    processes holding the same rows would) each passing all the rows are refused by name; different
+    shares pass the check."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    x, y = np.arange(40.0).reshape(20, 2), np.arange(20)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda a: np.stack([a, a]))
+    with pytest.raises(ValueError, match="all 2 processes passed the same 20 rows"):
+        hg.Batches((x, y), 4, mesh=mesh, process_local=True)
+    other = np.asarray([[12345]])
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda a: np.concatenate([a[None], other]))
+    data = hg.Batches((x, y), 4, mesh=mesh, process_local=True)
+    assert data.arrays[0].shape == (20, 2)
