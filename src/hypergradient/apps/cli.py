@@ -255,6 +255,8 @@ def _trials(args: argparse.Namespace, config, out: Path) -> int:
         return EXIT_INTERRUPTED
     except (ExperimentError, ImportError, ConnectionError) as e:
         return _error(str(e))
+    except OSError as e:  # a read-only folder, a full disk
+        return _error(os_error(e, out), EXIT_INPUT)
     columns = [k for k in found.rows[0] if k != "hyper_steps"]
     print(_table(columns, [[r[k] for k in columns] for r in found.rows]))
     print(_summary(args.experiment, result, out / "best", time.perf_counter() - started))
