@@ -109,7 +109,7 @@ def test_out_naming_a_file_is_a_usage_error(capsys, tmp_path, command, below):
     file = tmp_path / "file"
     file.write_text("mine")
     code, err = error_of([*command, "--out", str(file / below)], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert code == 3 and len(err.strip().splitlines()) == 1
     assert err.rstrip().endswith(f"cannot write the results to {file / below}: {file} is a file, not a folder")
     assert file.read_text() == "mine"
 
@@ -120,7 +120,7 @@ def test_missing_dataset_says_where_it_looked(capsys, tmp_path, monkeypatch):
     empty.mkdir()
     code, err = error_of(["run", "distill", "--dataset", "mnist", "--data-dir", str(empty),
                           "--out", str(tmp_path / "out")], capsys)
-    assert code == 2
+    assert code == 3
     assert "MNIST not found" in err and str(empty) in err and "--data-dir" in err
     assert not (tmp_path / "out").exists()
 
@@ -132,7 +132,7 @@ def test_truncated_data_file_is_a_one_line_error_naming_it(capsys, tmp_path):
         (data / f"{stem}.gz").write_bytes(gzip.compress(bytes(4096))[:30])
     code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(data),
                           "--out", str(tmp_path / "out")], capsys)
-    assert code == 2
+    assert code == 3
     assert err.startswith(f"hypergradient: error: {data / 'train-images-idx3-ubyte.gz'}: truncated")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -146,7 +146,7 @@ def test_missing_data_dir_fails_even_with_the_dataset_elsewhere(capsys, tmp_path
     monkeypatch.setenv("HYPERGRADIENT_FASHION_MNIST_DIR", str(elsewhere))
     code, err = error_of(["run", "distill", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "typo"),
                           "--out", str(tmp_path / "out")], capsys)
-    assert code == 2
+    assert code == 3
     assert "Fashion-MNIST not found" in err and f"{tmp_path / 'typo'} (no such folder)" in err
     assert not (tmp_path / "out").exists()
 
@@ -172,7 +172,7 @@ def test_a_checkpoint_of_another_problem_is_a_one_line_error(capsys, tmp_path, m
 
     monkeypatch.setattr(experiments.get("distill"), "run", mismatch)
     code, err = error_of(["run", "distill", "--out", str(tmp_path / "run")], capsys)
-    assert code == 2 and "is from a different problem" in err
+    assert code == 3 and "is from a different problem" in err
 
 
 def test_default_results_folder_names_experiment_dataset_and_method(capsys, tmp_path, monkeypatch):
@@ -247,7 +247,7 @@ def test_a_second_run_into_a_held_folder_is_refused_until_the_holder_dies(capsys
     try:
         assert holder.stdout.readline() == "held\n"
         code, err = error_of(["run", "distill", "--tiny", "--no-progress", "--out", str(out)], capsys)
-        assert code == 2
+        assert code == 3
         assert f"{out} is in use by another run (pid {holder.pid})" in err
         assert not (out / "config.json").exists()
     finally:
@@ -273,7 +273,10 @@ def test_a_run_killed_after_config_json_leaves_no_results_of_another_configurati
     code, _ = error_of(["run", "distill", "--tiny", "--seed", "1", "--no-progress", "--out", str(out)], capsys)
     assert code == 130
     assert json.loads((out / "config.json").read_text())["seed"] == 1
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt"]  # not the run's: kept
+    (previous,) = out.glob(folder.PREVIOUS + "*")  # the seed-0 run, whole, beside it
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt", previous.name]
+    assert json.loads((previous / "config.json").read_text())["seed"] == 0
+    assert (previous / "checkpoints" / "optimize" / "optimize.npz").read_bytes() == b"old"
 
 
 # Runs the command line and prints, as its last line, what JAX's monitoring saw of compilation.

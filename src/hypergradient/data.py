@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,6 +49,31 @@ def shard(tree: Any, mesh: Mesh, axis: str = "data", process_local: bool = False
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
     return jax.tree.map(put, tree)
+
+
+def _check_shares(arrays: Any) -> None:
+    """Refuse ``process_local=True`` where every process passed the same rows: the whole arrays,
+    which would make a global set of P copies and train on the wrong rows, silently.
+
+    The processes compare a fingerprint of their shares (shape, first and last rows), one small
+    all-gather when the batches are built."""
+    processes = jax.process_count()
+    if processes == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    leaves = [np.asarray(a) for a in jax.tree.leaves(arrays)]
+    digest = 0
+    for a in leaves:
+        for part in (repr(a.shape).encode(), a[:1].tobytes(), a[-1:].tobytes()):
+            digest = zlib.crc32(part, digest)
+    digests = np.asarray(multihost_utils.process_allgather(np.asarray([digest], np.int64))).reshape(-1)
+    if len(set(digests.tolist())) == 1:
+        rows = leaves[0].shape[0]
+        raise ValueError(
+            f"Batches: process_local=True, and all {processes} processes passed the same {rows} rows: with "
+            "process_local each passes only its own share (process i the rows [i·n_local, (i+1)·n_local), "
+            f"n_local = n / {processes} with one device each), or pass the whole arrays with process_local=False")
 
 
 class Data:
@@ -240,6 +266,8 @@ class Batches(Data):
         if mesh is not None:
             if axis not in mesh.shape:
                 raise ValueError(f"Batches: the mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)})")
+            if process_local:
+                _check_shares(arrays)
             arrays = shard(arrays, mesh, axis, process_local)
         else:
             arrays = jax.tree.map(jnp.asarray, arrays)

@@ -12,10 +12,11 @@ run, compare and plan keep their compiled programs in JAX's persistent compilati
 run of the same experiment compiles nothing; ``--no-compile-cache`` or
 ``HYPERGRADIENT_COMPILE_CACHE=0`` turns it off, ``HYPERGRADIENT_COMPILE_CACHE=DIR`` moves it.
 
-``main(argv)`` returns the exit code (0 success, 1 a run that diverged,
-2 a usage error: unknown experiment, dataset or method, a dataset that is not
-on disk or not readable, an --out that is a file or that another run holds;
-130 interrupted), so it can be called in-process.
+``main(argv)`` returns the exit code (``terminal.EXIT_CODES``: 0 success, 1 a run that diverged,
+2 a usage error: unknown experiment, dataset or method, a malformed number, an empty --out;
+3 bad input: a dataset that is not on disk, not readable or too small, an --out that is a file,
+read-only, full or that another run holds, a checkpoint that cannot be read; 130 interrupted),
+so it can be called in-process. Every error is one line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,8 +36,9 @@ from hypergradient.errors import ExperimentError
 from . import compare, datasets, experiments
 from .experiments import folder
 from . import methods as method_names
-from .terminal import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, nonnegative_int,
-                       not_a_folder, positive_int)
+from .experiments.folder import FolderError
+from .terminal import (EXIT_CODES, EXIT_DIVERGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, folder_name,
+                       missing_extra, not_a_folder, os_error, positive_int, seed)
 
 _EPILOG = """\
 examples:
@@ -51,7 +54,9 @@ result.json, PNG plots). Interrupted with Ctrl-C, a run keeps its checkpoints
 under OUT/checkpoints; the same command resumes from the last hyper-step.
 Compiled programs are kept in ~/.cache/hypergradient/jax (--no-compile-cache:
 not kept; HYPERGRADIENT_COMPILE_CACHE=0 or =DIR in the environment).
-"""
+A rerun with other settings moves the previous run to OUT/previous-<timestamp>.
+
+""" + EXIT_CODES
 
 #: The environment variable that turns the compilation cache off ("0") or moves it (a folder).
 COMPILE_CACHE_ENV = "HYPERGRADIENT_COMPILE_CACHE"
@@ -97,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hyper-steps", type=positive_int, metavar="N",
                      help="number of hyper-steps (updates of the hyperparameters; for realtime, the training "
                      "run lasts N·Δ steps); default: the experiment's paper-scale value for the dataset")
-    run.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
-                     help="random seed of weights, minibatch order, flipped labels and drawn images (default 0)")
-    run.add_argument("--out", metavar="DIR",
+    run.add_argument("--seed", type=seed, default=0, metavar="S",
+                     help="random seed of weights, minibatch order, flipped labels and drawn images "
+                     "(0 to 2**32-1, default 0)")
+    run.add_argument("--out", type=folder_name, metavar="DIR",
                      help="results folder (default results/EXPERIMENT-DATASET-METHOD[-tiny][-seedS]); "
-                     "rerunning into the same folder with the same settings resumes from its checkpoints")
+                     "rerunning into the same folder with the same settings resumes from its checkpoints, "
+                     "with other settings moves the previous run to DIR/previous-<timestamp>")
     run.add_argument("--tiny", action="store_true",
                      help="a tiny configuration that runs in seconds (a smoke test; its figures mean little)")
     run.add_argument("--no-progress", action="store_true",
@@ -196,8 +203,14 @@ def _list() -> int:
 
 
 def _error(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"hypergradient: error: {message}", file=sys.stderr)
+    print(f"hypergradient: error: {one_line(message)}", file=sys.stderr)
     return code
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line, without the JSON specs TensorStore appends to its errors."""
+    message = re.sub(r"\s*\[tensorstore_spec(?:\[\d+\])?='.*?'\]", "", message, flags=re.S)
+    return " ".join(message.split())
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -206,19 +219,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if method not in module.METHODS:
         return _error(f"experiment {args.experiment!r} has no method {method!r}; "
                       f"choose one of: {', '.join(module.METHODS)}")
-    try:  # fail before anything is written if the data are not there
-        datasets.check(args.dataset, args.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
-
     config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
     changes = {"data_dir": args.data_dir, "method": method, "seed": args.seed}
     if args.hyper_steps is not None:
         changes["hyper_steps"] = args.hyper_steps
     config = dataclasses.replace(config, **changes)
-    out = Path(args.out) if args.out else Path("results") / _folder_name(args, method)
+    sizes = config.resolved()
+    try:  # fail before anything is written if the data are not there, or too few
+        datasets.check(args.dataset, args.data_dir, n_train=sizes.n_train, n_val=sizes.n_val, n_test=sizes.n_test)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e), EXIT_INPUT)
+    out = Path(args.out) if args.out is not None else Path("results") / _folder_name(args, method)
     if problem := not_a_folder(out):
-        return _error(f"cannot write the results to {out}: {problem}")
+        return _error(f"cannot write the results to {out}: {problem}", EXIT_INPUT)
     if args.trials:
         return _trials(args, config, out)
 
@@ -231,10 +244,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"\ninterrupted. What finished is in {out}; run the same command again to resume "
               "from the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ExperimentError, hg.MethodError, hg.CheckpointMismatchError, FileNotFoundError) as e:
+    except (FolderError, hg.CheckpointMismatchError) as e:
+        return _error(str(e), EXIT_INPUT)
+    except (ExperimentError, hg.MethodError) as e:
         return _error(str(e))
     except hg.DivergenceError as e:
         return _error(f"the run diverged: {e}", EXIT_DIVERGED)
+    except OSError as e:  # a read-only folder, a full disk, data gone since the check
+        return _error(os_error(e, out), EXIT_INPUT)
     print(_summary(args.experiment, result, out, time.perf_counter() - started))
     return EXIT_OK
 
@@ -264,7 +281,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         datasets.check(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return _error(str(e), EXIT_INPUT)
     config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
     from .experiments import runner  # imported with the experiment, as run does
 
@@ -292,6 +309,8 @@ def _trials(args: argparse.Namespace, config, out: Path) -> int:
         return EXIT_INTERRUPTED
     except (ExperimentError, ImportError, ConnectionError) as e:
         return _error(str(e))
+    except OSError as e:  # a read-only folder, a full disk
+        return _error(os_error(e, out), EXIT_INPUT)
     columns = [k for k in found.rows[0] if k != "hyper_steps"]
     print(_table(columns, [[r[k] for k in columns] for r in found.rows]))
     print(_summary(args.experiment, result, out / "best", time.perf_counter() - started))

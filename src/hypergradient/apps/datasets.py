@@ -143,10 +143,12 @@ def load(
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
-def check(name: str, data_dir: str | os.PathLike | None = None) -> None:
+def check(name: str, data_dir: str | os.PathLike | None = None, n_train: int | None = 1, n_val: int | None = 1,
+          n_test: int | None = 1) -> None:
     """Raise what :func:`load` would (``ValueError``, ``FileNotFoundError``) if ``name`` cannot be
-    loaded, reading one example of each part: a command checks this before it writes anything."""
-    load(name, data_dir, n_train=1, n_val=1, n_test=1)
+    loaded with these sizes (by default one example of each part): a command checks this before it
+    writes anything."""
+    load(name, data_dir, n_train=n_train, n_val=n_val, n_test=n_test)
 
 
 def _check_sizes(**sizes: int) -> None:

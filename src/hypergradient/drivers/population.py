@@ -91,9 +91,17 @@ def _member(tree, i: int):
 
 
 def _result(state: Tuning, dyn, arrays, final) -> OptimizeResult:
-    """The best member's result, from one plain training run of every member at its final λ."""
+    """The best member's result, from one plain training run of every member at its final λ.
+
+    A member scores inf where that run is not finite, and where its last hyper-step diverged: it
+    kept the λ of that step, whose training may be finite (a loss of 1e30) while its hypergradient
+    was not."""
     (params, held), values, losses = final(dyn, arrays, state.hparams)
-    values = np.where(np.isfinite(np.asarray(losses)).all(axis=1), np.asarray(values, np.float64), np.inf)
+    values = np.asarray(values, np.float64)
+    ok = np.isfinite(np.asarray(losses)).all(axis=1) & np.isfinite(values)
+    if state.history["value"]:
+        ok &= np.isfinite(np.asarray(state.history["value"][-1], np.float64))
+    values = np.where(ok, values, np.inf)
     i = int(np.argmin(values))
     member, steps = _member(state.hparams, i), len(state.history["value"])
     best = state.best.offer(member, values[i], steps)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import datasets
-from ..terminal import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, missing_extra, not_a_folder, positive_int,
-                        positive_seconds, say)
+from ..terminal import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, folder_name, missing_extra, not_a_folder,
+                        positive_int, positive_seconds, say)
 from .problem import EXPERIMENTS, REGIMES
 from .report import print_summary
 from .run import compare
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna storage of the random-search, TPE and hybrid studies: a URL such as "
                         "sqlite:///study.db, or a journal file path (default OUT/optuna.journal); "
                         "the same storage resumes an interrupted comparison")
-    parser.add_argument("--out", metavar="DIR",
+    parser.add_argument("--out", type=folder_name, metavar="DIR",
                         help="output folder (default results/compare-EXPERIMENT-DATASET[-tiny])")
     parser.add_argument("--dataset", default="digits", choices=datasets.DATASETS,
                         help="digits (default), fashion-mnist, mnist")
@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="the experiment's tiny configuration (a smoke test)")
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = EXIT_USAGE) -> int:
     print(f"hypergradient compare: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,14 +62,14 @@ def main(args: argparse.Namespace) -> int:
         return _error(f"{names} need{'s' if len(studies) == 1 else ''} optuna, which is not installed: {install} "
                       "(or leave them out: --methods hypergradient,online)")
     regimes = REGIMES if args.regime == "both" else (args.regime,)
-    out = Path(args.out) if args.out else Path("results") / (
+    out = Path(args.out) if args.out is not None else Path("results") / (
         f"compare-{args.experiment}-{args.dataset}" + ("-tiny" if args.tiny else ""))
     if problem := not_a_folder(out):
-        return _error(f"cannot write the results to {out}: {problem}")
+        return _error(f"cannot write the results to {out}: {problem}", EXIT_INPUT)
     try:
         datasets.check(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return _error(str(e), EXIT_INPUT)
     say(f"hypergradient compare {args.experiment}: dataset {args.dataset}{' (tiny)' if args.tiny else ''}, "
         f"{args.budget_seconds:g} s per method, regime and seed, {args.seeds} seed(s) -> {out}")
     try:

@@ -10,7 +10,7 @@ import fcntl
 import json
 import math
 import os
-import shutil
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,12 @@ from hypergradient.errors import ExperimentError
 from ..terminal import say
 
 LOCK_FILE = ".lock"
+#: Where a rerun with another configuration moves the previous run: ``OUT/previous-<timestamp>``.
+PREVIOUS = "previous-"
+
+
+class FolderError(ExperimentError):
+    """The results folder cannot be used: another process holds it."""
 
 
 @contextlib.contextmanager
@@ -32,7 +38,7 @@ def claim(out_dir: Path) -> Iterator[Path]:
     ends, however it ends (kill -9 included); the file holds the pid, for the refusal's message.
 
     Raises:
-      ExperimentError: another process holds ``out_dir``.
+      FolderError: another process holds ``out_dir``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+") as lock:
@@ -40,7 +46,7 @@ def claim(out_dir: Path) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = lock.read().strip() or "unknown"
-            raise ExperimentError(f"{out_dir} is in use by another run (pid {holder}); wait for it to end, "
+            raise FolderError(f"{out_dir} is in use by another run (pid {holder}); wait for it to end, "
                                   "or choose another --out") from None
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -103,37 +109,54 @@ def history_columns(history: Mapping[str, Any], **extra: Sequence) -> dict:
 
 
 def prepare(out_dir: Path, config, resumable_changes: Sequence[str]) -> Path:
-    """Write ``config.json`` in ``out_dir``, once what another configuration left there is gone.
+    """Write ``config.json`` in ``out_dir``, once what another configuration left there is moved aside.
 
-    With the same configuration everything is kept. With another one, the outputs of the previous
-    run (history.csv, result.json and the files it lists) are deleted, and so are the checkpoints
-    under ``out_dir/checkpoints`` unless only fields in ``resumable_changes`` differ (a rerun
-    resumes from them). All this happens before config.json is rewritten, so a run killed at any
-    moment never leaves a config.json beside another configuration's results.
+    With the same configuration everything is kept. With another one, the previous run (its
+    config.json, history.csv, result.json and the files it lists) moves to
+    ``out_dir/previous-<timestamp>``, its checkpoints with it unless only fields in
+    ``resumable_changes`` differ (a rerun resumes from them); nothing is deleted. All this happens
+    before config.json is rewritten, so a run killed at any moment never leaves a config.json
+    beside another configuration's results.
     """
     checkpoints = out_dir / "checkpoints"
     before, now = _read_json(out_dir / "config.json"), jsonable(config)
     if before != now:
-        _delete_outputs(out_dir)
         resumable = before is not None and set(before) == set(now) and all(
             before[k] == v for k, v in now.items() if k not in resumable_changes)
-        if not resumable and checkpoints.exists():
-            say(f"the configuration differs from the one in {out_dir}: starting afresh")
-            shutil.rmtree(checkpoints)
+        moved = _move_aside(out_dir, with_checkpoints=not resumable)
+        if moved is not None:
+            changed = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+            say(f"the configuration differs from the one in {out_dir} ({', '.join(changed) or 'unreadable'}): "
+                f"moved the previous run to {moved}" + ("" if resumable else "; starting afresh"))
     if checkpoints.exists():
         say(f"resuming from the checkpoints in {checkpoints}")
     write_json(out_dir / "config.json", config)
     return out_dir
 
 
+def _move_aside(out_dir: Path, with_checkpoints: bool) -> Path | None:
+    """Move the previous run's files (and its checkpoints if ``with_checkpoints``) to a new
+    ``out_dir/previous-<timestamp>``, config.json last; the folder, or ``None`` if there was nothing."""
+    names = [Path(name).name for name in output_files(_read_json(out_dir / "result.json") or {})]  # never outside
+    names += ["checkpoints"] if with_checkpoints else []
+    present = [name for name in dict.fromkeys(names) if (out_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = out_dir / f"{PREVIOUS}{stamp}", 1
+    while target.exists():
+        n += 1
+        target = out_dir / f"{PREVIOUS}{stamp}-{n}"
+    target.mkdir()
+    for name in [*present, "config.json"]:  # config.json last: until it moves, the rest is still its run's
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, target / name)
+    return target
+
+
 def output_files(result: Mapping[str, Any]) -> list[str]:
     """The files a run writes besides config.json, given its result.json (which comes last)."""
     return [*result.get("plots", []), *result.get("arrays", []), "history.csv", "result.json"]
-
-
-def _delete_outputs(out_dir: Path) -> None:
-    for name in output_files(_read_json(out_dir / "result.json") or {}):
-        (out_dir / Path(name).name).unlink(missing_ok=True)  # .name: never outside out_dir
 
 
 def _read_json(path: Path) -> Any:

@@ -32,9 +32,12 @@ both use Adam at ``config.hyper_lr`` and checkpoint under ``checkpoints/LABEL``.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -194,10 +197,12 @@ class Experiment(abc.ABC):
 
 
 class _ResumeNotice(hg.ProgressMeter):
-    """The progress meter ``progress`` asks for, and a line saying how far a resumed run had got."""
+    """The progress meter ``progress`` asks for, a line saying how far a resumed run had got, and
+    each finished hyper-step's objective appended to ``finished`` as ``(label, hyper-step, value)``
+    (what an interrupted run writes to history.csv)."""
 
-    def __init__(self, label: str, progress: bool | None):
-        self.label = label
+    def __init__(self, label: str, progress: bool | None, finished: list | None = None):
+        self.label, self.finished, self.done = label, [] if finished is None else finished, 0
         if progress is False:
             self.inner = hg.NoProgressMeter()
         else:
@@ -206,9 +211,12 @@ class _ResumeNotice(hg.ProgressMeter):
     def _start(self, total, initial, desc):
         if initial:
             detail(f"resuming {self.label} from its checkpoint: {initial} of {total} hyper-steps done")
+        self.done = initial
         return self.inner._start(total, initial, desc)
 
     def _step(self, run, value):
+        self.finished.append((self.label, self.done, value))
+        self.done += 1
         self.inner._step(run, value)
 
     def _end(self, run):
@@ -239,20 +247,27 @@ def run(experiment: type[Experiment], config, out_dir, progress: bool | None = N
     if config.method not in experiment.methods:
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
-    with folder.claim(Path(out_dir)) as out_dir:
-        return _stages(experiment, config, folder.prepare(out_dir, config, experiment.resumable_changes), progress)
-
-
-def _stages(experiment: type[Experiment], config, out_dir: Path, progress: bool | None) -> dict:
     started = time.perf_counter()
     data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
-                         n_test=config.n_test)
+                         n_test=config.n_test)  # before anything is written: data too small is refused first
+    with folder.claim(Path(out_dir)) as out_dir:
+        out_dir = folder.prepare(out_dir, config, experiment.resumable_changes)
+        return _stages(experiment, config, data, out_dir, progress, started)
+
+
+def _stages(experiment: type[Experiment], config, data: datasets.Splits, out_dir: Path, progress: bool | None,
+            started: float) -> dict:
     say(f"[1/4] prepare: {config.dataset}, {len(data.train.y)} / {len(data.val.y)} / {len(data.test.y)} "
         "train / validation / test examples")
     exp = experiment(config, data)
     say("[2/4] baseline")
     base = exp.baseline()
-    tuned = [_tune(exp, search, out_dir, progress) for search in exp.searches(base)]
+    finished: list = []
+    try:
+        tuned = [_tune(exp, search, out_dir, progress, finished) for search in exp.searches(base)]
+    except KeyboardInterrupt:
+        _write_interrupted(out_dir, finished)
+        raise
     say("[4/4] score")
     scores = [exp.score(t) for t in tuned]
     report = exp.report(out_dir, base, tuned, scores)
@@ -275,24 +290,76 @@ def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
     return exp.dynamics, exp.objective, exp.searches(exp.baseline())[0].lam0
 
 
-def _tune(exp: Experiment, search: Search, out_dir: Path, progress) -> Tuned:
+def _write_interrupted(out_dir: Path, finished: list) -> None:
+    """history.csv of the hyper-steps this process finished before Ctrl-C (the checkpoints hold the
+    rest; the same command resumes and rewrites it whole)."""
+    if not finished:
+        return
+    labels, steps, values = zip(*finished)
+    folder.write_csv(out_dir / "history.csv", {"search": list(labels), "hyper_step": list(steps),
+                                                "value": list(values)})
+    say(f"wrote the {len(finished)} hyper-steps finished before the interruption to {out_dir / 'history.csv'}")
+
+
+def _tune(exp: Experiment, search: Search, out_dir: Path, progress, finished: list | None = None) -> Tuned:
     config = exp.config
     options = dict(method=methods.make(config.method, config.truncation),
                    hyper_optimizer=optax.adam(config.hyper_lr), constraint=search.constraint,
                    checkpoint_dir=out_dir / "checkpoints" / search.label,
-                   progress=_ResumeNotice(search.label, progress))
+                   progress=_ResumeNotice(search.label, progress, finished))
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(search.lam0))
     started = time.perf_counter()
     if methods.METHODS[config.method].realtime:
         say(f"[3/4] tune {search.label}: {config.method} on {size} hyperparameters, one run of "
             f"{exp.dynamics.steps} steps, λ updated every {config.every} steps")
-        tuned = _online(exp, search, options)
+        with caveats_once(search.label):
+            tuned = _online(exp, search, options)
     else:
         hyper_steps = config.hyper_steps if search.hyper_steps is None else search.hyper_steps
         say(f"[3/4] tune {search.label}: {hyper_steps} hyper-steps of Adam ({config.method}) "
             f"on {size} hyperparameters")
-        tuned = _offline(exp, search, hyper_steps, options)
+        with caveats_once(search.label):
+            tuned = _offline(exp, search, hyper_steps, options)
     return dataclasses.replace(tuned, seconds=time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def caveats_once(label: str):
+    """Gather the methods' caveats (``hg.ChaosWarning``, ``hg.ImplicitWarning``) raised in the block,
+    one per hyper-step, and say each kind once when it ends, with the worst figure and how often
+    it came (a 300-step run would otherwise print hundreds of multi-line warnings); other
+    warnings pass through as they came."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _say_once(label, caught)
+
+
+def _say_once(label: str, caught: list) -> None:
+    kinds = (hg.ChaosWarning, hg.ImplicitWarning)
+    seen: dict[type, list[str]] = {}
+    passed = set()
+    for w in caught:
+        if issubclass(w.category, kinds):
+            seen.setdefault(w.category, []).append(str(w.message))
+        elif (w.category, str(w.message), w.filename, w.lineno) not in passed:  # as the default filter would
+            passed.add((w.category, str(w.message), w.filename, w.lineno))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    for kind, messages in seen.items():
+        worst = max(messages, key=_growth)
+        times = f" at {len(messages)} hyper-steps; the worst" if len(messages) > 1 else ""
+        say(f"warning: {label}: {kind.__name__}{times}: {worst}")
+
+
+def _growth(message: str) -> float:
+    """The figure a caveat names: how much the backward pass grew (inf where it overflowed)."""
+    if "overflowed" in message:
+        return float("inf")
+    found = re.search(r"grew ([0-9.]+(?:e[+-]?[0-9]+)?)x", message)
+    return float(found.group(1)) if found else 0.0
 
 
 def _online(exp: Experiment, search: Search, options: dict) -> Tuned:
