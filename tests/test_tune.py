@@ -81,6 +81,7 @@ def test_cli_trials_with_optuna_and_mlflow(local_ray, tmp_path):
     result = json.loads((out / "best" / "result.json").read_text())
     assert math.isclose(result["selected_value"], float(best["best_objective"]), rel_tol=1e-5)
     assert all((out / "best" / plot).is_file() for plot in result["plots"])
+    assert result["trial"] == best["trial"] and not (out / "best" / "checkpoint").exists()  # the run's checkpoints/ only
     assert (out / "mlflow.db").is_file() and any((out / "mlartifacts").iterdir())
 
 

@@ -437,7 +437,17 @@ def run_experiment(name: str, config, trials: int, out: str | Path, **options) -
     with folder.claim(out):  # the trials and best/ after them, as one run
         found = _tune(**args)
         best = dataclasses.replace(config, hyper_lr=found.best["hyper_lr"], seed=found.best["seed"])
-        return found, module.run(best, out / "best", progress=False)
+        result = module.run(best, out / "best", progress=False)
+        _name_trial(out / "best", found.best["trial"])
+        return found, result
+
+
+def _name_trial(best: Path, trial: str) -> None:
+    """best/ after its full run: the result names the trial it reran, and the trial's Tune
+    checkpoint gives way to the run's own checkpoints."""
+    shutil.rmtree(best / "checkpoint", ignore_errors=True)
+    path = best / "result.json"
+    folder.write_json(path, {**json.loads(path.read_text()), "trial": trial})
 
 
 def build_experiment(trial: Mapping[str, Any], *, name: str, config) -> tuple:
