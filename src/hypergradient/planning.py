@@ -46,9 +46,11 @@ is a method like the others, defined here because choosing needs that program.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -130,10 +132,23 @@ def program_bytes(dyn: Dynamics, objective: Objective, method: Method, lam) -> i
 def short_bytes(dyn: Dynamics, objective: Objective, method: Method, lam, steps: int) -> int:
     """XLA's temporary memory of ``method``'s program for the run cut to ``steps`` steps (λ whole),
     compiled from the shapes for its memory only (:data:`MEMORY_ONLY`), never run nor cached."""
+    return temp_bytes(_lower(dyn, objective, method, lam, steps).compile(MEMORY_ONLY))
+
+
+def _lower(dyn: Dynamics, objective: Objective, method: Method, lam, steps: int):
     arrays, skeleton = partition(objective)
     short = dyn.replace(steps=steps)
     program = jax.jit(lambda d, a, l: value_and_grad(d, skeleton.combine(a), l, method))
-    return temp_bytes(program.lower(*jax.tree.map(_shape, (short, arrays, lam))).compile(MEMORY_ONLY))
+    return program.lower(*jax.tree.map(_shape, (short, arrays, lam)))
+
+
+def _compile_all(programs: dict) -> dict:
+    """``{key: temporary bytes}`` of lowered programs compiled for their memory only, side by side:
+    XLA compiles without Python's lock, and the programs are independent."""
+    workers = max(1, min(len(programs), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        exes = list(pool.map(lambda lowered: lowered.compile(MEMORY_ONLY), programs.values()))
+    return {key: temp_bytes(exe) for key, exe in zip(programs, exes)}
 
 
 def objective_program(dyn: Dynamics, objective: Objective, lam):
@@ -187,22 +202,22 @@ def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profil
     h2 = min(dyn.steps, SHORT)
     h1 = max(1, h2 // 2)
 
-    def at(method, steps):
-        return short_bytes(dyn, objective, method, lam, steps)
-
-    r2 = at(Reverse(), h2)
-    r1 = r2 if h1 == h2 else at(Reverse(), h1)
-    per_step = max(0, (r2 - r1) // max(1, h2 - h1)) if min(r1, r2) >= 0 else -1
-    base = r2 - per_step * h2 if per_step >= 0 else -1
-    truncated, forward, reversible = {}, None, None
+    programs = {("reverse", h2): (Reverse(), h2), ("reverse", h1): (Reverse(), h1)}
     for row in rows:
         method = row.method
         if isinstance(method, Truncated):  # its memory grows with k, not T: the window is the run
-            truncated[method.k] = at(method, min(dyn.steps, method.k + 1))
+            programs[method] = (method, min(dyn.steps, method.k + 1))
         elif isinstance(method, Forward):  # nothing of it grows with T
-            forward = at(method, h1)
+            programs[method] = (method, h1)
         elif isinstance(method, Reversible):  # its buffer grows with T (see predict)
-            reversible = at(method, h2)
+            programs[method] = (method, h2)
+    got = _compile_all({key: _lower(dyn, objective, m, lam, steps) for key, (m, steps) in programs.items()})
+    r1, r2 = got[("reverse", h1)], got[("reverse", h2)]
+    per_step = max(0, (r2 - r1) // max(1, h2 - h1)) if min(r1, r2) >= 0 else -1
+    base = r2 - per_step * h2 if per_step >= 0 else -1
+    truncated = {key.k: b for key, b in got.items() if isinstance(key, Truncated)}
+    forward = next((b for key, b in got.items() if isinstance(key, Forward)), None)
+    reversible = next((b for key, b in got.items() if isinstance(key, Reversible)), None)
     objective_bytes = temp_bytes(objective_program(dyn, objective, lam))
     state = nbytes(jax.eval_shape(dyn.initial_state, lam))
     weights = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(dyn.initial_params, lam))
@@ -297,7 +312,9 @@ class Auto(Method):
     Forward when the hyperparameters are few, Reverse when its trajectory fits the budget, then
     checkpointing (one level, then two and three nested levels), then Reversible (sgd and momentum
     only) when memory is tightest: the fastest exact candidate (see this module) whose program
-    fits, measured with the user's objective. Under ``jit`` or ``vmap`` of λ the choice is made
+    fits, predicted from short programs with the user's objective and checked on the chosen
+    program itself, which the run then reuses (no compile at all without a budget). Under ``jit``
+    or ``vmap`` of λ the choice is made
     from the shapes alone, with ½‖w_T‖² standing in for the objective (whose arrays may be traced
     there): the budget then covers differentiating the run, and the objective's own temporaries
     (a validation forward pass) come on top. The choice is made once per budget and problem
@@ -307,8 +324,10 @@ class Auto(Method):
       memory_budget: bytes of XLA temporary memory the program may use (``None``: no limit).
 
     Raises:
-      MethodError: no exact method fits the budget (the message gives the smallest, and the
-        inexact ``hg.Truncated(k)`` and ``hg.DrMAD()`` to pick by hand).
+      MethodError: no exact method fits the budget (the message gives the smallest, what to change:
+        the objective, with :func:`hypergradient.chunked`, when its gradient is most of that
+        memory, else the run, and the inexact ``hg.Truncated(k)`` and ``hg.DrMAD()`` to pick by
+        hand).
     """
 
     memory_budget: int | None = None
