@@ -39,6 +39,8 @@ from .methods import Reversible as Reversible
 from .methods import Segmented as Segmented
 from .methods import Solution as Solution
 from .methods import Truncated as Truncated
+from .objectives import Chunked as Chunked
+from .objectives import chunked as chunked
 from .planning import Auto as Auto
 from .planning import Plan as Plan
 from .planning import plan as plan

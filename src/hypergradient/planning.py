@@ -18,11 +18,27 @@ model that orders them (time as a multiple of one training run, measured on B1):
     Truncated(T/10)                                    no      1 + 2k/T  k·d
     DrMAD()                                            no      3         2d
 
-Memory is not modelled: it is XLA's own figure (``temp_size_in_bytes``) for the program
-:func:`~hypergradient.hypergrad` would run, compiled from the arguments' shapes and never run.
-Time is a probe and the model: one training run of ``PROBE_STEPS`` steps is timed, scaled to T
-steps and multiplied by the candidate's cost. The choice is the fastest exact candidate whose
-program fits the budget (among equally fast ones, the smallest); inexact ones are only shown.
+Memory is XLA's own figure (``temp_size_in_bytes``), read from programs compiled from the
+arguments' shapes and never run, but not from each candidate's program at full length: compiling
+is the expensive part (tens of seconds a program for a small CNN on CPU, and a scan compiles in
+the same time at 8 steps as at 10,000), so :func:`plan` compiles a few short programs once and
+predicts every row from them (:func:`profile`, :func:`predict`):
+
+    Reverse at 4 and 8 steps          base + per_step·T (exactly affine in T)
+    checkpointed Reverse              base, per_step and the state's size, by the law of predict
+    Truncated(k) at k + 1 steps       its memory grows with k, not T
+    Forward at 4 steps                nothing of it grows with T
+    Reversible at 8 steps             plus its buffer's growth
+    DrMAD                             Reverse's base and one more state
+    the objective's gradient alone    its share of every row (Plan.objective_bytes)
+
+They are compiled without the backend's optimizations (:data:`MEMORY_ONLY`), which do not change
+XLA's buffers. Time is a probe and the model: one training run of ``PROBE_STEPS`` steps is
+timed, scaled to T steps and multiplied by the candidate's cost, plus the objective's gradient,
+timed once. The choice is the fastest exact candidate that fits the budget (among equally fast
+ones, the one predicted smallest); under a budget its own program is compiled at full length
+through :func:`hypergradient.hypergrad`'s cache, where the run reuses it, and must fit, else the
+next is tried. Inexact candidates are only shown.
 
 This module sits above :mod:`hypergradient.hypergrad`, whose program it measures; :class:`Auto`
 is a method like the others, defined here because choosing needs that program.
@@ -30,9 +46,11 @@ is a method like the others, defined here because choosing needs that program.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -43,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_int
-from ._pytree import partition, signature
+from ._pytree import nbytes, partition, signature
 from .dynamics import Dynamics, train
 from .errors import MethodError
 from .hypergrad import ProgramCache, compiled, temp_bytes, value_and_grad
@@ -53,18 +71,26 @@ from .methods.base import Objective
 #: Forward is a candidate up to this many hyperparameters (its time grows like 1 + m).
 FORWARD_MAX_HPARAMS = 16
 #: Steps of the timed training run that predicts the seconds of every method.
-PROBE_STEPS = 50
+PROBE_STEPS = 10
+#: Reverse is compiled at SHORT // 2 and SHORT steps to fit its memory a + b·T.
+SHORT = 8
+#: Options of programs compiled only to read their memory: XLA assigns the buffers before the backend's
+#: (LLVM's) optimizations, so the figure is the same, in about half the compile time on CPU.
+MEMORY_ONLY = {"xla_backend_optimization_level": 0}
 
 
 class Row(NamedTuple):
     """One candidate: the method, whether its hypergradient is exact, its time as a multiple of a
-    training run (the cost model), and XLA's temporary bytes and the predicted seconds once known."""
+    training run (the cost model that orders the candidates), XLA's temporary bytes and the
+    predicted seconds once known, and whether those bytes were measured on the program itself (at
+    the run's full length, as for the choice under a budget) rather than predicted."""
 
     method: Method
     exact: bool
     cost: float
     bytes: int | None = None
     seconds: float | None = None
+    measured: bool = False
 
 
 def candidates(dyn: Dynamics, lam) -> list[Row]:
@@ -88,6 +114,10 @@ def candidates(dyn: Dynamics, lam) -> list[Row]:
     return rows
 
 
+def _shape(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.Tracer) else x
+
+
 def program_bytes(dyn: Dynamics, objective: Objective, method: Method, lam) -> int:
     """XLA's peak temporary memory of the program :func:`~hypergradient.hypergrad` runs for
     ``method``, compiled and never run: through hypergrad's cache when every argument is concrete
@@ -96,29 +126,168 @@ def program_bytes(dyn: Dynamics, objective: Objective, method: Method, lam) -> i
     arrays, skeleton = partition(objective)
     if not any(isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)) for x in jax.tree.leaves((dyn, arrays, lam))):
         return compiled(dyn, objective, method, lam)[2]["temp_bytes"]
+    return short_bytes(dyn, objective, method, lam, dyn.steps)
 
-    def shape(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.Tracer) else x
 
+def short_bytes(dyn: Dynamics, objective: Objective, method: Method, lam, steps: int) -> int:
+    """XLA's temporary memory of ``method``'s program for the run cut to ``steps`` steps (λ whole),
+    compiled from the shapes for its memory only (:data:`MEMORY_ONLY`), never run nor cached."""
+    return temp_bytes(_lower(dyn, objective, method, lam, steps).compile(MEMORY_ONLY))
+
+
+def _lower(dyn: Dynamics, objective: Objective, method: Method, lam, steps: int):
+    arrays, skeleton = partition(objective)
+    short = dyn.replace(steps=steps)
     program = jax.jit(lambda d, a, l: value_and_grad(d, skeleton.combine(a), l, method))
-    return temp_bytes(program.lower(*jax.tree.map(shape, (dyn, arrays, lam))).compile())
+    return program.lower(*jax.tree.map(_shape, (short, arrays, lam)))
+
+
+def _compile_all(programs: dict) -> dict:
+    """``{key: temporary bytes}`` of lowered programs compiled for their memory only, side by side:
+    XLA compiles without Python's lock, and the programs are independent."""
+    workers = max(1, min(len(programs), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        exes = list(pool.map(lambda lowered: lowered.compile(MEMORY_ONLY), programs.values()))
+    return {key: temp_bytes(exe) for key, exe in zip(programs, exes)}
+
+
+def objective_program(dyn: Dynamics, objective: Objective, lam):
+    """The objective's value and gradient (in w and λ) at weights shaped like w_T, compiled alone
+    (once per problem): the part of every method's memory that no choice of method changes."""
+    arrays, skeleton = partition(objective)
+    key = (signature(dyn), skeleton, signature(arrays), signature(lam))
+    return _objectives.get_or_build(key, lambda: _objective_program(dyn, skeleton, arrays, lam))
+
+
+_objectives = ProgramCache(16)
+
+
+def _objective_program(dyn, skeleton, arrays, lam):
+    params = jax.eval_shape(dyn.initial_params, lam)
+
+    def grad(a, w, l):
+        return jax.value_and_grad(lambda w, l: skeleton.combine(a)(dyn.model(w), l), (0, 1))(w, l)
+
+    return jax.jit(grad).lower(jax.tree.map(_shape, arrays), params, jax.tree.map(_shape, lam)).compile()
+
+
+class Profile(NamedTuple):
+    """What the memory of every candidate is predicted from.
+
+    Attributes:
+      base, per_step: Reverse's temporary bytes are ``base + per_step·T`` (fitted at SHORT // 2 and
+        SHORT steps; ``base`` holds the objective's gradient, one step's temporaries and λ's
+        cotangent, ``per_step`` what the backward pass keeps of one step).
+      objective: the objective's value_and_grad alone (``objective_program``).
+      state: bytes of one training state s_t.
+      weights: the number of floating-point weights.
+      horizons: the two short horizons (h1, h2).
+      truncated, forward, reversible: bytes of those programs at short horizons (k + 1 steps for
+        Truncated(k), h1 for Forward, h2 for Reversible; ``None`` where not a candidate).
+    """
+
+    base: int
+    per_step: int
+    objective: int
+    state: int
+    weights: int
+    horizons: tuple[int, int]
+    truncated: dict
+    forward: int | None
+    reversible: int | None
+
+
+def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profile:
+    """Compile the few short programs :func:`predict` needs (memory only, never run)."""
+    h2 = min(dyn.steps, SHORT)
+    h1 = max(1, h2 // 2)
+
+    programs = {("reverse", h2): (Reverse(), h2), ("reverse", h1): (Reverse(), h1)}
+    for row in rows:
+        method = row.method
+        if isinstance(method, Truncated):  # its memory grows with k, not T: the window is the run
+            programs[method] = (method, min(dyn.steps, method.k + 1))
+        elif isinstance(method, Forward):  # nothing of it grows with T
+            programs[method] = (method, h1)
+        elif isinstance(method, Reversible):  # its buffer grows with T (see predict)
+            programs[method] = (method, h2)
+    got = _compile_all({key: _lower(dyn, objective, m, lam, steps) for key, (m, steps) in programs.items()})
+    r1, r2 = got[("reverse", h1)], got[("reverse", h2)]
+    per_step = max(0, (r2 - r1) // max(1, h2 - h1)) if min(r1, r2) >= 0 else -1
+    base = r2 - per_step * h2 if per_step >= 0 else -1
+    truncated = {key.k: b for key, b in got.items() if isinstance(key, Truncated)}
+    forward = next((b for key, b in got.items() if isinstance(key, Forward)), None)
+    reversible = next((b for key, b in got.items() if isinstance(key, Reversible)), None)
+    objective_bytes = temp_bytes(objective_program(dyn, objective, lam))
+    state = nbytes(jax.eval_shape(dyn.initial_state, lam))
+    weights = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(dyn.initial_params, lam))
+                  if jnp.issubdtype(x.dtype, jnp.inexact))
+    return Profile(base, per_step, objective_bytes, state, weights, (h1, h2), truncated, forward, reversible)
+
+
+def predict(method: Method, steps: int, p: Profile) -> int:
+    """XLA's temporary bytes for ``method`` on the whole run, from the short programs of ``p``.
+
+    Reverse: ``base + per_step·T``. Checkpointing holds ``n_i`` states at level i (n_1 = ⌈T/k_1⌉,
+    n_i = ⌈k_{i-1}/k_i⌉) and the residuals of one innermost segment of k_L steps, which are alive
+    while the objective's temporaries are not, and each nested level its own copy of what Reverse
+    holds besides the objective: ``base + (L − 1)·(base − objective) + state·Σn_i + max(0,
+    per_step·k_L − objective)``. DrMAD holds w_0 besides what Reverse holds at T = 0. Forward, Truncated(k) and
+    Reversible are their own short programs (Reversible's buffer extrapolated linearly in T).
+    """
+    if min(p.base, p.per_step, p.objective) < 0:
+        return -1
+    if isinstance(method, Reverse):
+        if not method.levels:
+            return p.base + p.per_step * steps
+        held, outer = 0, steps
+        for k in method.levels:
+            held += -(-outer // k)
+            outer = k
+        nested = (len(method.levels) - 1) * max(0, p.base - p.objective)  # each nested level's own cotangents
+        return p.base + nested + p.state * held + max(0, p.per_step * method.levels[-1] - p.objective)
+    if isinstance(method, Truncated):
+        return p.truncated[method.k]
+    if isinstance(method, Forward):
+        return p.forward
+    if isinstance(method, Reversible):  # the buffer, max_bits_per_step per float weight per step, held twice
+        bits = method.max_bits_per_step if method.max_bits_per_step is not None else 1.0
+        return p.reversible + int(2 * p.weights * bits / 8 * max(0, steps - p.horizons[1]))
+    if isinstance(method, DrMAD):
+        return p.base + p.state
+    raise TypeError(f"no memory model for {method!r}")
 
 
 def choose(rows: list[Row], budget: int | None, measure: Callable[[Row], int]) -> Row | None:
-    """The fastest exact row whose bytes fit ``budget`` (ties: the fewest bytes), or ``None``.
+    """The fastest exact row that fits ``budget``, or ``None``: in each group of equally fast rows
+    (fastest first), the row predicted smallest whose program, measured, fits.
 
-    ``measure(row)`` gives a row's bytes; it is called only as far as needed: not at all without a
-    budget, and for no row slower than the first group of equally fast rows with one that fits.
+    ``measure(row)`` gives a row's real bytes; it is called only as far as needed: not at all
+    without a budget, never for a row predicted over the budget (``row.bytes``), and within a
+    group only until one fits. Returns the row with its measured bytes.
     """
     exact = sorted((r for r in rows if r.exact), key=lambda r: r.cost)
     for _, group in itertools.groupby(exact, key=lambda r: r.cost):
         group = list(group)
         if budget is None:
             return group[0]
-        fits = [r for r in (r._replace(bytes=measure(r)) for r in group) if 0 <= r.bytes <= budget]
-        if fits:
-            return min(fits, key=lambda r: r.bytes)
+        for row in sorted(group, key=lambda r: r.bytes):
+            if row.bytes is not None and row.bytes > budget:
+                continue
+            row = row._replace(bytes=measure(row), measured=True)
+            if 0 <= row.bytes <= budget:
+                return row
     return None
+
+
+def advice(budget: int, smallest: int, objective_bytes: int) -> str:
+    """What to change when no exact method fits ``budget``: the objective when its gradient is most of
+    the smallest program, else the run."""
+    if objective_bytes >= 0 and objective_bytes >= smallest / 2:
+        return (f"the objective's gradient alone needs {_size(objective_bytes)} of it, which no method changes: "
+                "evaluate the objective in chunks (hg.chunked(loss, data, chunk_size)) or on fewer examples, "
+                "or raise the budget")
+    return "raise the budget, shorten the run"
 
 
 def traced(lam) -> bool:
@@ -143,7 +312,9 @@ class Auto(Method):
     Forward when the hyperparameters are few, Reverse when its trajectory fits the budget, then
     checkpointing (one level, then two and three nested levels), then Reversible (sgd and momentum
     only) when memory is tightest: the fastest exact candidate (see this module) whose program
-    fits, measured with the user's objective. Under ``jit`` or ``vmap`` of λ the choice is made
+    fits, predicted from short programs with the user's objective and checked on the chosen
+    program itself, which the run then reuses (no compile at all without a budget). Under ``jit``
+    or ``vmap`` of λ the choice is made
     from the shapes alone, with ½‖w_T‖² standing in for the objective (whose arrays may be traced
     there): the budget then covers differentiating the run, and the objective's own temporaries
     (a validation forward pass) come on top. The choice is made once per budget and problem
@@ -153,8 +324,10 @@ class Auto(Method):
       memory_budget: bytes of XLA temporary memory the program may use (``None``: no limit).
 
     Raises:
-      MethodError: no exact method fits the budget (the message gives the smallest, and the
-        inexact ``hg.Truncated(k)`` and ``hg.DrMAD()`` to pick by hand).
+      MethodError: no exact method fits the budget (the message gives the smallest, what to change:
+        the objective, with :func:`hypergradient.chunked`, when its gradient is most of that
+        memory, else the run, and the inexact ``hg.Truncated(k)`` and ``hg.DrMAD()`` to pick by
+        hand).
     """
 
     memory_budget: int | None = None
@@ -175,23 +348,48 @@ class Auto(Method):
         return self.resolve(dyn, lam).value_and_grad(dyn, objective, lam)
 
     def _choose(self, dyn, lam, objective) -> Method:
-        measured = []
-
-        def measure(row):
-            method = row.method if traced(lam) else row.method.resolve(dyn, lam)
-            measured.append((program_bytes(dyn, objective, method, lam), method))
-            return measured[-1][0]
-
-        row = choose(candidates(dyn, lam), self.memory_budget, measure)
+        if self.memory_budget is None:  # the fastest exact candidate; nothing to measure
+            return choose(candidates(dyn, lam), None, None).method
+        rows, p = _predicted(dyn, objective, lam, [r for r in candidates(dyn, lam) if r.exact])
+        row, rows = _pick(dyn, objective, lam, rows, self.memory_budget)
         if row is not None:
             return row.method
-        smallest, method = min(measured, key=lambda bm: bm[0])
-        raise MethodError(
-            f"no exact method fits a memory budget of {self.memory_budget} bytes for this run of "
-            f"{dyn.steps} steps: the smallest, {method!r}, needs {smallest} bytes of XLA temporary memory; "
-            "raise the budget, shorten the run, or choose an approximate method by hand: hg.Truncated(k) "
-            "or hg.DrMAD() (hg.plan shows every method's memory)"
-        )
+        raise MethodError(_nothing_fits(dyn, rows, self.memory_budget, p.objective))
+
+
+def _predicted(dyn, objective, lam, rows: list[Row]) -> tuple[list[Row], Profile]:
+    """``rows`` with their methods resolved and their bytes predicted from the short programs, and
+    the profile they were predicted from."""
+    rows = [r._replace(method=r.method if traced(lam) else r.method.resolve(dyn, lam)) for r in rows]
+    p = profile(dyn, objective, lam, rows)
+    return [r._replace(bytes=predict(r.method, dyn.steps, p)) for r in rows], p
+
+
+def _pick(dyn, objective, lam, rows, budget):
+    """The choice among ``rows`` (verified on the full program under a budget), and the rows with
+    what was measured filled in."""
+    measured = {}
+
+    def measure(row):
+        measured[row.method] = program_bytes(dyn, objective, row.method, lam)
+        return measured[row.method]
+
+    best = choose(rows, budget, measure)
+    rows = [r._replace(bytes=measured[r.method], measured=True) if r.method in measured else r for r in rows]
+    return best, rows
+
+
+def _nothing_fits(dyn, rows, budget, objective_bytes) -> str:
+    smallest = min((r for r in rows if r.exact and r.bytes is not None and r.bytes >= 0),
+                   key=lambda r: r.bytes, default=None)
+    if smallest is None:
+        return (f"no exact method fits a memory budget of {budget} bytes for this run of {dyn.steps} steps "
+                "(XLA did not report memory); choose an approximate method by hand: hg.Truncated(k) or hg.DrMAD()")
+    how = "measured" if smallest.measured else "predicted"
+    return (f"no exact method fits a memory budget of {budget} bytes for this run of {dyn.steps} steps: the "
+            f"smallest, {smallest.method!r}, needs {smallest.bytes} bytes of XLA temporary memory ({how}); "
+            f"{advice(budget, smallest.bytes, objective_bytes)}, or choose an approximate method by hand: "
+            "hg.Truncated(k) or hg.DrMAD() (hg.plan shows every method's memory)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,13 +397,17 @@ class Plan:
     """What :func:`plan` found.
 
     Attributes:
-      rows: one :class:`Row` per method and setting (``method``, ``exact``, ``cost``: time as a
-        multiple of a training run, ``bytes``: XLA's temporary memory, ``seconds``: predicted),
+      rows: one :class:`Row` per method and setting (``method``, ``exact``, ``cost``: the cost
+        model's multiple of a training run that orders them, ``bytes``: XLA's temporary memory,
+        predicted from short programs or ``measured`` on the full one, ``seconds``: predicted),
         exact ones first, then by time.
       choice: the fastest exact method within the budget, or ``None`` when none fits.
       memory_budget: the budget in bytes (``None``: none).
       steps, hparam_numbers: the run's T and m.
       training_seconds: one training run of T steps, as the probe predicts it.
+      objective_bytes: XLA's temporary memory of the objective's value and gradient alone, part of
+        every row's bytes (:func:`hypergradient.chunked` lowers it).
+      seconds: what making this plan took.
     """
 
     rows: tuple[Row, ...]
@@ -214,28 +416,42 @@ class Plan:
     steps: int
     hparam_numbers: int
     training_seconds: float
+    objective_bytes: int = -1
+    seconds: float = 0.0
 
     def __str__(self) -> str:
         budget = "no memory budget" if self.memory_budget is None else f"memory budget {_size(self.memory_budget)}"
         head = (f"plan for {self.steps} steps, {self.hparam_numbers} hyperparameters, {budget}; "
-                f"a training run takes ~{self.training_seconds:.3g} s")
+                f"a training run takes ~{self.training_seconds:.3g} s; the objective's gradient alone "
+                f"{_size(self.objective_bytes)}")
         table = [("", "method", "exact", "XLA temp", "~seconds", "~x training", "")]
         for r in self.rows:
             over = self.memory_budget is not None and r.bytes > self.memory_budget
+            note = ", ".join(n for n in ("measured" if r.measured else "", "over budget" if over else "") if n)
             table.append(("*" if r.method == self.choice else "", repr(r.method), "yes" if r.exact else "no",
-                          _size(r.bytes), f"{r.seconds:.3g}", f"{r.cost:.3g}", "over budget" if over else ""))
+                          ("" if r.measured else "~") + _size(r.bytes), f"{r.seconds:.3g}",
+                          f"{r.seconds / self.training_seconds:.3g}" if self.training_seconds > 0 else "?", note))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         lines = ["  ".join(c.rjust(w) if i in (3, 4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  .rstrip() for row in table]
-        tail = f"choice: {self.choice!r}" if self.choice else "choice: none, no exact method fits the budget"
-        return "\n".join([head, *lines, tail])
+        if self.choice:
+            tail = f"choice: {self.choice!r}"
+        else:
+            smallest = min((r.bytes for r in self.rows if r.exact and r.bytes >= 0), default=-1)
+            tail = ("choice: none, no exact method fits the budget; "
+                    + advice(self.memory_budget, smallest, self.objective_bytes))
+        return "\n".join([head, *lines, tail, f"(planned in {self.seconds:.3g} s; ~: predicted from short programs)"])
 
 
 def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = None) -> Plan:
     """Every applicable method for this run, its XLA temporary memory and predicted time, and the choice.
 
-    Compiles one program per row (never runs them) and times one short training run; nothing of
-    the hypergradient is computed. ``hg.Auto(memory_budget)`` makes the same choice.
+    Compiles a few programs of a few steps for their memory (never run): Reverse at two horizons,
+    Truncated, Forward and Reversible where they are candidates, and the objective's gradient alone;
+    the other rows follow from the memory laws of :func:`predict`. Times one short training run and
+    the objective's gradient. Under a budget, the choice's own program is compiled at full length
+    (hypergrad's cache keeps it for the run) to check that it fits. ``hg.Auto(memory_budget)``
+    makes the same choice.
 
     Args:
       dyn: the training run.
@@ -246,17 +462,29 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
     Returns:
       A :class:`Plan`; ``print`` it for the table, run ``.choice``.
     """
+    start = time.perf_counter()
     dyn.validate(lam)
-    training_seconds = _probe(dyn, lam) * dyn.steps
-    rows = []
-    for row in candidates(dyn, lam):
-        method = row.method.resolve(dyn, lam)
-        rows.append(row._replace(method=method, bytes=program_bytes(dyn, objective, method, lam),
-                                 seconds=row.cost * training_seconds))
-    rows.sort(key=lambda r: (not r.exact, r.cost, r.bytes))
-    best = choose(rows, memory_budget, lambda r: r.bytes)
+    rows, p = _predicted(dyn, objective, lam, candidates(dyn, lam))
+    step = _probe(dyn, lam)
+    objective_seconds = _time_objective(dyn, objective, lam)
     m = sum(int(np.size(x)) for x in jax.tree.leaves(lam))
-    return Plan(tuple(rows), best and best.method, memory_budget, dyn.steps, m, training_seconds)
+    rows = [r._replace(seconds=objective_seconds + r.cost * step * dyn.steps) for r in rows]
+    best, rows = _pick(dyn, objective, lam, rows, memory_budget)
+    rows.sort(key=lambda r: (not r.exact, r.cost, r.bytes))
+    return Plan(tuple(rows), best and best.method, memory_budget, dyn.steps, m, step * dyn.steps, p.objective,
+                time.perf_counter() - start)
+
+
+def _time_objective(dyn, objective, lam) -> float:
+    """Seconds of the objective's value and gradient at w_0 (the part of a hypergradient's time that
+    does not grow with T)."""
+    exe = objective_program(dyn, objective, lam)
+    arrays, _ = partition(objective)
+    args = (arrays, dyn.initial_params(lam), lam)
+    jax.block_until_ready(exe(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(exe(*args))
+    return time.perf_counter() - start
 
 
 def _probe(dyn: Dynamics, lam) -> float:
