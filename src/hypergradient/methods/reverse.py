@@ -139,6 +139,14 @@ def _scan(dyn, state, lam, start, length: int, probes):
                         (start + jnp.arange(length), probes))
 
 
+def remat_rollout(dyn, state, lam, start, length: int):
+    """``dyn.rollout`` whose steps save only matrix-product outputs for the backward pass (the
+    memory per step of Reverse, for methods that differentiate a rollout themselves)."""
+    step = jax.checkpoint(lambda s, t: dyn.step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable,
+                          prevent_cse=False)
+    return jax.lax.scan(step, state, start + jnp.arange(length))
+
+
 def rollout(dyn, state, lam, start: int, length: int, levels: tuple[int, ...], probes):
     """The run from ``start`` for ``length`` steps, remat-segmented every ``levels[0]`` steps, each
     segment remat-segmented every ``levels[1]`` steps, and so on; ``probes[i]`` measures α before

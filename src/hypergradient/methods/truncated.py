@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from .._checks import check_int
 from .._pytree import is_inexact
 from .base import Segmented, solution
+from .reverse import remat_rollout
 
 
 class Window(NamedTuple):
@@ -101,7 +102,7 @@ class Truncated(Segmented):
             # the state training reached, with the re-run's derivative
             now = jax.tree.map(lambda kept, r: kept + (r - jax.lax.stop_gradient(r)) if is_inexact(kept) else kept,
                                carry.state, rerun)
-            state, losses = dyn.rollout(now, lam, start, length)
+            state, losses = remat_rollout(dyn, now, lam, start, length)
             origin = jax.tree.map(lambda x: x[0], after)
             return objective(state, lam), (state, losses, origin)
 
@@ -124,7 +125,7 @@ class Truncated(Segmented):
             state_of = lambda lam, state=state: state  # noqa: E731 (held fixed: not differentiated)
 
         def f(lam):
-            state, losses = dyn.rollout(state_of(lam), lam, start + head, k)
+            state, losses = remat_rollout(dyn, state_of(lam), lam, start + head, k)
             return objective(state, lam), (state, losses)
 
         (value, (state, losses)), grad = jax.value_and_grad(f, has_aux=True)(lam)
