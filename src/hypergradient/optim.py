@@ -111,7 +111,7 @@ class Optimizer:
                 "optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)("
                 "learning_rate=1e-3, weight_decay=1e-4))"
                 if not names
-                else f"; it takes {list(names)}"
+                else f"; it takes {sorted(names)}"
             )
             raise ValueError(f"optimizer {self.name!r} has no hyperparameter(s) {unknown}{hint}")
 
@@ -268,12 +268,12 @@ class PerLayer:
         else:
             keys = list(range(len(values)))
             lookup = lambda i: values[i]  # noqa: E731
-        out = []
+        out, kind = [], "keys" if isinstance(values, Mapping) else "indices"
         for path, label in zip(paths, per_leaf):
             if label not in keys:
                 raise ValueError(
                     f"optimizer hyperparameter {name!r}: the weight {_show(path)} has the label {label!r}, "
-                    f"which has no value (the values have {'keys' if isinstance(values, Mapping) else 'indices'} {keys})"
+                    f"which has no value (the values have {kind} {keys})"
                 )
             out.append(lookup(label))
         unused = [k for k in keys if k not in per_leaf]
@@ -537,7 +537,7 @@ def _set_injected(state: State, hparams: Mapping[str, Any]) -> State:
             if not callable(value):
                 overridden.append(name)
             continue
-        if callable(value) or isinstance(value, PerLayer) or not jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+        if callable(value) or not jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):  # PerLayer too
             raise TypeError(
                 f"from_optax: hyperparameter {name!r} must be a number (optax applies one value to every weight), "
                 f"got {type(value).__name__}; for values per group of weights, use optax.multi_transform with "
