@@ -153,7 +153,7 @@ def broadcast_to(value: Any, params: Params, name: str = "hyperparameter") -> Pa
     give a per-layer value to the weights of any model.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [_components(path) for path, _ in flat]
+    paths = [_dotted(path) for path, _ in flat]
     if isinstance(value, PerLayer):
         per_leaf = value.assign(params, paths, name)
     elif jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
@@ -188,12 +188,14 @@ def _show(path: tuple[str, ...]) -> str:
     return repr(".".join(path)) if path else "(the weights themselves)"
 
 
+def _dotted(path) -> tuple[str, ...]:
+    """The components of a key path, a key with dots split at them (``{"layers.0": a}``)."""
+    return tuple(part for c in _components(path) for part in c.split("."))
+
+
 def _keyed(tree: Any) -> dict[tuple[str, ...], Any]:
-    """``{path: leaf}``, a key with dots split into its components (``{"layers.0": a}``)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[tuple(part for c in _components(path) for part in c.split("."))] = leaf
-    return out
+    """``{path: leaf}`` for the leaves of ``tree``."""
+    return {_dotted(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _by_prefix(table: dict[tuple[str, ...], Any], paths: list[tuple[str, ...]], name: str, what: str) -> list:
@@ -254,9 +256,7 @@ class PerLayer:
         """The value of each weight (in the order of ``paths``, the weights' leaves)."""
         values = self.values
         if self.labels is None:  # the values' own paths; an array: one value per top-level entry
-            if not isinstance(values, Mapping) and jnp.ndim(values) >= 1 and jax.tree_util.treedef_is_leaf(
-                jax.tree.structure(values)
-            ):
+            if jax.tree_util.treedef_is_leaf(jax.tree.structure(values)) and jnp.ndim(values) >= 1:
                 values = [values[i] for i in range(jnp.shape(values)[0])]
             return _by_prefix(_keyed(values), paths, name, "value")
         labels = self.labels(params) if callable(self.labels) else self.labels
