@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import hypergradient as hg
-from problems import central_difference, outer_value, random_direction, ridge_data, tree_dot
+from problems import central_difference, mlp_problem, outer_value, random_direction, ridge_data, tree_dot
 
 # -- a GradientTransformation as the inner optimizer ----------------------------------------
 
@@ -315,3 +315,15 @@ def test_per_layer_values_on_flax_nnx_weights():
               for path, v in jax.tree_util.tree_flatten_with_path(got)[0]}
     assert values == {"body.bias.value": 0.1, "body.kernel.value": 0.1, "head.bias.value": 0.3,
                       "head.kernel.value": 0.2}
+
+
+def test_reversible_takes_per_layer_values_by_label():
+    """Reversible lays per-layer values out over its flat weights through the same broadcast."""
+    dyn, objective, lam = mlp_problem(steps=6, optimizer=hg.optim.momentum(dampen=True))
+    by_label = dyn.replace(optimizer_hparams=lambda lam, t: {
+        "lr": hg.optim.per_layer(lam["lr"][t], labels=[0, 1]),
+        "momentum": {"0": lam["momentum"][t, 0], "1": lam["momentum"][t, 1]}})
+    reversible = hg.hypergrad(by_label, objective, lam, hg.Reversible())
+    reference = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+    for name in ("lr", "momentum"):
+        np.testing.assert_allclose(np.asarray(reversible.grad[name]), np.asarray(reference.grad[name]), rtol=1e-6)

@@ -515,12 +515,15 @@ def _injected(state: State) -> dict[str, tuple[Any, str, Any]]:
     for _, s in members:
         for k in s.hyperparams:
             counts[k] = counts.get(k, 0) + 1
+    # dict keys and sequence indices; attribute names (inner_state, ...) are optax's plumbing,
+    # kept only where two members would otherwise have the same place
+    short = [".".join(_components(p for p in path if not hasattr(p, "name"))) for path, _ in members]
+    full = [".".join(_components(path)) for path, _ in members]
     names = {}
-    for path, s in members:
-        # dict keys and sequence indices; attribute names (inner_state, ...) are optax's plumbing
-        where = ".".join(str(p.key if hasattr(p, "key") else p.idx) for p in path if not hasattr(p, "name"))
+    for (path, s), where, long in zip(members, short, full):
+        where = long if short.count(where) > 1 else where
         for k in s.hyperparams:
-            names[k if counts[k] == 1 or not where else f"{where}.{k}"] = (path, k, s)
+            names[k if counts[k] == 1 else f"{where}.{k}"] = (path, k, s)
     return names
 
 
