@@ -165,8 +165,9 @@ def broadcast_to(value: Any, params: Params, name: str = "hyperparameter") -> Pa
         if shape and not _broadcasts(shape, jnp.shape(w)):
             raise ValueError(
                 f"optimizer hyperparameter {name!r} has an array of shape {shape} for the weight "
-                f"{_show(path)} of shape {jnp.shape(w)}; give a scalar, an array of the weight's own shape, or "
-                "one value per layer keyed by the weights' paths (a list, a dict) or hg.optim.per_layer(values, labels)"
+                f"{_show(path)} of shape {jnp.shape(w)}; give a scalar, an array of the weight's own shape, one "
+                "value per layer as a list (e.g. list(lam[...][t])) or a dict keyed by the weights' paths, or "
+                "hg.optim.per_layer(values, labels)"
             )
     return jax.tree.unflatten(treedef, per_leaf)
 
