@@ -327,3 +327,35 @@ def test_reversible_takes_per_layer_values_by_label():
     reference = hg.hypergrad(dyn, objective, lam, hg.Reverse())
     for name in ("lr", "momentum"):
         np.testing.assert_allclose(np.asarray(reversible.grad[name]), np.asarray(reference.grad[name]), rtol=1e-6)
+
+
+def test_per_layer_values_and_an_optax_chain_on_a_flax_nnx_module():
+    """An NNX module as init: its weights are an nnx.State, keyed by attribute names."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.body = nnx.Linear(4, 5, rngs=rngs, param_dtype=jnp.float64)
+            self.head = nnx.Linear(5, 1, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.body(x)))[:, 0]
+
+    rng = np.random.default_rng(1)
+    x, y = jnp.asarray(rng.normal(size=(16, 4))), jnp.asarray(rng.normal(size=16))
+    xv, yv = jnp.asarray(rng.normal(size=(12, 4))), jnp.asarray(rng.normal(size=12))
+    objective = lambda m, lam: jnp.mean((m(xv) - yv) ** 2)  # noqa: E731
+    lam = {"lr_body": jnp.asarray(0.2), "lr_head": jnp.asarray(0.4)}
+    per_layer = hg.Dynamics(
+        init=Net(nnx.Rngs(0)), loss=lambda m, lam, b: jnp.mean((m(b[0]) - b[1]) ** 2), optimizer=hg.optim.momentum(),
+        optimizer_hparams=lambda lam, t: {"lr": {"body": lam["lr_body"], "head": lam["lr_head"]}, "momentum": 0.5},
+        data=(x, y), steps=6)
+    chain = per_layer.replace(
+        optimizer=hg.optim.from_optax(optax.chain(optax.clip_by_global_norm(1.0),
+                                                  optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))),
+        optimizer_hparams=lambda lam, t: {"learning_rate": lam["lr_body"]})
+    for dyn in (per_layer, chain):
+        res = hg.hypergrad(dyn, objective, lam, hg.Reverse())
+        direction = random_direction(lam, seed=4)
+        fd = central_difference(lambda l: hg.value_and_grad(dyn, objective, l).value, lam, direction)
+        np.testing.assert_allclose(tree_dot(res.grad, direction), fd, rtol=1e-6)
