@@ -22,4 +22,4 @@ def test_own_loop_guide_runs():
         assert np.isfinite(float(res.value))
         assert all(np.isfinite(np.asarray(g)).all() and np.any(np.asarray(g) != 0) for g in jax.tree.leaves(res.grad))
     assert isinstance(scope["trained"], scope["Mlp"])
-    assert set(scope["res"].grad) == {"log_lr", "log_wd"}
+    assert set(scope["res"].grad) == {"log_peak", "warmup", "log_wd"}
