@@ -16,7 +16,11 @@ whatever the setting, so nothing changes there.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
+import jax.numpy as jnp
 
 
 def matmul_precision() -> str:
@@ -27,3 +31,42 @@ def matmul_precision() -> str:
 def library_precision():
     """A context in which traced products take :func:`matmul_precision`."""
     return jax.default_matmul_precision(matmul_precision())
+
+
+# ---------------------------------------------------------------- mixed precision
+
+_ADJOINT_DTYPE: contextvars.ContextVar = contextvars.ContextVar("adjoint_dtype", default=None)
+
+
+def compute_dtype(dtype=jnp.bfloat16):
+    """The dtype a mixed-precision loss computes in: ``dtype``, except while
+    ``hg.Reverse(adjoint_dtype=...)`` traces the copy of a step that its backward pass
+    differentiates, where it is that adjoint dtype (float32: the copy is the same step in full
+    precision, differentiated at the bfloat16 run's states)."""
+    override = _ADJOINT_DTYPE.get()
+    return jnp.dtype(dtype if override is None else override)
+
+
+def to_compute(tree, dtype=jnp.bfloat16):
+    """Every floating-point leaf of ``tree`` cast to :func:`compute_dtype` (``dtype``); other
+    leaves (integer labels, keys) as they are. The first line of a mixed-precision loss:
+
+        def loss(w, lam, batch):
+            w, x = hg.precision.to_compute((w, batch[0]))        # bfloat16 compute
+            logits = apply(w, x).astype(jnp.float32)             # reduce in float32
+            ...
+    """
+    target = compute_dtype(dtype)
+    return jax.tree.map(
+        lambda a: a.astype(target) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+
+
+@contextlib.contextmanager
+def adjoint_precision(dtype):
+    """A context in which :func:`compute_dtype` answers ``dtype`` (what ``Reverse(adjoint_dtype=)``
+    traces its backward steps in)."""
+    token = _ADJOINT_DTYPE.set(jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _ADJOINT_DTYPE.reset(token)
