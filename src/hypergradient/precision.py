@@ -1,4 +1,5 @@
-"""The precision of float32 matrix products in the library's compiled programs.
+"""The precision of float32 matrix products in the library's compiled programs, and the compute
+dtype of a mixed-precision loss.
 
 JAX's default lets a GPU multiply float32 matrices in TF32 (10-bit mantissas), and a TPU in
 bfloat16; on a GPU that moved B1's hypergradient by 1%. The library's programs therefore run
@@ -12,6 +13,11 @@ own setting, which then wins (for speed over accuracy):
 
 A product given its own ``precision=`` keeps it. On CPU float32 products are exact-precision
 whatever the setting, so nothing changes there.
+
+A mixed-precision loss casts its weights and inputs with :func:`to_compute` (bfloat16 by
+default). ``hg.Reverse(adjoint_dtype=jnp.float32)`` traces a float32 copy of each step for its
+backward pass, inside :func:`adjoint_precision`, where :func:`to_compute` casts to float32
+instead; a loss that casts with ``.astype(jnp.bfloat16)`` keeps bfloat16 there too.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class Reverse(Method):
         a decreasing tuple ``(k_1, ..., k_L)`` nests L levels of segments.
       adjoint_dtype: keep the backward recursion α_t in this dtype (``jnp.float32`` for a
         bfloat16 run): each step is differentiated as a copy traced in it, at the run's stored
-        states (:mod:`hypergradient.methods.adjoint`); ``None``: plain autodiff, in the run's dtypes.
+        states (``hypergradient/methods/adjoint.py``); ``None``: plain autodiff, in the run's dtypes.
     """
 
     checkpoint_every: int | tuple[int, ...] | None = None
