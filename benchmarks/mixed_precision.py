@@ -24,12 +24,13 @@ float32 run's plain Reverse; timings on a shared machine are noisy, read the rat
   cross-entropy in float32.
 - ``b1``: B1 (``benchmarks/b1.py``; 4 log L2, T × 4 learning rates and momenta).
 
-    python -m benchmarks.mixed_precision [--problems cnn,b1] [--repeats 3] [--out benchmarks/results/mixed_precision.json]
+    python -m benchmarks.mixed_precision --repeats 3 --out benchmarks/results/mixed_precision.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -76,11 +77,14 @@ def warmup_cosine(t, steps):
     return jnp.where(t < warm, (t + 1) / warm, 0.1 + 0.45 * (1 + jnp.cos(jnp.pi * frac)))
 
 
-def cnn_problem(precision, steps, _cache={}):
+@functools.cache
+def _digits():
+    return datasets.load("digits")
+
+
+def cnn_problem(precision, steps):
     weights, compute = PRECISIONS[precision]
-    if "data" not in _cache:
-        _cache["data"] = datasets.load("digits")
-    d = _cache["data"]
+    d = _digits()
     w0 = jax.tree.map(lambda a: a.astype(weights), models.cnn_init(jax.random.PRNGKey(0), (8, 8), 10))
     x_val, y_val = jnp.asarray(d.val.x), jnp.asarray(d.val.y)
 
@@ -112,11 +116,14 @@ def b1_loss(compute):
     return loss
 
 
-def b1_problem(precision, steps, _cache={}):
+@functools.cache
+def _b1(steps):
+    return b1.problem(steps=steps)
+
+
+def b1_problem(precision, steps):
     weights, compute = PRECISIONS[precision]
-    if steps not in _cache:
-        _cache[steps] = b1.problem(steps=steps)
-    dyn, objective, lam = _cache[steps]
+    dyn, objective, lam = _b1(steps)
     if precision != "float32":
         dyn = dyn.replace(init=jax.tree.map(lambda a: a.astype(weights), dyn.init), loss=b1_loss(compute))
     return dyn, objective, lam

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from .._pytree import is_inexact, tree_norm
 from ..errors import Failure
 from ..precision import adjoint_precision
-from .base import solution
 from . import reverse  # which imports this module: its names are read at call time
+from .base import solution
 
 
 def check_dtype(dtype, checkpoint_every):
@@ -111,11 +111,12 @@ def value_and_grad(dyn, objective, lam, dtype, every: int | None):
         new, loss = dyn.step(s, lam, t)
         return new, (s, loss)
 
+    k = every if every is not None and every < T else None
+
     def segment_starts(s, i):
-        new, (states, losses) = jax.lax.scan(forward, s, i * every + jnp.arange(every))
+        new, (_, losses) = jax.lax.scan(forward, s, i * k + jnp.arange(k))
         return new, (s, losses)
 
-    k = every if every is not None and every < T else None
     if k is None:
         s_T, (states, losses) = jax.lax.scan(forward, s0, jnp.arange(T))
     else:
