@@ -54,6 +54,20 @@ def _up(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
+def _is_half(a) -> bool:
+    return is_inexact(a) and jnp.finfo(jnp.result_type(a)).bits == 16
+
+
+def _pack(tree):
+    """16-bit floating leaves as their bits (uint16): stacked over the steps so, XLA:CPU keeps
+    them at 2 bytes; a stacked bfloat16 state was held at float32's 4."""
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a) else a, tree)
+
+
+def _unpack(tree, ref):
+    return jax.tree.map(lambda a, r: jax.lax.bitcast_convert_type(a, r.dtype) if _is_half(r) else a, tree, ref)
+
+
 def _like(tree, ref):
     return jax.tree.map(lambda a, r: a.astype(jnp.result_type(r)), tree, ref)
 
@@ -101,7 +115,7 @@ def value_and_grad(dyn, objective, lam, dtype, every: int | None):
         """The backward recursion over the steps ``ts`` whose input states are ``states``."""
         def body(carry, x):
             alpha, g = carry
-            s, t = x
+            s, t = _unpack(x[0], s0), x[1]
             a_prev, g_t = vjp_step(s, t, alpha)
             return (a_prev, jax.tree.map(jnp.add, g, g_t)), split.weights_norm(alpha)
 
@@ -109,13 +123,13 @@ def value_and_grad(dyn, objective, lam, dtype, every: int | None):
 
     def forward(s, t):
         new, loss = dyn.step(s, lam, t)
-        return new, (s, loss)
+        return new, (_pack(s), loss)
 
     k = every if every is not None and every < T else None
 
     def segment_starts(s, i):
         new, (_, losses) = jax.lax.scan(forward, s, i * k + jnp.arange(k))
-        return new, (s, losses)
+        return new, (_pack(s), losses)
 
     if k is None:
         s_T, (states, losses) = jax.lax.scan(forward, s0, jnp.arange(T))
@@ -137,7 +151,7 @@ def value_and_grad(dyn, objective, lam, dtype, every: int | None):
         carry, tail_norms = walk_back(carry, tail_states, n_seg * k + jnp.arange(rest))
 
         def segment_back(carry, x):
-            s, i = x
+            s, i = _unpack(x[0], s0), x[1]
             ts = i * k + jnp.arange(k)
             _, (states, _) = jax.lax.scan(forward, s, ts)  # the run's own dtypes: the same states again
             return walk_back(carry, states, ts)
