@@ -668,3 +668,30 @@ def _optax_name(tx: optax.GradientTransformation) -> str:
     """``optax.chain`` for a chain: the factory whose closure ``tx.init`` is."""
     qualname = getattr(tx.init, "__qualname__", "")
     return f"optax.{qualname.split('.<locals>')[0]}" if ".<locals>" in qualname else "optax transformation"
+
+
+def loss_scaled(optimizer: Optimizer, scale: float) -> Optimizer:
+    """``optimizer`` for a training loss multiplied by ``scale``: static loss scaling, for float16.
+
+    A float16 backward pass flushes gradients below 6e-8 to zero (bfloat16, with float32's
+    exponent range, needs no scaling). The loss returns ``scale · L`` (the product taken in
+    float32, after the float16 part), so that every cotangent inside the float16 computation is
+    ``scale`` times larger; this optimizer divides the gradient by ``scale`` again, in the
+    weights' dtype, before ``optimizer``'s rule sees it. Both are ordinary arithmetic, so the
+    hypergradient differentiates through them like any step (a dynamic scale that changes when
+    a gradient overflows would not be differentiable). The per-step losses a run reports are the
+    scaled ones. A power of two keeps the division exact:
+
+        def loss(w, lam, batch):
+            w16, x16 = hg.precision.to_compute((w, batch[0]), jnp.float16)
+            return 1024.0 * cross_entropy(apply(w16, x16).astype(jnp.float32), batch[1])
+
+        dyn = hg.Dynamics(w0, loss, hg.optim.loss_scaled(hg.optim.adam(), 1024.0), ...)
+    """
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number (a power of two, 2.0**10), got {scale!r}")
+
+    def rule(g, state, w, h):
+        return optimizer.rule(jax.tree.map(lambda g: g / scale, g), state, w, h)
+
+    return dataclasses.replace(optimizer, name=f"{optimizer.name}(loss_scale={scale:g})", rule=rule, reversal=None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ from .._checks import is_int
 from .._pytree import is_inexact, tree_norm
 from ..dynamics import model_state
 from ..errors import ChaosWarning, Failure
+from . import adjoint
 from .base import Method, solution
 
 #: A backward pass that grows more than this (max ‖α_t‖ / ‖α_T‖) is reported as chaotic.
@@ -50,11 +52,17 @@ class Reverse(Method):
       checkpoint_every: store the state every k steps and recompute the
         segments between on the backward pass (``None``: store everything);
         a decreasing tuple ``(k_1, ..., k_L)`` nests L levels of segments.
+      adjoint_dtype: keep the backward recursion α_t in this dtype (``jnp.float32`` for a
+        bfloat16 run): each step is differentiated as a copy traced in it, at the run's stored
+        states (``hypergradient/methods/adjoint.py``); ``None``: plain autodiff, in the run's dtypes.
     """
 
     checkpoint_every: int | tuple[int, ...] | None = None
+    adjoint_dtype: Any = None
 
     def __post_init__(self):
+        if self.adjoint_dtype is not None:
+            object.__setattr__(self, "adjoint_dtype", adjoint.check_dtype(self.adjoint_dtype, self.checkpoint_every))
         k = self.checkpoint_every
         if k is None:
             return
@@ -72,6 +80,9 @@ class Reverse(Method):
         return () if k is None else k if isinstance(k, tuple) else (k,)
 
     def value_and_grad(self, dyn, objective, lam):
+        if self.adjoint_dtype is not None:
+            return adjoint.value_and_grad(dyn, objective, lam, self.adjoint_dtype, self.checkpoint_every)
+
         def f(lam, probes):
             state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
             state = _probe_weights(state, probes[-1])
