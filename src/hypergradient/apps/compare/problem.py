@@ -164,7 +164,7 @@ def resnet_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: Seq
                  "log_wd": Axis("wd", (), *config.wd_bounds, "log"),
                  "logit_aug": Axis("aug", (), *config.aug_bounds, "logit")}
         out[regime] = Problem(
-            regime=regime, space=space, dynamics=functools.partial(resnet.make_dynamics, config, data),
+            regime=regime, space=space, dynamics=resnet.make_dynamics(config, data),
             objective=objective, test=test, online="rtho" if regime == "few" else "trho",
             online_every=max(1, config.steps // 10), hyper_lr=config.hyper_lr,
             description=(f"ResNet width {config.width}, {config.blocks} blocks, BatchNorm, AdamW, T={config.steps}, "

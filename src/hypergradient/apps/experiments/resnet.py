@@ -109,7 +109,7 @@ def groups(blocks: int) -> tuple[str, ...]:
 
 
 def _conv_init(key, c_in, c_out):
-    return jax.random.normal(key, (3, 3, c_in, c_out), jnp.float32) / np.sqrt(9 * c_in)
+    return jax.random.normal(key, (3, 3, c_in, c_out), jnp.float32) / float(np.sqrt(9 * c_in))
 
 
 def _bn_init(c):
@@ -129,7 +129,7 @@ def init(key, width: int, blocks: int, n_classes: int):
     """
     keys = jax.random.split(key, 2 * blocks + 2)
     kernels = {"stem": {"conv": _conv_init(keys[0], 1, width)},
-               "head": {"W": jax.random.normal(keys[1], (width, n_classes), jnp.float32) / np.sqrt(width)}}
+               "head": {"W": jax.random.normal(keys[1], (width, n_classes), jnp.float32) / float(np.sqrt(width))}}
     others = {"stem": {"bn": _bn_init(width)}, "head": {"b": jnp.zeros(n_classes, jnp.float32)}}
     state = {"stem": {"bn": _bn_state(width)}}
     for b in range(blocks):
@@ -159,7 +159,7 @@ def apply(params, state, x, image_shape, *, train: bool = False, dropout: float 
     """Logits of flattened images ``x`` and the BatchNorm state after them (updated in training)."""
     kernels, others = params
     blocks = len(kernels) - 2
-    h = x.reshape(x.shape[0], *image_shape, 1)
+    h = x.reshape(x.shape[0], *image_shape, 1).astype(kernels["stem"]["conv"].dtype)  # in the weights' dtype
     new = {}
     h, bn = _batch_norm(_conv(h, kernels["stem"]["conv"]), others["stem"]["bn"], state["stem"]["bn"], train)
     new["stem"] = {"bn": bn}
