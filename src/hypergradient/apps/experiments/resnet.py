@@ -66,7 +66,9 @@ class Config(runner.Config):
         0 at T) and the global gradient norm clipped to.
       wd0, aug0, dropout: the hand-set weight decay and augmentation strength (the baseline and
         where tuning starts) and the dropout rate (fixed).
-      lr_scale_bounds, wd_bounds, aug_bounds: the box λ is kept in.
+      lr_scale_bounds, wd_bounds, aug_bounds: the box λ is kept in (its centre is the hand-set
+        λ, where ``hypergradient compare resnet`` starts its gradient run).
+      flip: whether the augmentation's copy is also flipped at random (else only shifted).
     """
 
     DEFAULTS = {
