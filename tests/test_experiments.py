@@ -13,12 +13,15 @@ import dataclasses
 import json
 import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import hypergradient as hg
 from hypergradient.apps.cli import main
 from hypergradient.apps import datasets, experiments
-from hypergradient.apps.experiments import plots, realtime, runner
+from hypergradient.apps.experiments import plots, realtime, resnet, runner
 from hypergradient.errors import ExperimentError
 
 
@@ -136,6 +139,55 @@ def test_l2_per_weight_by_reversible_learning(tmp_path, capsys):
     result, config, _, _ = run_tiny(tmp_path, capsys, "l2-per-weight", "--method", "reversible")
     assert config["method"] == "reversible"
     assert result["val_loss_per_weight"] < result["val_loss_shared"]
+
+
+def test_resnet_beats_its_hand_set_hyperparameters(tmp_path, capsys):
+    result, config, rows, out = run_tiny(tmp_path, capsys, "resnet")
+    assert config["method"] == "checkpoint" and len(rows) == result["hyper_steps"] == config["hyper_steps"]
+    assert result["val_loss_tuned"] < result["val_loss_hand_set"]
+    assert result["test_error_tuned"] <= result["test_error_hand_set"]
+    assert result["groups"] == ["stem", "block0", "head"] and len(result["lr_scale_end"]) == 3
+    assert result["lr_scale_end"] != pytest.approx([1.0] * 3)  # the per-layer multipliers moved
+    lo, hi = config["aug_bounds"]
+    assert lo <= result["aug_end"] <= hi and result["aug_end"] != pytest.approx(result["aug_start"])
+    assert {"lr_scale_stem", "wd", "aug"} <= set(rows[0])
+    assert "resnet.png" in result["plots"] and "hand-set" in out.err
+
+
+def test_resnet_augmentation_is_a_smooth_mix_with_a_flipped_shifted_copy():
+    x = jax.random.uniform(jax.random.key(0), (5, 64))
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(resnet.augment(x, 0.0, key, (8, 8)), x)
+    full = resnet.augment(x, 1.0, key, (8, 8))
+    for image, moved in zip(np.asarray(x).reshape(5, 8, 8), np.asarray(full).reshape(5, 8, 8)):
+        padded = np.pad(image, 1)
+        copies = [c for dy in range(3) for dx in range(3) for c in (padded[dy:dy + 8, dx:dx + 8],
+                                                                    padded[dy:dy + 8, dx:dx + 8][:, ::-1])]
+        assert any(np.allclose(moved, c) for c in copies)
+    half = resnet.augment(x, 0.5, key, (8, 8))
+    np.testing.assert_allclose(half, 0.5 * (x + full), rtol=1e-6)
+    slope = jax.grad(lambda m: jnp.sum(resnet.augment(x, m, key, (8, 8)) ** 2))(0.3)
+    assert np.isfinite(slope) and slope != 0
+
+
+def test_resnet_compare_problem_starts_at_the_hand_set_run_and_scores_its_state():
+    pytest.importorskip("optuna")
+    from hypergradient.apps.compare import problem as compare_problem
+    from hypergradient.apps.compare.clock import Run
+    from hypergradient.apps.compare.runners import score_choice
+    from hypergradient.apps.compare.space import lam_centre
+
+    config = resnet.tiny().resolved()
+    data = datasets.load(config.dataset, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test)
+    exp = resnet.Resnet(config, data)
+    hand_set = exp.scores(exp.train(exp.lam0))
+    many = compare_problem.resnet_problems("digits", None, True, ["many"])["many"]
+    centre = lam_centre(many.space)
+    assert {k: v.shape for k, v in centre.items()} == {k: v.shape for k, v in exp.lam0.items()}
+    run = Run("random", "many", config.seed, [(0.0, 0.0)], {k: np.asarray(v) for k, v in centre.items()}, 1)
+    score_choice(many, run)  # the validation objective and the test error at s_T, running statistics included
+    assert run.val_loss == pytest.approx(hand_set["val_loss"], rel=1e-4)
+    assert run.test_error == pytest.approx(hand_set["test_error"])
 
 
 @pytest.mark.parametrize("name", [n for n in experiments.names() if "reversible" in experiments.get(n).METHODS])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import hypergradient as hg
 
 from .. import datasets, methods, models
-from ..experiments import schedules
+from ..experiments import resnet, schedules
 from .programs import Programs
 from .space import Axis, Space
 
@@ -29,8 +29,8 @@ class Problem:
       space: the hyperparameters λ and their box.
       dynamics: ``seed -> hg.Dynamics``; the functions are shared across
         seeds (only arrays differ), so compiled programs are reused.
-      objective: ``(w, λ) -> validation loss``.
-      test: ``w -> (test loss, test error)``, jitted.
+      objective: ``(w, λ) -> validation loss`` (``(w, λ, state=s) ->`` for a run with a model state).
+      test: ``s_T -> (test loss, test error)``, jitted (s_T the final training state).
       online, online_every: the real-time method's name in :data:`hypergradient.apps.methods.METHODS`
         (``"rtho"`` or ``"trho"``, which truncates at Δ) and Δ.
       hyper_lr: Adam's learning rate on λ for the gradient methods.
@@ -82,8 +82,8 @@ def schedules_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: 
         return models.cross_entropy(models.mlp_apply(w, xv), yv)
 
     @jax.jit
-    def test(w):
-        logits = models.mlp_apply(w, xt)
+    def test(final):
+        logits = models.mlp_apply(final.params, xt)
         return models.cross_entropy(logits, yt), models.error_rate(logits, yt)
 
     lr = lambda shape: Axis("lr", shape, 1e-3, 10.0, "log")  # noqa: E731
@@ -134,8 +134,49 @@ def schedules_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: 
     return out
 
 
+def resnet_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: Sequence[str]) -> dict[str, Problem]:
+    """The ``resnet`` experiment's training run (its Config, sizes, seeds and box) with two parametrizations.
+
+    - few: one learning-rate multiplier for every layer group, the weight decay and the
+      augmentation strength (3 numbers);
+    - many: a multiplier per layer group (stem, blocks, head), the weight decay and the
+      augmentation strength (the λ of ``hypergradient run resnet``).
+
+    The box is the experiment's; its centre is the experiment's hand-set λ (multipliers 1), where
+    the gradient methods start.
+    """
+    config = resnet.tiny(dataset) if tiny else resnet.Config(dataset=dataset)
+    config = dataclasses.replace(config, data_dir=data_dir).resolved()
+    data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
+                         n_test=config.n_test)
+    xt, yt, shape = jnp.asarray(data.test.x), jnp.asarray(data.test.y), data.image_shape
+    objective = resnet.validation_objective(data)
+
+    @jax.jit
+    def test(final):
+        logits, _ = resnet.apply(final.params, final.model_state, xt, shape)
+        return models.cross_entropy(logits, yt), models.error_rate(logits, yt)
+
+    groups = len(resnet.groups(config.blocks))
+    out = {}
+    for regime in regimes:
+        space = {"log_lr_scale": Axis("lr_scale", () if regime == "few" else (groups,), *config.lr_scale_bounds, "log"),
+                 "log_wd": Axis("wd", (), *config.wd_bounds, "log"),
+                 "logit_aug": Axis("aug", (), *config.aug_bounds, "logit")}
+        out[regime] = Problem(
+            regime=regime, space=space, dynamics=resnet.make_dynamics(config, data),
+            objective=objective, test=test, online="rtho" if regime == "few" else "trho",
+            online_every=max(1, config.steps // 10), hyper_lr=config.hyper_lr,
+            description=(f"ResNet width {config.width}, {config.blocks} blocks, BatchNorm, AdamW, T={config.steps}, "
+                         f"batch {config.batch_size}, {config.n_train}/{config.n_val}/{len(data.test.y)} "
+                         "train/val/test"),
+        )
+    return out
+
+
 #: experiment name -> builder ``(dataset, data_dir, tiny, regimes) -> {regime: Problem}``.
-EXPERIMENTS: dict[str, Callable[..., dict[str, Problem]]] = {"schedules": schedules_problems}
+EXPERIMENTS: dict[str, Callable[..., dict[str, Problem]]] = {"schedules": schedules_problems,
+                                                            "resnet": resnet_problems}
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,12 +25,13 @@ class Programs:
 
     def __init__(self, problem):
         self.problem = problem
-        self.val = jax.jit(problem.objective)
+        objective = problem.objective
+        # the objective at s_T: with a model state (BatchNorm statistics) it reads that too
+        self.val = jax.jit(lambda dyn, state, lam: dyn.objective_at(objective, state, lam))
         dyn = problem.dynamics(0)
         T = dyn.steps
         self.chunks = PRUNING_CHUNKS if T % PRUNING_CHUNKS == 0 and T >= PRUNING_CHUNKS else 1
         K = T // self.chunks
-        objective = problem.objective
 
         @jax.jit
         def initial(dyn, lam):
@@ -39,7 +40,7 @@ class Programs:
         @jax.jit
         def segment(dyn, state, lam, start):
             state, losses = dyn.rollout(state, lam, start, K)
-            return state, losses, objective(state.params, lam)
+            return state, losses, dyn.objective_at(objective, state, lam)
 
         self.initial, self.segment, self.K = initial, segment, K
         # One constraint, method and optimizer object per hyper learning rate, so that every pass of
@@ -69,7 +70,7 @@ class Programs:
             lrs |= {self.hybrid_lr(k) for k in HYBRID_DOUBLINGS}
         for lr in sorted(lrs):
             self._warm_optimize(dyn, lam, lr)
-        jax.block_until_ready(self.problem.test(dyn.run(lam)))
+        jax.block_until_ready(self.problem.test(self.train(dyn, lam)[0]))
         return time.perf_counter() - t0
 
     def hybrid_lr(self, doublings: int) -> float:
@@ -86,13 +87,22 @@ class Programs:
         except hg.HyperDivergenceError:
             pass
 
+    @staticmethod
+    def train(dyn, lam):
+        """s_T of one plain training run at λ, and its per-step losses."""
+        return hg.dynamics.train(dyn, lam)
+
+    def final(self, dyn, lam):
+        """s_T of one plain training run at λ, ``None`` if training diverged."""
+        state, losses = self.train(dyn, lam)
+        return None if hg.dynamics.first_nonfinite(losses) is not None else state
+
     def evaluate(self, dyn, lam) -> float:
         """f(λ): one plain training run and the validation loss (``inf`` if training diverged)."""
-        try:
-            w = dyn.run(lam)
-        except hg.DivergenceError:
+        state = self.final(dyn, lam)
+        if state is None:
             return float("inf")
-        value = float(self.val(w, lam))
+        value = float(self.val(dyn, state, lam))
         return value if np.isfinite(value) else float("inf")
 
     def evaluate_chunked(self, dyn, lam, report: Callable[[float, int], bool]) -> float | None:

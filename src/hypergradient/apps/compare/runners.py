@@ -295,10 +295,9 @@ def score_choice(problem: Problem, run: Run) -> None:
         return
     dyn = problem.dynamics(run.seed)
     lam = {k: jnp.asarray(v, jnp.float32) for k, v in run.choice.items()}
-    try:
-        w = dyn.run(lam)
-    except hg.DivergenceError:
+    state = problem.programs.final(dyn, lam)
+    if state is None:
         return
-    run.val_loss = float(problem.programs.val(w, lam))
-    loss, error = problem.test(w)
+    run.val_loss = float(problem.programs.val(dyn, state, lam))
+    loss, error = problem.test(state)
     run.test_loss, run.test_error = float(loss), float(error)

@@ -34,6 +34,7 @@ _MODULES = {
     "realtime": "realtime",
     "distill": "distill",
     "l2-per-weight": "l2_per_weight",
+    "resnet": "resnet",
 }
 
 # One-line descriptions, kept here so listing imports no experiment.
@@ -43,6 +44,7 @@ DESCRIPTIONS = {
     "realtime": "Adam's learning rate and an L2 strength of a CNN, tuned during one run (RTHO/TRHO)",
     "distill": "ten synthetic training images, one per class, for logistic regression (Maclaurin §3.3)",
     "l2-per-weight": "one L2 strength per input weight of logistic regression (Maclaurin §3.2)",
+    "resnet": "per-layer learning rates, weight decay and augmentation of a small ResNet (BatchNorm, dropout, AdamW)",
 }
 
 
