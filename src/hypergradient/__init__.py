@@ -25,6 +25,7 @@ from .errors import DivergenceError as DivergenceError
 from .errors import Failure as Failure
 from .errors import HyperDivergenceError as HyperDivergenceError
 from .errors import ImplicitWarning as ImplicitWarning
+from .errors import UnusedHyperparameterWarning as UnusedHyperparameterWarning
 from .errors import MethodError as MethodError
 from .errors import ReversalError as ReversalError
 from .hypergrad import HypergradResult as HypergradResult

@@ -8,6 +8,7 @@ leaf of λ that nothing reads gets a zero hypergradient too. None of these raise
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -17,22 +18,26 @@ from jax.experimental import checkify
 from jax.extend.core import Literal
 
 from ._pytree import is_inexact
+from .errors import UnusedHyperparameterWarning
+from .precision import library_precision
 
 
 def check_fits(dyn, energy, lam) -> None:
-    """Raise ``ValueError`` naming a leaf of λ that no part of the run reads, or a per-step leaf
-    whose length does not match the run's ``T`` steps.
+    """Raise ``ValueError`` naming a per-step leaf of λ whose length does not match the run's ``T``
+    steps; warn (:class:`~hypergradient.UnusedHyperparameterWarning`) naming a leaf that no part
+    of the run reads.
 
     ``energy(s, λ)`` is the objective at a training state (as methods call it).
     """
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(lam)[0])
     names = [jax.tree_util.keystr(p) or "λ" for p in paths]
-    read_by = {part: _reads(fn, lam) for part, fn in _parts(dyn, energy).items()}
+    with library_precision():  # the loss is traced as the run traces it
+        read_by = {part: _reads(fn, lam) for part, fn in _parts(dyn, energy).items()}
     for i, name in enumerate(names):
         if not any(reads[i] for reads in read_by.values()):
-            raise ValueError(
+            warnings.warn(UnusedHyperparameterWarning(
                 f"hyperparameter λ{name} is read by nothing (not by init, optimizer_hparams, the loss or the "
-                "objective), so its hypergradient would be zero: remove it from λ, or use it")
+                "objective), so its hypergradient is zero: remove it from λ, or use it"), stacklevel=4)
     _check_last_step(dyn, lam, names, leaves)
     schedules = [i for i, x in enumerate(leaves) if read_by["optimizer_hparams"][i] and np.ndim(x) >= 1
                  and np.shape(x)[0] > dyn.steps and not any(read_by[p][i] for p in read_by if p != "optimizer_hparams")]

@@ -78,6 +78,11 @@ class ImplicitWarning(UserWarning):
     not converged): the hypergradient may be far off. ``Implicit(strict=True)`` raises instead."""
 
 
+class UnusedHyperparameterWarning(UserWarning):
+    """A leaf of λ that no part of the run reads: its hypergradient is zero (a misspelt key, or a
+    λ shared with another run)."""
+
+
 class ChaosWarning(UserWarning):
     """The backward pass grew by many orders of magnitude (``stats["backward_growth"]``): the run
     is chaotic in its weights and the hypergradient is dominated by that sensitivity."""
