@@ -183,7 +183,9 @@ def test_rerun_after_kill_9_resumes_and_keeps_the_finished_trials(tmp_path):
         before = wait_for_a_finished_trial(driver, out)
     finally:
         kill_tree(driver)
-    assert not (out / "trials.csv").exists()
+    # on a quick machine the last trial can finish before the kill lands: the rerun must then
+    # rebuild the table from Tune's records all the same
+    (out / "trials.csv").unlink(missing_ok=True)
     again = subprocess.run(cli_command(out, "--trials", "3"), env=cli_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
