@@ -448,7 +448,7 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
 
     Compiles a few programs of a few steps for their memory (never run): Reverse at two horizons,
     Truncated, Forward and Reversible where they are candidates, and the objective's gradient alone;
-    the other rows follow from the memory laws of :func:`predict`. Times one short training run and
+    the other rows follow from the memory laws of ``planning.predict``. Times one short training run and
     the objective's gradient. Under a budget, the choice's own program is compiled at full length
     (hypergrad's cache keeps it for the run) to check that it fits. ``hg.Auto(memory_budget)``
     makes the same choice.
