@@ -45,5 +45,7 @@ from .objectives import chunked as chunked
 from .planning import Auto as Auto
 from .planning import Plan as Plan
 from .planning import plan as plan
+from .smoothness import Smoothness as Smoothness
+from .smoothness import smoothness as smoothness
 
 __version__ = "0.1.0"
