@@ -71,14 +71,14 @@ class Smoothness:
 
     def __str__(self) -> str:
         growth = "not measured" if self.backward_growth is None else f"{self.backward_growth:.3g}x"
-        head = f"smoothness at f(λ) = {self.value:.6g}; backward growth {growth}"
-        table = [("direction", "exact gᵀd", *(f"h={s:.0e}{'*' if j else ''}" for s, j in zip(self.scales, self.judged)))]
+        head = f"smoothness at f(λ) = {self.value:.6g}, ‖g‖ = {abs(self.exact[0]):.4g}; backward growth {growth}"
+        table = [("direction", "exact gᵀd", *(f"s={s:.0e}{'*' if j else ''}" for s, j in zip(self.scales, self.judged)))]
         for name, e, row in zip(self.directions, self.exact, self.slopes):
             table.append((name, f"{e:+.4g}", *(f"{x:+.4g}" for x in row)))
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
         verdict = "ok: the exact hypergradient describes the slopes" if self.ok else f"not ok: {self.reason}"
-        return "\n".join([head, *lines, "(slopes over steps h = scale·‖λ‖; *: judged)", verdict])
+        return "\n".join([head, *lines, "(slopes of f over steps h = s·‖λ‖ along each unit direction; *: judged)", verdict])
 
 
 def smoothness(dyn: Dynamics, objective: Objective, lam, *, method: Method | None = None, scales=SCALES,
