@@ -100,15 +100,34 @@ def test_thresholds_are_arguments():
     assert not wide.ok and "scale 1e-01" in wide.reason
     with pytest.raises(ValueError, match="scales must be positive"):
         hg.smoothness(dyn, objective, lam, scales=(0.0,))
+    with pytest.raises(ValueError, match="holds none of the scales"):
+        hg.smoothness(dyn, objective, lam, scales=(1e-5,))
+
+
+@functools.cache
+def chaotic():
+    """Gradient descent on a periodic loss with a large step (as in test_hypergrad): bounded forward,
+    exploding backward."""
+    dyn = hg.Dynamics(init=jnp.asarray([0.3, 1.1]), loss=lambda w, lam, b: -jnp.sum(jnp.cos(w)),
+                      optimizer=hg.optim.sgd(), optimizer_hparams=lambda lam, t: {"lr": lam["lr"]}, steps=200)
+    return dyn, lambda w, lam: jnp.sum(jnp.sin(w)), {"lr": jnp.asarray(5.0)}
 
 
 def test_a_chaotic_run_is_flagged_and_the_warning_points_to_the_check():
-    dyn = hg.Dynamics(init=jnp.asarray([0.3, 1.1]), loss=lambda w, lam, b: -jnp.sum(jnp.cos(w)),
-                      optimizer=hg.optim.sgd(), optimizer_hparams=lambda lam, t: {"lr": lam["lr"]}, steps=200)
-    objective = lambda w, lam: jnp.sum(jnp.sin(w))  # noqa: E731
-    lam = {"lr": jnp.asarray(5.0)}
+    dyn, objective, lam = chaotic()
     with pytest.warns(hg.ChaosWarning, match=r"hg\.smoothness.*hg\.ES, hg\.PES"):
         hg.hypergrad(dyn, objective, lam)
     check = hg.smoothness(dyn, objective, lam, random_directions=0)
     assert not check.ok
     assert check.backward_growth > 1e8 and "chaotic" in check.reason
+
+
+def test_plan_reports_the_check():
+    dyn, objective, lam = chaotic()
+    text = str(hg.plan(dyn, objective, lam, check_smoothness=True))
+    assert "hg.smoothness: not ok: the backward pass grew" in text
+    assert "chaotic" in text and "(hg.ES, hg.PES)" in text
+    dyn, objective, lam = ridge_problem()
+    p = hg.plan(dyn, objective, lam, check_smoothness=True)
+    assert p.smoothness.ok and "hg.smoothness: ok" in str(p)
+    assert hg.plan(dyn, objective, lam).smoothness is None

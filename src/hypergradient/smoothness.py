@@ -25,12 +25,17 @@ from ._pytree import partition, signature
 from .dynamics import Dynamics, check_finite
 from .errors import Failure
 from .hypergrad import ProgramCache, compiled, raise_failure, trained_objective
+from .hypergrad import _check_types as check_types
 from .methods.base import Method, Objective
 from .methods.reverse import CHAOS_GROWTH, Reverse
 from .precision import matmul_precision
 
 #: The default scales of the steps h = scale·‖λ‖ at which slopes are measured.
 SCALES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: What to do where the exact hypergradient cannot be trusted.
+REMEDIES = ("use smooth activations (SiLU, GELU, tanh) and average pooling, a shorter horizon (hg.Truncated(k), "
+            "hg.online), a lower learning rate, or an evolution-strategy estimator of the smoothed objective "
+            "(hg.ES, hg.PES)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,7 +52,7 @@ class Smoothness:
       scales: the relative scales; ``steps`` the steps h = scale·‖λ‖ they give.
       exact: gᵀd per direction, shape ``(directions,)``.
       slopes: the central-difference slopes, shape ``(directions, scales)``.
-      disagreement: |slope − exact| / max(|slope|, |exact|) (0: equal, 1: one is 0 or they have
+      disagreement: ``|slope − exact| / max(|slope|, |exact|)`` (0: equal, 1: one is 0 or they have
         opposite signs, up to 2), shape ``(directions, scales)``.
       sign_agrees: slope and exact have the same sign, shape ``(directions, scales)``.
       judged: which scales the verdict reads (those within ``step_range``), shape ``(scales,)``.
@@ -77,7 +82,7 @@ class Smoothness:
             table.append((name, f"{e:+.4g}", *(f"{x:+.4g}" for x in row)))
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
-        verdict = "ok: the exact hypergradient describes the slopes" if self.ok else f"not ok: {self.reason}"
+        verdict = "ok: the exact hypergradient describes the slopes" if self.ok else f"not ok: {self.reason}; {REMEDIES}"
         return "\n".join([head, *lines, "(slopes of f over steps h = s·‖λ‖ along each unit direction; *: judged)", verdict])
 
 
@@ -128,6 +133,11 @@ def smoothness(dyn: Dynamics, objective: Objective, lam, *, method: Method | Non
         raise ValueError(f"scales must be positive numbers, got {scales!r}")
     if random_directions < 0:
         raise ValueError(f"random_directions must be >= 0, got {random_directions}")
+    if not any(step_range[0] <= s <= step_range[1] for s in scales):
+        raise ValueError(f"step_range {step_range!r} holds none of the scales {scales!r}: nothing would be judged")
+    if not factor >= 1:
+        raise ValueError(f"factor is the largest ratio that agrees, at least 1; got {factor!r}")
+    check_types(dyn, method)
     check_finite(lam, "hyperparameter")
     method = method.resolve(dyn, lam, objective)
     exe, _, _ = compiled(dyn, objective, method, lam)
