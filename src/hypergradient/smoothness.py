@@ -77,13 +77,16 @@ class Smoothness:
     def __str__(self) -> str:
         growth = "not measured" if self.backward_growth is None else f"{self.backward_growth:.3g}x"
         head = f"smoothness at f(λ) = {self.value:.6g}, ‖g‖ = {abs(self.exact[0]):.4g}; backward growth {growth}"
-        table = [("direction", "exact gᵀd", *(f"s={s:.0e}{'*' if j else ''}" for s, j in zip(self.scales, self.judged)))]
+        scales = (f"s={s:.0e}{'*' if j else ''}" for s, j in zip(self.scales, self.judged))
+        table = [("direction", "exact gᵀd", *scales)]
         for name, e, row in zip(self.directions, self.exact, self.slopes):
             table.append((name, f"{e:+.4g}", *(f"{x:+.4g}" for x in row)))
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in table]
         verdict = "ok: the exact hypergradient describes the slopes" if self.ok else f"not ok: {self.reason}; {REMEDIES}"
-        return "\n".join([head, *lines, "(slopes of f over steps h = s·‖λ‖ along each unit direction; *: judged)", verdict])
+        note = "(slopes of f over steps h = s·‖λ‖ along each unit direction; *: judged)"
+        return "\n".join([head, *lines, note, verdict])
 
 
 def smoothness(dyn: Dynamics, objective: Objective, lam, *, method: Method | None = None, scales=SCALES,
@@ -185,7 +188,8 @@ def _reason(g_norm, growth, growth_limit, slopes, exact, agrees, judged, sign_ag
     if not math.isfinite(g_norm):
         return "the exact hypergradient is not finite (the backward pass overflowed: chaos)"
     if growth is not None and not growth <= growth_limit:
-        return f"the backward pass grew {growth:.3g}x (more than {growth_limit:.3g}x): the run is chaotic in its weights"
+        return (f"the backward pass grew {growth:.3g}x (more than {growth_limit:.3g}x): the run is chaotic in its "
+                "weights")
     bad = judged[None, :] & ~(agrees & np.isfinite(slopes))
     if not bad.any():
         return ""
