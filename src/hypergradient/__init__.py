@@ -1,9 +1,9 @@
 """hypergradient: tune hyperparameters by gradient descent through the training run.
 
 Layers, each importing only those above it in this list: ``dynamics``, ``data``, ``optim`` (the
-training run); ``methods`` (how to differentiate it); ``hypergrad`` and ``planning`` (the entry points);
-``drivers`` and ``constraints`` (tuning λ); ``apps`` (datasets, experiments, the CLI), which the
-rest never imports.
+training run); ``methods`` (how to differentiate it); ``hypergrad``, ``smoothness`` and
+``planning`` (the entry points); ``drivers`` and ``constraints`` (tuning λ); ``apps`` (datasets,
+experiments, the CLI), which the rest never imports.
 """
 
 from . import constraints as constraints
@@ -45,5 +45,7 @@ from .objectives import chunked as chunked
 from .planning import Auto as Auto
 from .planning import Plan as Plan
 from .planning import plan as plan
+from .smoothness import Smoothness as Smoothness
+from .smoothness import smoothness as smoothness
 
 __version__ = "0.1.0"

@@ -85,7 +85,10 @@ class UnusedHyperparameterWarning(UserWarning):
 
 class ChaosWarning(UserWarning):
     """The backward pass grew by many orders of magnitude (``stats["backward_growth"]``): the run
-    is chaotic in its weights and the hypergradient is dominated by that sensitivity."""
+    is chaotic in its weights and the hypergradient is dominated by that sensitivity.
+    :func:`hypergradient.smoothness` checks whether it still describes the objective's slopes;
+    evolution-strategy estimators (``hg.ES``, ``hg.PES``) estimate the gradient of the smoothed
+    objective without a backward pass."""
 
 
 class CheckpointMismatchError(ValueError):

@@ -67,6 +67,7 @@ from .errors import MethodError
 from .hypergrad import ProgramCache, compiled, temp_bytes, value_and_grad
 from .methods import DrMAD, Forward, Method, Reverse, Reversible, Truncated
 from .methods.base import Objective
+from .smoothness import REMEDIES, Smoothness, smoothness
 
 #: Forward is a candidate up to this many hyperparameters (its time grows like 1 + m).
 FORWARD_MAX_HPARAMS = 16
@@ -318,7 +319,10 @@ class Auto(Method):
     from the shapes alone, with ½‖w_T‖² standing in for the objective (whose arrays may be traced
     there): the budget then covers differentiating the run, and the objective's own temporaries
     (a validation forward pass) come on top. The choice is made once per budget and problem
-    shapes; :func:`hypergradient.hypergrad` reports it in ``stats["method"]``.
+    shapes; :func:`hypergradient.hypergrad` reports it in ``stats["method"]``. The choice weighs
+    cost and memory only: where Reverse's backward growth says chaos (``hg.ChaosWarning``), or on a
+    relu run, no exact method's hypergradient may describe the objective; ``hg.plan(...,
+    check_smoothness=True)`` and :func:`hypergradient.smoothness` say whether it does.
 
     Args:
       memory_budget: bytes of XLA temporary memory the program may use (``None``: no limit).
@@ -408,6 +412,9 @@ class Plan:
       objective_bytes: XLA's temporary memory of the objective's value and gradient alone, part of
         every row's bytes (:func:`hypergradient.chunked` lowers it).
       seconds: what making this plan took.
+      smoothness: the :func:`hypergradient.smoothness` check at λ (``plan(..., check_smoothness=True)``),
+        run with a Reverse that fits, whose backward growth says whether the run is chaotic;
+        ``None``: not checked.
     """
 
     rows: tuple[Row, ...]
@@ -418,6 +425,7 @@ class Plan:
     training_seconds: float
     objective_bytes: int = -1
     seconds: float = 0.0
+    smoothness: Smoothness | None = None
 
     def __str__(self) -> str:
         budget = "no memory budget" if self.memory_budget is None else f"memory budget {_size(self.memory_budget)}"
@@ -440,10 +448,23 @@ class Plan:
             smallest = min((r.bytes for r in self.rows if r.exact and r.bytes >= 0), default=-1)
             tail = ("choice: none, no exact method fits the budget; "
                     + advice(self.memory_budget, smallest, self.objective_bytes))
-        return "\n".join([head, *lines, tail, f"(planned in {self.seconds:.3g} s; ~: predicted from short programs)"])
+        return "\n".join([head, *lines, tail, *_smoothness_lines(self.smoothness),
+                          f"(planned in {self.seconds:.3g} s; ~: predicted from short programs)"])
 
 
-def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = None) -> Plan:
+def _smoothness_lines(check: Smoothness | None) -> list[str]:
+    """The plan's line on whether the exact hypergradient can be trusted (none when not checked)."""
+    if check is None:
+        return []
+    if check.ok:
+        growth = "" if check.backward_growth is None else f" (Reverse's backward growth {check.backward_growth:.3g}x)"
+        return [f"hg.smoothness: ok, the exact hypergradient describes the objective's slopes{growth}"]
+    return [f"hg.smoothness: not ok: {check.reason}; no exact method's hypergradient can be "
+            f"trusted here: {REMEDIES}"]
+
+
+def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = None, *,
+         check_smoothness: bool = False) -> Plan:
     """Every applicable method for this run, its XLA temporary memory and predicted time, and the choice.
 
     Compiles a few programs of a few steps for their memory (never run): Reverse at two horizons,
@@ -458,6 +479,9 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
       objective: ``(w, λ) -> scalar`` at the final weights, as for :func:`hypergradient.hypergrad`.
       lam: the hyperparameters (concrete: the probe runs).
       memory_budget: bytes of XLA temporary memory allowed (``None``: no limit).
+      check_smoothness: also run :func:`hypergradient.smoothness` at λ with the fastest Reverse that
+        fits (a hypergradient and 30 training runs): the plan then says whether the backward pass is
+        chaotic and the exact hypergradient describes the objective, and what to do when not.
 
     Returns:
       A :class:`Plan`; ``print`` it for the table, run ``.choice``.
@@ -471,8 +495,14 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
     rows = [r._replace(seconds=objective_seconds + r.cost * step * dyn.steps) for r in rows]
     best, rows = _pick(dyn, objective, lam, rows, memory_budget)
     rows.sort(key=lambda r: (not r.exact, r.cost, r.bytes))
+    check = None
+    if check_smoothness:
+        fits = [r.method for r in rows if isinstance(r.method, Reverse) and r.bytes is not None
+                and (memory_budget is None or 0 <= r.bytes <= memory_budget)]
+        if fits or best is not None:
+            check = smoothness(dyn, objective, lam, method=fits[0] if fits else best.method)
     return Plan(tuple(rows), best and best.method, memory_budget, dyn.steps, m, step * dyn.steps, p.objective,
-                time.perf_counter() - start)
+                time.perf_counter() - start, check)
 
 
 def _time_objective(dyn, objective, lam) -> float:

@@ -100,7 +100,9 @@ class Reverse(Method):
         return ChaosWarning(
             f"the backward pass {grew(stats['backward_growth'])} (largest ‖α_t‖ against ‖α_T‖): the training "
             "run is chaotic in its weights, and this hypergradient measures that chaos rather than a trend in λ; "
-            "use a shorter horizon, hg.Truncated(k), or a smaller learning rate"
+            "hg.smoothness(dyn, objective, λ) compares it with the objective's slopes; use a shorter horizon, "
+            "hg.Truncated(k), a smaller learning rate, or an evolution-strategy estimator of the smoothed "
+            "objective (hg.ES, hg.PES), which needs no backward pass"
         )
 
 
