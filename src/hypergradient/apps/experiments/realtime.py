@@ -43,7 +43,7 @@ from . import plots, runner
 from .folder import history_columns
 
 NAME = "realtime"
-METHODS = ("rtho", "trho", "reverse")
+METHODS = ("rtho", "trho", "pes", "nres", "reverse", "es")
 
 
 @dataclasses.dataclass(frozen=True)
