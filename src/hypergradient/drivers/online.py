@@ -177,14 +177,15 @@ def _interval(method: Method, every: int | None, steps: int) -> int:
     if not isinstance(method, Segmented):
         raise MethodError(
             f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO), "
-            f"hg.Truncated(k) (TRHO), hg.PES(...) or hg.NRES(...); {method!r} differentiates a whole run and cannot update λ "
-            f"during it. Use hg.optimize for offline tuning with {type(method).__name__}."
+            f"hg.Truncated(k) (TRHO), hg.PES(...) or hg.NRES(...); {method!r} estimates the hypergradient of a "
+            f"whole run and cannot update λ during it. Use hg.optimize for offline tuning with {type(method).__name__}."
         )
     if every is None:
         if isinstance(method, Truncated):
             every = method.k
         else:
-            raise ValueError(f"online with {method!r} needs every=Δ, the training steps between updates")
+            raise ValueError(f"online with {method!r} needs every=Δ, the training steps between "
+                             "updates")
     every = check_int("every", every)
     if every > steps:
         raise ValueError(f"every={every} is longer than the training run (steps={steps}): no update would happen")

@@ -100,7 +100,7 @@ class PES(_Unrolled):
 
     In ``hg.online(..., method=hg.PES(...), every=Δ)`` each update uses the estimate at the end of
     its segment; the particles and ξ are part of the checkpointed carry. A whole-run
-    ``hg.value_and_grad`` is :class:`ES`. ``stats`` as ES's.
+    ``hg.value_and_grad`` is :class:`~hypergradient.ES`. ``stats`` as ES's.
     """
 
     sigma: float = 0.1
@@ -118,7 +118,7 @@ class NRES(_Unrolled):
       pairs: N, the antithetic pairs (2N particles).
       key: an int seed or a ``jax.random`` key.
 
-    Used as :class:`PES` is; its estimate at segment j uses that segment's objectives only, with
+    Used as :class:`~hypergradient.PES` is; its estimate at segment j uses that segment's objectives only, with
     a variance that does not grow with j.
     """
 
