@@ -89,7 +89,7 @@ def test_unknown_dataset(capsys):
 
 def test_unknown_method_names_the_ones_that_apply(capsys, tmp_path):
     code, err = error_of(["run", "realtime", "--method", "drmad", "--out", str(tmp_path / "x")], capsys)
-    assert code == 2 and "rtho, trho, reverse" in err
+    assert code == 2 and "rtho, trho, pes, nres, reverse, es" in err
     assert not (tmp_path / "x").exists()
 
 

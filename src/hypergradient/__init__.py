@@ -32,9 +32,12 @@ from .hypergrad import HypergradResult as HypergradResult
 from .hypergrad import hypergrad as hypergrad
 from .hypergrad import value_and_grad as value_and_grad
 from .methods import DrMAD as DrMAD
+from .methods import ES as ES
 from .methods import Forward as Forward
 from .methods import Implicit as Implicit
 from .methods import Method as Method
+from .methods import NRES as NRES
+from .methods import PES as PES
 from .methods import Reverse as Reverse
 from .methods import Reversible as Reversible
 from .methods import Segmented as Segmented

@@ -46,10 +46,16 @@ METHODS: dict[str, Entry] = {
                   lambda k, c: hg.Auto()),
     "implicit": Entry("implicit function theorem at w_T (exact at a stationary point; memory ~d)",
                       lambda k, c: hg.Implicit()),
+    "es": Entry("evolution strategies: 2N antithetic perturbed runs, no derivative (smoothed; for chaotic runs)",
+                lambda k, c: hg.ES()),
     "rtho": Entry("real-time forward (RTHO): λ updated every Δ steps of one run, tangent carried",
                   lambda k, c: hg.Forward(), realtime=True),
     "trho": Entry("real-time truncated reverse (TRHO): λ updated every Δ steps from the last K steps",
                   lambda k, c: hg.Truncated(k), realtime=True),
+    "pes": Entry("real-time persistent evolution strategies: perturbed particles carried, perturbations accumulated",
+                 lambda k, c: hg.PES(), realtime=True),
+    "nres": Entry("real-time noise-reuse evolution strategies: one perturbation per particle for the whole run",
+                  lambda k, c: hg.NRES(), realtime=True),
 }
 
 

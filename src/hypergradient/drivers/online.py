@@ -12,6 +12,8 @@ RTHO (Algorithm 1, ``method=Forward()``): the carry holds the tangent Z_t = ∂s
 so g = ∂E/∂s_t · Z_t + ∂E/∂λ. TRHO (``method=Truncated(k)``): each segment
 backpropagates through the last k steps from the state k steps back, held fixed (k ≤ Δ, or
 k = rΔ reaching into the r − 1 intervals before, see :mod:`~hypergradient.methods.truncated`).
+PES and NRES (``method=PES(...)``, ``NRES(...)``): the carry holds 2N perturbed particles and their
+accumulated perturbations, and g is an evolution-strategy estimate (:mod:`~hypergradient.methods.pes`).
 
 The run is one ``lax.scan`` over hyper-steps, with the optax update and the projection P inside
 it. RTHO costs ~(1 + c·m)× a training run and m·d memory (m hyperparameters); TRHO
@@ -106,14 +108,15 @@ def online(
         draw validation minibatch ``k`` (``hg.Batches(...)(k)``). An objective
         with three required positional parameters gets ``k``.
       lam0: the initial hyperparameters.
-      method: ``hg.Forward()`` (RTHO, default) or ``hg.Truncated(k)`` (TRHO,
+      method: ``hg.Forward()`` (RTHO, default), ``hg.Truncated(k)`` (TRHO,
         backpropagating through the last ``k`` steps: ``k <= every``, or a
         multiple of ``every`` that reaches into earlier intervals, their λ
         shifted with the current one; the state ``k`` steps back is held
-        fixed, so the path through ``init(λ)`` is never differentiated).
-        Other methods raise ``MethodError``.
+        fixed, so the path through ``init(λ)`` is never differentiated), or
+        ``hg.PES(...)`` / ``hg.NRES(...)`` (evolution strategies over the
+        truncations, no derivative taken). Other methods raise ``MethodError``.
       every: Δ, the number of training steps between hyper-updates. Required
-        for ``Forward``; ``Truncated(k)`` defaults it to ``k``. The run makes
+        except for ``Truncated(k)``, which defaults it to ``k``. The run makes
         ⌊T/Δ⌋ hyper-updates, at steps Δ, 2Δ, ...; the last T mod Δ steps
         train with the final λ and no update.
       hyper_optimizer: optax optimizer over λ (default ``optax.adam(1e-2)``).
@@ -143,7 +146,7 @@ def online(
     Raises:
       HyperDivergenceError: training (or the hypergradient) went non-finite;
         names the hyper-step and the training step, holds the last good λ.
-      MethodError: a method other than Forward or Truncated.
+      MethodError: a method other than Forward, Truncated, PES or NRES.
     """
     method = Forward() if method is None else method
     hyper_optimizer = DEFAULT_HYPER_OPTIMIZER if hyper_optimizer is None else hyper_optimizer
@@ -173,15 +176,16 @@ def _interval(method: Method, every: int | None, steps: int) -> int:
     """Δ, checked: a positive int no longer than the run, and one that ``method`` can serve."""
     if not isinstance(method, Segmented):
         raise MethodError(
-            f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO) or "
-            f"hg.Truncated(k) (TRHO); {method!r} differentiates a whole run and cannot update λ "
-            f"during it. Use hg.optimize for offline tuning with {type(method).__name__}."
+            f"online (real-time) hyperparameter optimization needs method=hg.Forward() (RTHO), "
+            f"hg.Truncated(k) (TRHO), hg.PES(...) or hg.NRES(...); {method!r} estimates the hypergradient of a "
+            f"whole run and cannot update λ during it. Use hg.optimize for offline tuning with {type(method).__name__}."
         )
     if every is None:
         if isinstance(method, Truncated):
             every = method.k
         else:
-            raise ValueError("online with hg.Forward() (RTHO) needs every=Δ, the training steps between updates")
+            raise ValueError(f"online with {method!r} needs every=Δ, the training steps between "
+                             "updates")
     every = check_int("every", every)
     if every > steps:
         raise ValueError(f"every={every} is longer than the training run (steps={steps}): no update would happen")

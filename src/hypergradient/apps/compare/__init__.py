@@ -14,10 +14,13 @@ and seed:
   loss after each quarter of the training run;
 - ``hypergradient``: ``hg.optimize`` with ``hg.Reverse()`` and Adam on λ
   (one training run plus its reverse pass per hyper-step);
+- ``es``: the same with ``hg.ES()`` (8 antithetic pairs, σ = 0.1): the gradient of the
+  smoothed objective from 17 training runs per hyper-step, nothing differentiated;
 - ``online``: ``hg.online`` (RTHO with ``hg.Forward()`` for the few
   hyperparameters, TRHO with ``hg.Truncated(Δ)`` for the many), repeated:
   each pass is one training run during which λ moves every Δ steps, the next
   pass starts from the λ the previous one ended with;
+- ``pes``: the same passes with ``hg.PES()`` (8 antithetic particles, σ = 0.1);
 - ``hybrid``: TPE over the outer settings of hypergradient descent (the
   hyper learning rate, and where λ starts: one number per entry), each trial
   ten hyper-steps of ``hg.optimize`` from there. The same hybrid as
@@ -28,7 +31,7 @@ Two regimes: ``few`` (one learning rate, one momentum, one L2 strength) and
 ``many`` (a learning rate and a momentum per training step and per layer,
 and an L2 strength per layer: 2·T·L + L numbers). All methods search the same
 box (the black-box samplers draw from it, the gradient methods are projected
-onto it); ``hypergradient`` and ``online`` start from its centre.
+onto it); the gradient and real-time methods start from its centre.
 
 Compilation is excluded from every method's clock: each regime's programs
 are compiled once, before any clock starts, and reused by every trial and

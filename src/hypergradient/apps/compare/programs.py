@@ -47,6 +47,8 @@ class Programs:
         # hg.online, every hyper-step of hg.optimize (and every seed) hits their caches of compiled programs.
         self.box = box_constraint(problem.space)
         self.reverse = method_names.make("reverse")
+        self.es = method_names.make("es")
+        self.pes = method_names.make("pes")
         self._adam: dict[float, Any] = {}
 
     def adam(self, lr: float):
@@ -60,7 +62,7 @@ class Programs:
         t0 = time.perf_counter()
         dyn = self.problem.dynamics(0)
         lam = lam_centre(self.problem.space)
-        if "random" in methods or "online" in methods:
+        if {"random", "online", "pes"} & set(methods):
             self.evaluate(dyn, lam)
         if "tpe" in methods:
             state = self.initial(dyn, lam)
@@ -70,6 +72,8 @@ class Programs:
             lrs |= {self.hybrid_lr(k) for k in HYBRID_DOUBLINGS}
         for lr in sorted(lrs):
             self._warm_optimize(dyn, lam, lr)
+        if "es" in methods:
+            self._warm_optimize(dyn, lam, self.problem.hyper_lr, self.es)
         jax.block_until_ready(self.problem.test(self.train(dyn, lam)[0]))
         return time.perf_counter() - t0
 
@@ -78,11 +82,12 @@ class Programs:
         rather than a continuous range, so that each hyper-update is compiled once, in the warm-up."""
         return self.problem.hyper_lr * 2.0**doublings
 
-    def _warm_optimize(self, dyn, lam, lr: float) -> None:
-        """One hyper-step of ``hg.optimize`` at hyper learning rate ``lr``: compiles its hypergradient,
-        its hyper-update (Adam at ``lr`` and the box) and its final evaluation."""
+    def _warm_optimize(self, dyn, lam, lr: float, method=None) -> None:
+        """One hyper-step of ``hg.optimize`` at hyper learning rate ``lr``: compiles its hypergradient
+        (Reverse-HG's, or ``method``'s), its hyper-update (Adam at ``lr`` and the box) and its final
+        evaluation."""
         try:
-            hg.optimize(dyn, self.problem.objective, lam, method=self.reverse, hyper_optimizer=self.adam(lr),
+            hg.optimize(dyn, self.problem.objective, lam, method=method or self.reverse, hyper_optimizer=self.adam(lr),
                         hyper_steps=1, constraint=self.box, progress=False)
         except hg.HyperDivergenceError:
             pass

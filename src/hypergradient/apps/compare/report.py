@@ -11,8 +11,8 @@ import numpy as np
 from ..experiments.plots import pyplot, savefig
 from .clock import Run
 
-COLORS = {"random": "tab:gray", "tpe": "tab:orange", "hypergradient": "tab:blue", "online": "tab:green",
-          "hybrid": "tab:purple"}
+COLORS = {"random": "tab:gray", "tpe": "tab:orange", "hypergradient": "tab:blue", "es": "tab:cyan",
+          "online": "tab:green", "pes": "tab:olive", "hybrid": "tab:purple"}
 
 
 def _mean_std(xs) -> tuple[float, float]:

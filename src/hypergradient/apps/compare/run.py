@@ -47,8 +47,8 @@ def compare(experiment: str, dataset: str = "digits", data_dir: str | None = Non
                     if run is not None:
                         run.note = (run.note + "; " if run.note else "") + "read back from runs/"
                     else:
-                        fn = run_hypergradient if method == "hypergradient" else run_online
-                        run = fn(problem, seed, budget)
+                        fn = run_hypergradient if method in ("hypergradient", "es") else run_online
+                        run = fn(problem, seed, budget, method)
                         records.save(out, key, run)
                 score_choice(problem, run)
                 runs.append(run)

@@ -1,5 +1,6 @@
-"""The ways of tuning λ within a budget: random search, TPE, hypergradient descent, real time, and
-TPE over the outer settings of hypergradient descent (hybrid)."""
+"""The ways of tuning λ within a budget: random search, TPE, hypergradient descent (the exact
+hypergradient, or its evolution-strategy estimate), real time (exact, or PES), and TPE over the
+outer settings of hypergradient descent (hybrid)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .problem import Problem
 from .programs import HYBRID_DOUBLINGS
 from .space import lam_centre, lam_from_params, suggest, suggest_start
 
-METHODS = ("random", "tpe", "hypergradient", "online", "hybrid")
+METHODS = ("random", "tpe", "hypergradient", "es", "online", "pes", "hybrid")
 STUDIES = ("random", "tpe", "hybrid")  # the methods that run as Optuna studies in the storage
 HYBRID_HYPER_STEPS = 10  # hyper-steps of hg.optimize per hybrid trial
 
@@ -133,14 +134,17 @@ def black_box_run(method, problem, seed, budget, trials, note="") -> Run:
     return tracker.run(method, problem.regime, seed, note)
 
 
-def run_hypergradient(problem: Problem, seed: int, budget: float) -> Run:
-    """``hg.optimize`` (Reverse-HG, Adam on λ, projected onto the box) until the budget is spent.
+def run_hypergradient(problem: Problem, seed: int, budget: float, name: str = "hypergradient") -> Run:
+    """``hg.optimize`` (Adam on λ, projected onto the box) until the budget is spent, with Reverse-HG
+    (``name`` "hypergradient") or ``hg.ES`` ("es": the gradient of the smoothed objective from 2N
+    perturbed runs per hyper-step).
 
     Every hyper-step computes f(λ_k) exactly (the same objective the
-    black-box methods see) along with ∇f(λ_k). If training diverges, the
+    black-box methods see; ES's unperturbed run) along with the gradient. If training diverges, the
     run continues from the last good λ with half the hyper learning rate.
     """
     programs = problem.programs
+    method = programs.es if name == "es" else programs.reverse
     dyn = problem.dynamics(seed)
     tracker = Tracker(budget)
     lam, lr, notes = lam_centre(problem.space), problem.hyper_lr, []
@@ -152,14 +156,16 @@ def run_hypergradient(problem: Problem, seed: int, budget: float) -> Run:
 
     while clock() < budget:
         try:
-            hg.optimize(dyn, problem.objective, lam, method=programs.reverse, hyper_optimizer=programs.adam(lr),
+            hg.optimize(dyn, problem.objective, lam, method=method, hyper_optimizer=programs.adam(lr),
                         hyper_steps=10**9, constraint=programs.box, callback=callback,
                         progress=False)
             break
         except hg.HyperDivergenceError as e:
             lam, lr = e.hparams, lr / 2
             notes.append(f"diverged at hyper-step {e.hyper_step}: hyper lr halved to {lr:g}")
-    return tracker.run("hypergradient", problem.regime, seed, "; ".join(notes))
+    if name == "es":
+        notes.insert(0, repr(method))
+    return tracker.run(name, problem.regime, seed, "; ".join(notes))
 
 
 def run_hybrid(problem: Problem, seed: int, budget: float, storage, name: str) -> Run:
@@ -251,8 +257,9 @@ def _online_loop_seconds(history_seconds: np.ndarray) -> float:
     return float(s.sum())
 
 
-def run_online(problem: Problem, seed: int, budget: float) -> Run:
-    """Repeated ``hg.online`` passes (RTHO or TRHO), each warm-started at the λ the last one ended with.
+def run_online(problem: Problem, seed: int, budget: float, name: str = "online") -> Run:
+    """Repeated ``hg.online`` passes (``name`` "online": the problem's RTHO or TRHO; "pes": ``hg.PES``),
+    each warm-started at the λ the last one ended with.
 
     After each pass λ is scored by f(λ) (a fresh training run, counted), the
     number the other methods are compared on. The clock counts the
@@ -263,6 +270,7 @@ def run_online(problem: Problem, seed: int, budget: float) -> Run:
     restarts at each pass.
     """
     programs = problem.programs
+    method = programs.pes if name == "pes" else problem.online_method
     dyn = problem.dynamics(seed)
     tracker = Tracker(budget)
     lam, lr, notes = lam_centre(problem.space), problem.hyper_lr, []
@@ -270,7 +278,7 @@ def run_online(problem: Problem, seed: int, budget: float) -> Run:
     wall = Clock()  # compiles are not in `spent`; this bounds the wall time they add
     while spent < budget and wall() < budget:
         try:
-            res = hg.online(dyn, problem.objective, lam, method=problem.online_method, every=problem.online_every,
+            res = hg.online(dyn, problem.objective, lam, method=method, every=problem.online_every,
                             hyper_optimizer=programs.adam(lr), constraint=programs.box, chunk=1,
                             progress=False)
             spent += _online_loop_seconds(res.history["seconds"])
@@ -284,9 +292,9 @@ def run_online(problem: Problem, seed: int, budget: float) -> Run:
         spent += time.perf_counter() - t0
         passes += 1
         tracker.add(spent, value, lam)
-    name = "RTHO, Forward" if problem.online == "rtho" else f"TRHO, {problem.online_method!r}"
-    notes.insert(0, f"{passes} passes ({name}, every {problem.online_every} steps)")
-    return tracker.run("online", problem.regime, seed, "; ".join(notes))
+    what = ("RTHO, Forward" if problem.online == "rtho" else f"TRHO, {method!r}") if name == "online" else repr(method)
+    notes.insert(0, f"{passes} passes ({what}, every {problem.online_every} steps)")
+    return tracker.run(name, problem.regime, seed, "; ".join(notes))
 
 
 def score_choice(problem: Problem, run: Run) -> None:

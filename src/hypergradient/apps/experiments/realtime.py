@@ -12,12 +12,14 @@ validation loss (on a validation minibatch) updates λ, with
   (``hg.online(..., method=hg.Forward(), every=Δ)``);
 - ``trho``: reverse mode through the last K = 3Δ steps, the interval just run
   and the two before it, whose λ are shifted with the current one
-  (``hg.online(..., method=hg.Truncated(K), every=Δ)``).
+  (``hg.online(..., method=hg.Truncated(K), every=Δ)``);
+- ``pes``, ``nres``: evolution strategies over the truncations, 8 antithetic particles trained
+  beside the run (``hg.online(..., method=hg.PES(), every=Δ)``, ``hg.NRES()``).
 
 The comparators: ``fixed``, the same run with the initial λ held fixed (every
 method's baseline); ``reverse``, the offline tuning of a constant λ, one whole
 training run per hyper-step (``hg.optimize`` with ``hg.Reverse()`` on the whole
-validation set, keeping the best λ seen). Every method keeps λ in the box
+validation set, keeping the best λ seen); ``es``, the same with ``hg.ES()``. Every method keeps λ in the box
 ``lr_bounds × l2_bounds``.
 
 The CNN uses SiLU, not relu: relu makes the training step discontinuous in the weights, and an
@@ -43,15 +45,16 @@ from . import plots, runner
 from .folder import history_columns
 
 NAME = "realtime"
-METHODS = ("rtho", "trho", "reverse")
+METHODS = ("rtho", "trho", "pes", "nres", "reverse", "es")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(runner.Config):
     """Settings of the real-time experiment (the shared fields: :class:`.runner.Config`).
 
-    ``method``: ``rtho`` or ``trho`` (real time); ``reverse``: the offline comparator, constant λ
-    tuned by ``hg.optimize`` with one whole training run per hyper-step. ``hyper_steps``: the
+    ``method``: ``rtho``, ``trho``, ``pes`` or ``nres`` (real time); ``reverse`` (or ``es``): the
+    offline comparator, constant λ tuned by ``hg.optimize`` with one whole training run per
+    hyper-step. ``hyper_steps``: the
     hyper-updates of the real-time run; every method's training run has ``hyper_steps · every``
     steps. ``truncation``: K for ``trho``, ≤ Δ or a multiple of Δ reaching into the intervals
     before; by default 3Δ. ``hyper_lr`` is every method's (0.3: in real time λ must reach its
