@@ -156,3 +156,20 @@ def mlp_problem(steps=12, optimizer=None, hparams=None, batch_size=10, seed=0):
         "example_logit": jnp.asarray(rng.normal(size=n)),
     }
     return dyn, objective, lam
+
+
+def eqx_classifier():
+    """A small Equinox MLP (4 → 5 → 5 → 3, tanh), its training and validation data (24 and 16
+    points of 3 classes) and the cross-entropy ``ce(model, x, y)``."""
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, width_size=5, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    train = jnp.asarray(rng.normal(size=(24, 4))), jnp.asarray(rng.integers(0, 3, 24))
+    val = jnp.asarray(rng.normal(size=(16, 4))), jnp.asarray(rng.integers(0, 3, 16))
+
+    def ce(m, x, y):
+        logits = jax.vmap(m)(x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    return model, train, val, ce

@@ -22,6 +22,7 @@ import pytest
 import hypergradient as hg
 from hypergradient.apps import cli, experiments, terminal
 from hypergradient.apps.experiments import folder, runner
+from problems import ridge_problem
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -253,11 +254,6 @@ def test_a_population_member_that_diverged_scores_inf_even_where_its_training_is
     are: it diverged at every hyper-step and keeps that λ, so its final objective is inf, not the
     finite value of a run that was refused (as a float32 loss of 1.36e30 with an overflowed
     gradient was)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from problems import ridge_problem
-
     dyn, objective, lam = ridge_problem(steps=5)
     population = {"log_l2": jnp.stack([lam["log_l2"]] * 2), "lr": jnp.stack([lam["lr"]] * 2),
                   "c": jnp.asarray([1.0, 0.0])}
@@ -265,6 +261,19 @@ def test_a_population_member_that_diverged_scores_inf_even_where_its_training_is
                       population_axis=0, progress=False)
     assert np.isinf(res.history["value"][:, 1]).all()
     assert np.isfinite(res.population_values[0]) and np.isinf(res.population_values[1])
+
+
+def test_a_population_member_whose_objective_runs_away_scores_inf():
+    """Members 2 and 3 train like the others but their objectives are 1e8 (beyond 1e6 × the
+    population's median) and 2e30 (beyond 1e30): runs that diverged without overflowing."""
+    dyn, objective, lam = ridge_problem(steps=5)
+    population = {"log_l2": jnp.stack([lam["log_l2"]] * 4), "lr": jnp.stack([lam["lr"]] * 4),
+                  "c": jnp.asarray([0.0, 1.0, 1e8, 2e30])}
+    res = hg.optimize(dyn, lambda w, lam: objective(w, lam) + lam["c"], population, hyper_steps=2,
+                      population_axis=0, progress=False)
+    assert np.isfinite(res.history["value"][:, :2]).all() and np.isinf(res.history["value"][:, 2:]).all()
+    assert np.isfinite(res.population_values[:2]).all() and np.isinf(res.population_values[2:]).all()
+    assert res.value == min(res.population_values[:2])
 
 
 def test_the_first_eta_leaves_out_the_compilation(monkeypatch, capsys):
@@ -301,7 +310,8 @@ def test_one_chaotic_hyper_step_is_said_as_it_was(capsys):
     assert capsys.readouterr().err == "warning: optimize: ChaosWarning: the backward pass grew 2e+09x: chaotic\n"
 
 
-def test_ctrl_c_during_tuning_writes_the_history_of_the_finished_hyper_steps(capsys, tmp_path, monkeypatch):
+def test_ctrl_c_during_tuning_writes_the_history_and_plot_of_the_finished_hyper_steps(capsys, tmp_path,
+                                                                                     monkeypatch):
     def interrupted_after_three(dyn, objective, lam0, *, progress, **options):
         with progress.running(10) as run:
             for k in range(3):
@@ -312,9 +322,11 @@ def test_ctrl_c_during_tuning_writes_the_history_of_the_finished_hyper_steps(cap
     out = tmp_path / "run"
     assert cli.main(["run", "l2-per-weight", "--tiny", "--no-progress", "--out", str(out)]) == 130
     err = capsys.readouterr().err
-    assert f"wrote the 3 hyper-steps finished before the interruption to {out / 'history.csv'}" in err
+    assert (f"wrote the 3 hyper-steps finished before the interruption to {out / 'history.csv'} and "
+            f"{out / 'interrupted.png'}") in err
     rows = (out / "history.csv").read_text().splitlines()
     assert rows[0] == "search,hyper_step,value" and rows[1:] == ["optimize,0,1", "optimize,1,0.5", "optimize,2,0.33333333"]
+    assert (out / "interrupted.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_process_local_batches_refuse_the_whole_arrays_on_every_process(monkeypatch):

@@ -1,25 +1,20 @@
 """The guide "Bring your own training loop" runs as written: an Equinox model with BatchNorm and
 dropout, a Flax NNX module, and an optax optimizer, each giving a finite hypergradient."""
 
-import pathlib
-import re
-
 import jax
 import numpy as np
 import pytest
 
-GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "own_loop.md"
+from pages import run_page
 
 
 @pytest.mark.filterwarnings("ignore:When `eqx.nn.BatchNorm")
 def test_own_loop_guide_runs():
-    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
-    assert len(blocks) == 3
-    scope = {}
-    for code in blocks:
-        exec(compile(code, str(GUIDE), "exec"), scope)
+    def finite_hypergradient(scope):
         res = scope["res"]
         assert np.isfinite(float(res.value))
         assert all(np.isfinite(np.asarray(g)).all() and np.any(np.asarray(g) != 0) for g in jax.tree.leaves(res.grad))
+
+    scope = run_page("docs/own_loop.md", 3, finite_hypergradient)
     assert isinstance(scope["trained"], scope["Mlp"])
     assert set(scope["res"].grad) == {"log_peak", "warmup", "log_wd"}

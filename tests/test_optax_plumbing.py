@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import hypergradient as hg
-from problems import central_difference, mlp_problem, outer_value, random_direction, ridge_data, tree_dot
+from problems import (central_difference, eqx_classifier, mlp_problem, outer_value, random_direction, ridge_data,
+                      tree_dot)
 
 # -- a GradientTransformation as the inner optimizer ----------------------------------------
 
@@ -183,22 +184,11 @@ def test_warmup_cosine_gradient_in_peak_and_warmup_matches_finite_differences(t)
 # -- per-layer values on any weight tree ------------------------------------------------
 
 
-def _mlp_model():
-    return eqx.nn.MLP(4, 3, width_size=5, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(0))
-
-
 def _eqx_problem(lr, steps=6):
-    rng = np.random.default_rng(0)
-    x, y = jnp.asarray(rng.normal(size=(24, 4))), jnp.asarray(rng.integers(0, 3, 24))
-    xv, yv = jnp.asarray(rng.normal(size=(16, 4))), jnp.asarray(rng.integers(0, 3, 16))
-
-    def ce(m, x, y):
-        logits = jax.vmap(m)(x)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-    dyn = hg.Dynamics(init=_mlp_model(), loss=lambda m, lam, b: ce(m, *b), optimizer=hg.optim.momentum(),
+    model, train, (xv, yv), ce = eqx_classifier()
+    dyn = hg.Dynamics(init=model, loss=lambda m, lam, b: ce(m, *b), optimizer=hg.optim.momentum(),
                       optimizer_hparams=lambda lam, t: {"lr": lr(lam), "momentum": 0.5},
-                      data=hg.Batches((x, y), 8), steps=steps)
+                      data=hg.Batches(train, 8), steps=steps)
     return dyn, lambda m, lam: ce(m, xv, yv)
 
 
@@ -226,7 +216,7 @@ def test_per_layer_values_on_an_equinox_mlp():
         dyn, objective = _eqx_problem(lr)
         runs[name] = hg.hypergrad(dyn, objective, EQX_LAM, hg.Reverse())
     # the same run, written out weight by weight
-    weights = eqx.filter(_mlp_model(), eqx.is_array)
+    weights = eqx.filter(eqx_classifier()[0], eqx.is_array)
 
     def full(lam):
         return jax.tree.map(lambda w, label: lam["lr_" + label], weights, _head_labels(weights))
@@ -245,7 +235,7 @@ def test_per_layer_values_on_an_equinox_mlp():
 
 
 def test_a_weight_without_a_value_is_named():
-    model = eqx.filter(_mlp_model(), eqx.is_array)
+    model = eqx.filter(eqx_classifier()[0], eqx.is_array)
     with pytest.raises(ValueError, match=r"'lr': the weight 'layers.2.weight' gets no value"):
         hg.optim.broadcast_to({"layers.0": 0.1, "layers.1": 0.2}, model, "lr")
     with pytest.raises(ValueError, match=r"the weight 'layers.2.weight' has the label 'head', which has no value"):

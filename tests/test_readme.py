@@ -1,24 +1,16 @@
 """The README's examples run as written: the tuned validation loss improves, the vmap example
 gives one hypergradient per λ, and the optax chain under a warmup-cosine schedule trains."""
 
-import pathlib
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import hypergradient as hg
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+from pages import run_page
 
 
 def test_readme_examples_run_and_improve():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 3
-    scope = {}
-    for code in blocks:
-        exec(compile(code, str(README), "exec"), scope)
+    scope = run_page("README.md", 3)
     assert float(scope["tuned"].best_value) < float(scope["res"].value)
     sols = scope["sols"]
     assert sols.value.shape == (3,) and sols.grad["log_l2"].shape == (3, 2) and not sols.diverged.any()

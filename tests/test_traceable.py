@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import hypergradient as hg
-from problems import mlp_problem, ridge_problem
+from problems import eqx_classifier, mlp_problem, ridge_problem
 
 
 def assert_tree_close(a, b, rtol=1e-10):
@@ -90,24 +90,10 @@ def test_reversible_under_jit_equals_hypergrad():
     assert_tree_close(sol.grad, ref.grad, rtol=1e-6)
 
 
-def _eqx_problem(steps=8):
-    key = jax.random.PRNGKey(0)
-    model = eqx.nn.MLP(4, 3, width_size=5, depth=2, activation=jnp.tanh, key=key)
-    rng = np.random.default_rng(0)
-    x, y = jnp.asarray(rng.normal(size=(24, 4))), jnp.asarray(rng.integers(0, 3, 24))
-    xv, yv = jnp.asarray(rng.normal(size=(16, 4))), jnp.asarray(rng.integers(0, 3, 16))
-
-    def ce(m, x, y):
-        logits = jax.vmap(m)(x)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-    lam = {"log_l2": jnp.asarray(-3.0), "lr": jnp.full(steps, 0.3)}
-    return model, (x, y), (xv, yv), ce, lam
-
-
 def test_an_equinox_module_as_init_equals_the_partition_route():
     steps = 8
-    model, (x, y), (xv, yv), ce, lam = _eqx_problem(steps)
+    model, (x, y), (xv, yv), ce = eqx_classifier()
+    lam = {"log_l2": jnp.asarray(-3.0), "lr": jnp.full(steps, 0.3)}
     l2 = lambda w: sum(jnp.sum(p**2) for p in jax.tree.leaves(eqx.filter(w, eqx.is_array)))  # noqa: E731
     common = dict(optimizer=hg.optim.momentum(), data=hg.Batches((x, y), 8), steps=steps,
                   optimizer_hparams=lambda lam, t: {"lr": lam["lr"][t], "momentum": 0.5})

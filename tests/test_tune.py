@@ -12,16 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
 from ray import tune as rt  # noqa: E402
-import psutil  # noqa: E402
 
 import problems  # noqa: E402
+from ray_processes import kill_tree, ray_env  # noqa: E402
 from hypergradient.apps import cli, tune  # noqa: E402
 from hypergradient.apps.experiments import folder  # noqa: E402
 from hypergradient.errors import ExperimentError  # noqa: E402
@@ -120,35 +119,10 @@ def cli_command(out, *options: str) -> list[str]:
             "--out", str(out), "--no-progress", *options]
 
 
-def cli_env() -> dict:
-    src = str(Path(tune.__file__).resolve().parents[2])
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_AUTH_MODE": "disabled",
-            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-
-
 def start_cli(out, *options: str) -> subprocess.Popen:
     """The CLI in a session of its own, so that the test can kill exactly it and what it started."""
-    return subprocess.Popen(cli_command(out, *options), env=cli_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cli_command(out, *options), env=ray_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    """``sig`` to ``proc``, then SIGKILL to every process it started (Ray's own sessions included)."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
-    if sig == signal.SIGKILL:
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
 
 
 def finished_trials(out) -> dict[str, float]:
@@ -186,7 +160,7 @@ def test_rerun_after_kill_9_resumes_and_keeps_the_finished_trials(tmp_path):
     # on a quick machine the last trial can finish before the kill lands: the rerun must then
     # rebuild the table from Tune's records all the same
     (out / "trials.csv").unlink(missing_ok=True)
-    again = subprocess.run(cli_command(out, "--trials", "3"), env=cli_env(), capture_output=True, text=True,
+    again = subprocess.run(cli_command(out, "--trials", "3"), env=ray_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the trials" in again.stderr
@@ -222,7 +196,7 @@ def test_ctrl_c_writes_the_finished_trials_and_says_how_to_resume(tmp_path):
 ])
 def test_what_would_hang_is_refused_in_one_line(tmp_path, options, says):
     started = time.monotonic()
-    done = subprocess.run(cli_command(tmp_path / "out", "--trials", "2", *options), env=cli_env(),
+    done = subprocess.run(cli_command(tmp_path / "out", "--trials", "2", *options), env=ray_env(),
                           capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 60
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]

@@ -9,9 +9,7 @@ trees; it never runs ``ray stop``, which would stop every Ray instance of the ma
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,10 +23,10 @@ import pytest
 pytest.importorskip("ray")
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import psutil  # noqa: E402
 
 import hypergradient as hg  # noqa: E402
 import problems  # noqa: E402
+from ray_processes import kill_tree, ray_env  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 SETTINGS = {"hyper_steps": 12, "hyper_lrs": [1e-2, 3e-2, 1e-1], "steps": 10,
@@ -52,25 +50,6 @@ def start_node(temp_dir: Path, env: dict, *args: str) -> subprocess.Popen:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process started here and its descendants: its process group, and the workers a
-    raylet started (each in a process group of its own)."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
-
 def wait_for(condition, what: str, seconds: float = STARTUP_SECONDS):
     deadline = time.monotonic() + seconds
     while not (value := condition()):
@@ -91,12 +70,7 @@ def port_open(port: int) -> bool:
 @pytest.fixture
 def cluster():
     """A head and a worker node on 127.0.0.1; yields ``(address, worker process, environment)``."""
-    src = Path(hg.__file__).resolve().parents[1]  # the workers import this checkout, not an installed one
-    # Ray 2.60 turns token authentication on for `ray start --head` wherever ~/.ray/auth_token
-    # exists (any local ray.init creates it), but not for a node joining by address, which then
-    # never gets in: off for both nodes and the driver.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
-           "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    env = ray_env(JAX_ENABLE_X64="1")
     root = Path(tempfile.mkdtemp(prefix="hg-ray-"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     nodes = []

@@ -51,7 +51,8 @@ examples:
 
 Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,
 result.json, PNG plots). Interrupted with Ctrl-C, a run keeps its checkpoints
-under OUT/checkpoints; the same command resumes from the last hyper-step.
+under OUT/checkpoints and writes the finished hyper-steps to history.csv and
+interrupted.png; the same command resumes from the last hyper-step.
 Compiled programs are kept in ~/.cache/hypergradient/jax (--no-compile-cache:
 not kept; HYPERGRADIENT_COMPILE_CACHE=0 or =DIR in the environment).
 A rerun with other settings moves the previous run to OUT/previous-<timestamp>.

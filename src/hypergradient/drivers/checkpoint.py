@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -337,17 +338,19 @@ def load(path: str | os.PathLike) -> Checkpoint | None:
     if not os.path.isdir(path):
         raise CheckpointMismatchError(f"{path} is not a readable hypergradient checkpoint: not a directory")
     _remove_stale_temporaries(path)
-    manager = _manager(path)
+    _drop_abandoned_reads()
     skipped, found = [], None
-    try:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                found = _read(manager, path, step)
-                break
-            except _Damaged as e:
-                skipped.append(f"step {step}: {e}")
-    finally:
-        manager.close()
+    with _orbax_errors_unlogged():
+        manager = _manager(path)
+        try:
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    found = _read(manager, path, step)
+                    break
+                except _Damaged as e:
+                    skipped.append(f"step {step}: {e}")
+        finally:
+            manager.close()
     if found is None and skipped:
         raise CheckpointMismatchError(f"{path} is not a readable hypergradient checkpoint ({'; '.join(skipped)}). "
                                       f"Delete it to start afresh.")
@@ -356,6 +359,52 @@ def load(path: str | os.PathLike) -> Checkpoint | None:
             f"checkpoint {path} is damaged ({'; '.join(skipped)}): loaded step {found.header.get('step')}, the "
             f"newest intact one; the next save moves the damaged steps to {path}.damaged"), stacklevel=2)
     return found
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged():
+    """Orbax's own log of what it cannot read (a file it cannot parse) held back while a
+    checkpoint loads: :func:`load` says what is damaged, in one warning or one error."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """An unraisable ``RuntimeError: Event loop is closed`` raised where a read's result was
+    handed to a closed event loop (``call_soon_threadsafe``)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames, tb = [], unraisable.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in frames
+
+
+def _drop_abandoned_reads() -> None:
+    """Keep Python from reporting the reads that orbax abandoned when a restore failed.
+
+    Orbax runs a restore on an event loop of its own and closes that loop when the first read
+    fails (damaged data); the tensorstore reads still in flight complete later into the closed
+    loop, and Python prints each as an unraisable "Event loop is closed" traceback, at any moment
+    after. Nobody awaits their results: the hook installed here drops exactly those reports and
+    hands every other one to the hook it wraps."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _first_line(e: Exception) -> str:

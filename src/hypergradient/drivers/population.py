@@ -4,7 +4,9 @@ Every leaf of λ0 carries the population on ``population_axis``; each hyper-step
 vmapped hypergradient of all K members and one vmapped hyper-update, so K runs cost one program
 (and run sharded when λ0 is sharded along that axis, e.g. ``hg.data.shard(lam0, mesh, "pop")``).
 A member whose training diverges keeps its λ (it is not updated) and scores inf; the run stops
-only when every member has diverged. The method is resolved for all members at once
+only when every member has diverged. A member whose objective is finite but runaway (see
+:func:`scores`) scores inf as well, in the history, the best member and ``population_values``; its
+λ keeps being updated while its hypergradient is finite. The method is resolved for all members at once
 (``Method.resolve_members``: Reversible sizes its buffer for the member that needs most), and a
 member's method failure is raised, or warned about, naming the member, as ``hg.hypergrad`` would.
 """
@@ -29,6 +31,13 @@ from .core import OptimizeResult, Store, Tuning, as_hparams, check_arguments, ji
 from .progress import meter_for, tick
 
 _programs = ProgramCache(16)
+
+#: An objective beyond this magnitude is a run that diverged without overflowing (float32, the
+#: narrowest dtype a run trains in, overflows at 3.4e38; no working loss comes near).
+RUNAWAY_ABSOLUTE = 1e30
+#: An objective this many times the population's median magnitude has left the region the other
+#: members train in.
+RUNAWAY_RELATIVE = 1e6
 
 
 def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimizer, hyper_steps: int, constraint,
@@ -63,7 +72,7 @@ def optimize_population(dyn, objective, lam0, axis: int, *, method, hyper_optimi
                     f"population: every one of the {k_members} members diverged at hyper-step {k}; error.hparams "
                     "holds their λ before it", k, None, jax.tree.map(np.asarray, state.hparams),
                     state.final_history(), state.best)
-            values = np.where(ok, np.asarray(sol.value, np.float64), np.inf)
+            values = scores(np.asarray(sol.value, np.float64), ok)
             i = int(np.argmin(values))
             new_lam, new_opt = update(sol.grad, state.opt_state, state.hparams)
             norms = np.asarray(jax.vmap(tree_norm)(sol.grad))
@@ -93,21 +102,33 @@ def _member(tree, i: int):
 def _result(state: Tuning, dyn, arrays, final) -> OptimizeResult:
     """The best member's result, from one plain training run of every member at its final λ.
 
-    A member scores inf where that run is not finite, and where its last hyper-step diverged: it
-    kept the λ of that step, whose training may be finite (a loss of 1e30) while its hypergradient
-    was not."""
+    A member scores inf where that run is not finite or its objective runaway (:func:`scores`),
+    and where its last hyper-step diverged: it kept the λ of that step, whose training may be
+    finite while its hypergradient was not."""
     (params, held), values, losses = final(dyn, arrays, state.hparams)
-    values = np.asarray(values, np.float64)
-    ok = np.isfinite(np.asarray(losses)).all(axis=1) & np.isfinite(values)
+    ok = np.isfinite(np.asarray(losses)).all(axis=1)
     if state.history["value"]:
         ok &= np.isfinite(np.asarray(state.history["value"][-1], np.float64))
-    values = np.where(ok, values, np.inf)
+    values = scores(np.asarray(values, np.float64), ok)
     i = int(np.argmin(values))
     member, steps = _member(state.hparams, i), len(state.history["value"])
     best = state.best.offer(member, values[i], steps)
     held = _member(held, i)
     return OptimizeResult(member, dyn.model(_member(params, i), held), float(values[i]), state.final_history(), steps,
                           False, *best, values, held)
+
+
+def scores(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The members' objectives as reported: inf where a member diverged (``~ok``), where its
+    objective is not finite, and where it is runaway, |f| > ``RUNAWAY_ABSOLUTE`` or
+    |f| > ``RUNAWAY_RELATIVE`` × the median |f| of the finite members (where there are three or
+    more, so that one runaway member cannot set the median, and the median is not 0)."""
+    size = np.abs(values)
+    ok = ok & np.isfinite(values) & (size <= RUNAWAY_ABSOLUTE)
+    median = np.median(size[ok]) if ok.sum() >= 3 else 0.0
+    if median > 0:
+        ok &= size <= RUNAWAY_RELATIVE * median
+    return np.where(ok, values, np.inf)
 
 
 def _where_members(ok, new, old):

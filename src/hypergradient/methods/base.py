@@ -54,10 +54,20 @@ class Solution(NamedTuple):
     state: Any = None
 
 
+class Trained(NamedTuple):
+    """What a run leaves for its :class:`Solution`: the trained weights w_T and the model state
+    (``None`` for a run without one), without the optimizer state."""
+
+    params: Any
+    model_state: Any
+
+
 def solution(value, grad, final, losses, stats: dict | None = None, result=Failure.OK) -> Solution:
     """A method's :class:`Solution` before the divergence checks (``diverged`` is filled in by
-    :func:`hypergradient.value_and_grad`); ``final`` is s_T, or the trained arrays w_T alone."""
-    params, held = (final.params, model_state(final)) if isinstance(final, (State, StatefulState)) else (final, None)
+    :func:`hypergradient.value_and_grad`); ``final`` is s_T, a :class:`Trained`, or the trained
+    arrays w_T alone."""
+    whole = isinstance(final, (State, StatefulState, Trained))
+    params, held = (final.params, model_state(final)) if whole else (final, None)
     return Solution(value, grad, params, losses, jnp.asarray(False), jnp.asarray(result, jnp.int32), stats or {}, held)
 
 

@@ -38,7 +38,7 @@ from .._pytree import is_inexact, tree_norm
 from ..dynamics import model_state
 from ..errors import ChaosWarning, Failure
 from . import adjoint
-from .base import Method, solution
+from .base import Method, Trained, solution
 
 #: A backward pass that grows more than this (max ‖α_t‖ / ‖α_T‖) is reported as chaotic.
 CHAOS_GROWTH = 1e8
@@ -86,7 +86,7 @@ class Reverse(Method):
         def f(lam, probes):
             state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
             state = _probe_weights(state, probes[-1])
-            return objective(state, lam), (dyn.state_of(state.params, (), model_state(state)), losses)
+            return objective(state, lam), (Trained(state.params, model_state(state)), losses)
 
         probes = jnp.zeros(dyn.steps + 1, jax.tree.leaves(lam)[0].dtype)
         (value, (final, losses)), (grad, norms) = jax.value_and_grad(f, (0, 1), has_aux=True)(lam, probes)

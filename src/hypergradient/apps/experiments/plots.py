@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,9 @@ import numpy as np
 CLASS_NAMES = {
     "fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
 }
+
+#: The plot of an interrupted run (the run that completes it removes it).
+INTERRUPTED = "interrupted.png"
 
 
 def pyplot():
@@ -66,3 +69,15 @@ def learning_curve(out_dir: Path, tuned, baseline: float, label: str, baseline_l
     ax.set(xlabel="hyper-step", ylabel="validation loss", title="hyper-optimization")
     ax.legend()
     return savefig(fig, out_dir / "learning_curve.png")
+
+
+def finished_curves(out_dir: Path, curves: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> str:
+    """The objective of each search's finished hyper-steps, ``{label: (hyper-steps, values)}``, as
+    ``interrupted.png``: what an interrupted run has to show."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, ".-", label=label)
+    ax.set(xlabel="hyper-step", ylabel="objective f(λ_k)", title="hyper-optimization (interrupted)")
+    ax.legend()
+    return savefig(fig, out_dir / INTERRUPTED)

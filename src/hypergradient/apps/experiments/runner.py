@@ -51,7 +51,7 @@ from hypergradient.errors import ExperimentError
 
 from .. import datasets, methods
 from ..terminal import say
-from . import folder
+from . import folder, plots
 from .scoring import metrics
 
 
@@ -276,6 +276,7 @@ def _stages(experiment: type[Experiment], config, data: datasets.Splits, out_dir
               "arrays": report.arrays}
     folder.write_csv(out_dir / "history.csv", report.history)
     folder.write_json(out_dir / "result.json", result)
+    (out_dir / plots.INTERRUPTED).unlink(missing_ok=True)
     return result
 
 
@@ -291,14 +292,22 @@ def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
 
 
 def _write_interrupted(out_dir: Path, finished: list) -> None:
-    """history.csv of the hyper-steps this process finished before Ctrl-C (the checkpoints hold the
-    rest; the same command resumes and rewrites it whole)."""
+    """history.csv and a plot of the hyper-steps this process finished before Ctrl-C (the
+    checkpoints hold the rest; the same command resumes, rewrites history.csv whole and removes
+    the plot)."""
     if not finished:
         return
     labels, steps, values = zip(*finished)
     folder.write_csv(out_dir / "history.csv", {"search": list(labels), "hyper_step": list(steps),
                                                 "value": list(values)})
-    say(f"wrote the {len(finished)} hyper-steps finished before the interruption to {out_dir / 'history.csv'}")
+    curves: dict = {}
+    for label, step, value in finished:
+        curves.setdefault(label, ([], []))
+        curves[label][0].append(step)
+        curves[label][1].append(value)
+    plot = plots.finished_curves(out_dir, curves)
+    say(f"wrote the {len(finished)} hyper-steps finished before the interruption to {out_dir / 'history.csv'} "
+        f"and {out_dir / plot}")
 
 
 def _tune(exp: Experiment, search: Search, out_dir: Path, progress, finished: list | None = None) -> Tuned:
