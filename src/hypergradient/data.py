@@ -95,6 +95,13 @@ class Data:
         """Raise ``ValueError`` if ``data(t)`` cannot give each step its own batch (a source built
         for it, a fixed batch or :class:`Batches`, always can)."""
 
+    def indices(self, t) -> jax.Array:
+        """The ids (rows of ``examples``) of the examples in the batch of step ``t``, in the batch's
+        order; a source that does not know its examples raises ``TypeError``."""
+        raise TypeError(
+            f"data given as {type(self.given).__name__} does not say which training examples a batch holds: "
+            "give hg.Batches((x, y), batch_size) or a fixed batch for per-example weights")
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["batch"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -113,6 +120,19 @@ class Fixed(Data):
     @property
     def examples(self) -> Any:
         return self.batch
+
+    @property
+    def size(self) -> int:
+        """The number of examples, the leading dimension the batch's arrays share."""
+        sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(self.batch)}
+        if len(sizes) != 1 or None in sizes:
+            raise TypeError("the fixed batch's arrays do not share a leading (example) dimension "
+                            f"(shapes {[jnp.shape(a) for a in jax.tree.leaves(self.batch)]}), so its examples "
+                            "cannot be weighted one by one")
+        return sizes.pop()
+
+    def indices(self, t) -> jax.Array:
+        return jnp.arange(self.size)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn"])
@@ -316,6 +336,23 @@ class Batches(Data):
         return jax.shard_map(lambda a, t, key: take(a, t, key), mesh=self.mesh,
                              in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=spec)(self.arrays, t, self.key)
 
+    def indices(self, t) -> jax.Array:
+        """The ids of step ``t``'s examples: the rows of ``arrays`` that ``self(t)`` takes, in its order
+        (sharded like the batch when there is a mesh)."""
+        if self.mesh is None:
+            return _batch(jnp.arange(self.size), t, self.key, self.batch_size, self.n_batches, None)
+        block = self.size // self.devices
+
+        def take(t, key):
+            ids = jax.lax.axis_index(self.axis) * block + jnp.arange(block)
+            return _batch(ids, t, key, self.batch_size // self.devices, self.n_batches, self.axis)
+
+        if self.key is None:
+            return jax.shard_map(lambda t: take(t, None), mesh=self.mesh, in_specs=(PartitionSpec(),),
+                                 out_specs=PartitionSpec(self.axis))(t)
+        return jax.shard_map(take, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec()),
+                             out_specs=PartitionSpec(self.axis))(t, self.key)
+
     def tree_flatten(self):
         return (self.arrays, self.key), (self.batch_size, self.mesh, self.axis)
 
@@ -344,3 +381,26 @@ def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
     n = jax.tree.leaves(arrays)[0].shape[0]
     idx = jax.lax.dynamic_slice_in_dim(jax.random.permutation(key, n), start, size)
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["source"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Indexed(Data):
+    """``source``'s batches with their examples' ids: step ``t`` gives ``(source(t),
+    source.indices(t))``, what a loss needs to find each example's weight."""
+
+    source: Data
+
+    def __call__(self, t) -> Any:
+        return self.source(t), self.source.indices(t)
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    @property
+    def examples(self) -> Any:
+        return self.source.examples, jnp.arange(self.source.size)
+
+    def check(self) -> None:
+        self.source.check()
