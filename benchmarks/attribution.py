@@ -1,8 +1,8 @@
 """Data attribution measured by the linear datamodeling score (LDS): our exact metagradient scores
 (``hg.attribute``, MAGIC) against influence functions and TracIn on the same problems.
 
-LDS (Park et al. 2023; Ilyas & Engstrom 2025): train on M random halves S_1..S_M of the training
-set (example weights u ∈ {0, 1}^n, the M runs one vmapped population), record each run's
+LDS (Park et al. 2023; Ilyas & Engstrom 2025): train on M random subsets S_1..S_M of the training
+set (halves, and 90% subsets: ``--keep``) (example weights u ∈ {0, 1}^n, the M runs one vmapped population), record each run's
 validation losses, and Spearman-correlate them with each method's linear prediction Σ_{i∈S}
 score_i. Two figures per method: the LDS of the mean validation loss (one score vector), and the
 mean over validation examples of each example's LDS (a row of scores per validation example).
@@ -148,16 +148,18 @@ def tracin(dyn, lam, val_losses, example_loss, xy, lr: float, every: int):
     return rows, rows.mean(0)
 
 
+def subsets(n: int, count: int, keep: float, seed: int) -> np.ndarray:
+    """``count`` weight vectors in {0, 1}^n, each keeping ``round(keep·n)`` random examples."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, n), np.float32)
+    for m in masks:
+        m[rng.permutation(n)[: round(keep * n)]] = 1
+    return masks
+
+
 def measure(name: str, args) -> list[dict]:
     dyn, lam, val_losses, example_loss, xy, lr = build(name, args.n_train, args.n_val)
     n = xy[0].shape[0]
-    rng = np.random.default_rng(args.seed)
-    masks = np.zeros((args.subsets, n), np.float32)
-    for m in masks:
-        m[rng.permutation(n)[: n // 2]] = 1
-    start = time.perf_counter()
-    actual = outcomes(dyn, lam, val_losses, masks)
-    population_seconds = time.perf_counter() - start
 
     def train(dyn, lam):
         return hg.dynamics.train(dyn, lam)[0].params
@@ -182,27 +184,33 @@ def measure(name: str, args) -> list[dict]:
     rows["tracin"] = (tr_mean, tr_rows, tr_seconds, tr_seconds, tr_bytes)
 
     records = []
-    for method, (mean, per, s_mean, s_rows, nbytes) in rows.items():
-        mean, per = np.asarray(mean), np.asarray(per)
-        lds_mean = spearman(actual.mean(1), masks @ mean)
-        lds_rows = float(np.mean([spearman(actual[:, j], masks @ per[j]) for j in range(per.shape[0])]))
-        records.append({"problem": name, "method": method, "lds_mean_loss": lds_mean, "lds_per_example": lds_rows,
-                        "x_train_mean": s_mean / train_seconds, "x_train_rows": s_rows / train_seconds,
-                        "temp_mb": nbytes / 2**20, "train_seconds": train_seconds, "train_temp_mb": train_bytes / 2**20,
-                        "n_train": n, "n_val": per.shape[0], "subsets": args.subsets,
-                        "population_seconds": population_seconds})
-    records.append({"problem": name, "method": "bergson (MAGIC, PyTorch)", "note": "not measured: not installed"})
+    for keep in map(float, args.keep.split(",")):
+        masks = subsets(n, args.subsets, keep, args.seed)
+        start = time.perf_counter()
+        actual = outcomes(dyn, lam, val_losses, masks)
+        population_seconds = time.perf_counter() - start
+        for method, (mean, per, s_mean, s_rows, nbytes) in rows.items():
+            mean, per = np.asarray(mean), np.asarray(per)
+            lds_mean = spearman(actual.mean(1), masks @ mean)
+            lds_rows = float(np.mean([spearman(actual[:, j], masks @ per[j]) for j in range(per.shape[0])]))
+            records.append({"problem": name, "keep": keep, "method": method, "lds_mean_loss": lds_mean,
+                            "lds_per_example": lds_rows, "x_train_mean": s_mean / train_seconds,
+                            "x_train_rows": s_rows / train_seconds, "temp_mb": nbytes / 2**20,
+                            "train_seconds": train_seconds, "train_temp_mb": train_bytes / 2**20, "n_train": n,
+                            "n_val": per.shape[0], "subsets": args.subsets, "population_seconds": population_seconds})
+    records.append({"problem": name, "keep": "", "method": "bergson (MAGIC, PyTorch)",
+                    "note": "not measured: not installed"})
     return records
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| problem | method | LDS, mean val loss | LDS, per val example | time ÷ one run (mean loss) "
-             "| time ÷ one run (all rows) | temp memory (MB) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| problem | kept | method | LDS, mean val loss | LDS, per val example | time ÷ one run (mean loss) "
+             "| time ÷ one run (all rows) | temp memory (MB) |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "note" in r:
-            lines.append(f"| {r['problem']} | {r['method']} | {r['note']} | | | | |")
+            lines.append(f"| {r['problem']} | | {r['method']} | {r['note']} | | | | |")
             continue
-        lines.append(f"| {r['problem']} | {r['method']} | {r['lds_mean_loss']:.3f} | {r['lds_per_example']:.3f} "
+        lines.append(f"| {r['problem']} | {r['keep']:.0%} | {r['method']} | {r['lds_mean_loss']:.3f} | {r['lds_per_example']:.3f} "
                      f"| {r['x_train_mean']:.1f} | {r['x_train_rows']:.1f} | {r['temp_mb']:.2f} |")
     return "\n".join(lines)
 
@@ -210,7 +218,8 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", default="logistic-digits,mlp-digits", help=f"comma-separated, of {PROBLEMS}")
-    parser.add_argument("--subsets", type=int, default=100, help="M random halves of the training set")
+    parser.add_argument("--subsets", type=int, default=100, help="M random subsets of the training set")
+    parser.add_argument("--keep", default="0.5,0.9", help="comma-separated fractions of the examples a subset keeps")
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-val", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=50, help="validation rows per backward batch (ours)")

@@ -102,6 +102,10 @@ class Data:
             f"data given as {type(self.given).__name__} does not say which training examples a batch holds: "
             "give hg.Batches((x, y), batch_size) or a fixed batch for per-example weights")
 
+    def indexed(self, t) -> tuple[Any, jax.Array]:
+        """``(self(t), self.indices(t))``: the batch of step ``t`` and its examples' ids."""
+        return self(t), self.indices(t)
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["batch"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -353,6 +357,14 @@ class Batches(Data):
         return jax.shard_map(take, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec()),
                              out_specs=PartitionSpec(self.axis))(t, self.key)
 
+    def indexed(self, t) -> tuple[Any, jax.Array]:
+        """The batch of step ``t`` and its ids, the rows gathered by the ids on one device (one
+        permutation per step, not two)."""
+        if self.mesh is None and self.key is not None:
+            ids = self.indices(t)
+            return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.arrays), ids
+        return super().indexed(t)
+
     def tree_flatten(self):
         return (self.arrays, self.key), (self.batch_size, self.mesh, self.axis)
 
@@ -392,7 +404,7 @@ class Indexed(Data):
     source: Data
 
     def __call__(self, t) -> Any:
-        return self.source(t), self.source.indices(t)
+        return self.source.indexed(t)
 
     @property
     def size(self) -> int:
