@@ -2,9 +2,9 @@
 (``hg.attribute``, MAGIC) against influence functions and TracIn on the same problems.
 
 LDS (Park et al. 2023; Ilyas & Engstrom 2025): train on M random subsets S_1..S_M of the training
-set (halves, and 90% subsets: ``--keep``) (example weights u ∈ {0, 1}^n, the M runs one vmapped population), record each run's
-validation losses, and Spearman-correlate them with each method's linear prediction Σ_{i∈S}
-score_i. Two figures per method: the LDS of the mean validation loss (one score vector), and the
+set (halves, and 90% subsets: ``--keep``; example weights u ∈ {0, 1}^n, the M runs one vmapped
+population), record each run's validation losses, and Spearman-correlate them with each
+method's linear prediction Σ_{i∈S} score_i. Two figures per method: the LDS of the mean validation loss (one score vector), and the
 mean over validation examples of each example's LDS (a row of scores per validation example).
 
 Methods, every score meaning ∂(validation loss)/∂(weight of example i):
@@ -210,8 +210,9 @@ def table(records: list[dict]) -> str:
         if "note" in r:
             lines.append(f"| {r['problem']} | | {r['method']} | {r['note']} | | | | |")
             continue
-        lines.append(f"| {r['problem']} | {r['keep']:.0%} | {r['method']} | {r['lds_mean_loss']:.3f} | {r['lds_per_example']:.3f} "
-                     f"| {r['x_train_mean']:.1f} | {r['x_train_rows']:.1f} | {r['temp_mb']:.2f} |")
+        lines.append(f"| {r['problem']} | {r['keep']:.0%} | {r['method']} | {r['lds_mean_loss']:.3f} "
+                     f"| {r['lds_per_example']:.3f}"
+                     f" | {r['x_train_mean']:.1f} | {r['x_train_rows']:.1f} | {r['temp_mb']:.2f} |")
     return "\n".join(lines)
 
 

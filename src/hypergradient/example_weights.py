@@ -41,19 +41,6 @@ class _WeightedLoss:
         return self.loss(w, lam[0], examples, example_weights=jnp.take(lam[1], ids, axis=0), **kwargs)
 
 
-def on_hparams(fn: Callable) -> Callable:
-    """``fn(x, λ, ...)`` as a function of ``(x, λ', ...)``, for objectives of the weighted run."""
-    return _OnSecond(fn)
-
-
-@dataclasses.dataclass(frozen=True)
-class _OnSecond:
-    fn: Callable
-
-    def __call__(self, w, lam, *args, **kwargs):
-        return self.fn(w, lam[0], *args, **kwargs)
-
-
 def example_count(dyn: Dynamics) -> int:
     """n, the number of training examples ``dyn``'s data draws its batches from (``TypeError`` for
     data that does not say which examples a batch holds)."""
