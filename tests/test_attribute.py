@@ -175,3 +175,15 @@ def test_sharded_batches():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("devices") == 4 and len(out) == 3
     assert all(v < 1e-6 for v in out.values()), out
+
+
+def test_scores_at_subset_weights_are_finite_differences_there():
+    dyn = dynamics((X, Y))
+    u = np.ones(N)
+    u[::3] = 0
+    res = hg.attribute(dyn, objective, LAM, weights=u)
+    bumps = np.eye(N)[:4] * 1e-5
+    outcomes = objectives_at(dyn, np.concatenate([u + bumps, u - bumps]))
+    np.testing.assert_allclose(res.scores[:4], (outcomes[:4] - outcomes[4:]) / 2e-5, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="one weight per training example"):
+        hg.attribute(dyn, objective, LAM, weights=np.ones(N + 1))

@@ -82,7 +82,7 @@ _programs = ProgramCache(16)
 
 
 def attribute(dyn: Dynamics, objective: Callable, lam, *, method: Method | None = None,
-              chunk_size: int = 32) -> AttributionResult:
+              chunk_size: int = 32, weights=None) -> AttributionResult:
     """One score per training example: ∂objective/∂(weight of the example) at weight 1.
 
     Args:
@@ -94,6 +94,9 @@ def attribute(dyn: Dynamics, objective: Callable, lam, *, method: Method | None 
       lam: the hyperparameters of the run, held fixed.
       method: ``hg.Reverse(...)`` (default ``hg.Reverse()``; ``checkpoint_every`` for long runs).
       chunk_size: rows of a vector objective whose backward passes run together (``vmap``).
+      weights: the example weights u at which to differentiate, one per training example
+        (default 1, the plain run; u ∈ {0, 1}^n: the run on a subset, scoring the dropped
+        examples too).
 
     Returns:
       An :class:`AttributionResult`.
@@ -109,7 +112,11 @@ def attribute(dyn: Dynamics, objective: Callable, lam, *, method: Method | None 
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     run = weighted(dyn)
-    lam2 = (lam, unit_weights(dyn, lam))
+    ones = unit_weights(dyn, lam)
+    if weights is not None and jnp.shape(weights) != ones.shape:
+        raise ValueError(f"weights must hold one weight per training example, shape {ones.shape}, "
+                         f"got shape {jnp.shape(weights)}")
+    lam2 = (lam, ones if weights is None else jnp.asarray(weights, ones.dtype))
     shape = _check(run, objective, lam2, method)
     outputs = math.prod(shape)
     vector = shape != ()

@@ -395,16 +395,33 @@ def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["source"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "table"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
 class Indexed(Data):
     """``source``'s batches with their examples' ids: step ``t`` gives ``(source(t),
-    source.indices(t))``, what a loss needs to find each example's weight."""
+    source.indices(t))``, what a loss needs to find each example's weight.
+
+    With ``table`` (``(T, b)``: row t the ids of step t, from :meth:`listed`) a step reads its ids
+    from it and gathers its rows: no permutation is drawn inside the run, nor recomputed on a
+    backward pass.
+    """
 
     source: Data
+    table: jax.Array | None = None
+
+    @classmethod
+    def listed(cls, source: Data, steps: int) -> Indexed:
+        """``source`` indexed by a table of its first ``steps`` batches' ids, where that saves work
+        (shuffled :class:`Batches` on one device: T·b integers); plainly indexed otherwise."""
+        if not (isinstance(source, Batches) and source.mesh is None and source.key is not None):
+            return cls(source)
+        return cls(source, jax.jit(jax.vmap(source.indices))(jnp.arange(steps)))
 
     def __call__(self, t) -> Any:
-        return self.source.indexed(t)
+        if self.table is None:
+            return self.source.indexed(t)
+        ids = self.table[t]
+        return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.source.examples), ids
 
     @property
     def size(self) -> int:

@@ -60,7 +60,7 @@ def weighted(dyn: Dynamics) -> Dynamics:
     example_count(dyn)
     init = _OnFirst(dyn.initializer.fn) if isinstance(dyn.initializer, Function) else dyn.init
     return dyn.replace(init=init, loss=_WeightedLoss(dyn.loss), optimizer_hparams=_OnFirst(dyn.optimizer_hparams),
-                       data=Indexed(dyn.batches))
+                       data=Indexed.listed(dyn.batches, dyn.steps))
 
 
 def unit_weights(dyn: Dynamics, lam) -> jax.Array:
