@@ -395,6 +395,12 @@ def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)
 
 
+@jax.jit
+def _ids_table(source: Data, steps: jax.Array) -> jax.Array:
+    """Row t: the ids of step ``steps[t]``'s batch (compiled once per source's structure)."""
+    return jax.vmap(source.indices)(steps)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "table"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
 class Indexed(Data):
@@ -415,7 +421,7 @@ class Indexed(Data):
         (shuffled :class:`Batches` on one device: T·b integers); plainly indexed otherwise."""
         if not (isinstance(source, Batches) and source.mesh is None and source.key is not None):
             return cls(source)
-        return cls(source, jax.jit(jax.vmap(source.indices))(jnp.arange(steps)))
+        return cls(source, _ids_table(source, jnp.arange(steps)))
 
     def __call__(self, t) -> Any:
         if self.table is None:
