@@ -76,7 +76,7 @@ def main(argv=None) -> None:
                 rand[rng.permutation(n)[:k]] = 0
                 iterative = ones.copy()
                 for r in range(3):
-                    s = np.asarray(hg.attribute(dyn, val_loss, lam, weights=iterative).scores)
+                    s = np.array(hg.attribute(dyn, val_loss, lam, weights=iterative).scores)
                     s[iterative == 0] = -np.inf
                     iterative[np.argsort(-s)[: k // 3 + (r < k % 3)]] = 0
                 errs = np.asarray(population(jnp.asarray(np.stack([ones, rand, harmful, iterative]))))
