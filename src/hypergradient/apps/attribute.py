@@ -31,7 +31,7 @@ import hypergradient as hg
 
 from . import datasets, experiments
 from .experiments import folder, plots
-from .terminal import EXIT_INPUT, EXIT_OK, folder_name, not_a_folder, positive_int
+from .terminal import EXIT_DIVERGED, EXIT_INPUT, EXIT_OK, folder_name, not_a_folder, os_error, positive_int, seed
 
 #: The experiments whose training run weighs its examples one by one.
 EXPERIMENTS = ("hyper-cleaning",)
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whose training run to attribute: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="as for run")
     parser.add_argument("--data-dir", metavar="DIR", help="as for run")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="which labels are flipped (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, metavar="S", help="which labels are flipped (default 0)")
     parser.add_argument("--top", type=positive_int, default=12, metavar="K",
                         help="how many most helpful and most harmful examples to list and draw (default 12)")
     parser.add_argument("--out", type=folder_name, metavar="DIR",
@@ -88,7 +88,17 @@ def main(args: argparse.Namespace, error) -> int:
     print(f"hypergradient attribute {args.experiment}: {len(labels)} training examples, {int(flipped.sum())} "
           f"labels flipped -> {out}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    res = hg.attribute(dyn, objective, lam)
+    try:
+        res = hg.attribute(dyn, objective, lam)
+    except hg.DivergenceError as e:
+        return error(f"the run diverged: {e}", EXIT_DIVERGED)
+    try:
+        return _write(out, args, res, data, labels, flipped, started)
+    except OSError as e:  # a read-only folder, a full disk
+        return error(os_error(e, out), EXIT_INPUT)
+
+
+def _write(out: Path, args, res, data, labels, flipped, started: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scores = np.asarray(res.scores)
     np.save(out / "scores.npy", scores)
