@@ -22,7 +22,7 @@ from .dynamics import Dynamics, Function
 
 @dataclasses.dataclass(frozen=True)
 class _OnFirst:
-    """``fn`` of λ'[0]: what reads λ alone (``init``, ``optimizer_hparams``, the objective)."""
+    """``fn`` of λ'[0]: what reads λ alone (``init``, ``optimizer_hparams``)."""
 
     fn: Callable
 
