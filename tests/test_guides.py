@@ -18,3 +18,15 @@ def test_own_loop_guide_runs():
     scope = run_page("docs/own_loop.md", 3, finite_hypergradient)
     assert isinstance(scope["trained"], scope["Mlp"])
     assert set(scope["res"].grad) == {"log_peak", "warmup", "log_wd"}
+
+
+def test_attribution_guide_runs(tmp_path, monkeypatch):
+    guide = GUIDE.parent / "attribution.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], str(guide), "exec"), scope)
+    res = scope["res"]
+    assert res.scores.shape == (300,) and np.isfinite(res.scores).all()
+    assert len(scope["harmful"]) == 5 and (tmp_path / "scores.npz").exists()

@@ -7,8 +7,11 @@ experiments, the CLI), which the rest never imports.
 """
 
 from . import constraints as constraints
+from . import example_weights as example_weights
 from . import data as data
 from . import optim as optim
+from .attribution import AttributionResult as AttributionResult
+from .attribution import attribute as attribute
 from .data import Batches as Batches
 from .drivers.core import OptimizeResult as OptimizeResult
 from .drivers.offline import optimize as optimize

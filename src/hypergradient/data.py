@@ -95,6 +95,17 @@ class Data:
         """Raise ``ValueError`` if ``data(t)`` cannot give each step its own batch (a source built
         for it, a fixed batch or :class:`Batches`, always can)."""
 
+    def indices(self, t) -> jax.Array:
+        """The ids (rows of ``examples``) of the examples in the batch of step ``t``, in the batch's
+        order; a source that does not know its examples raises ``TypeError``."""
+        raise TypeError(
+            f"data given as {type(self.given).__name__} does not say which training examples a batch holds: "
+            "give hg.Batches((x, y), batch_size) or a fixed batch for per-example weights")
+
+    def indexed(self, t) -> tuple[Any, jax.Array]:
+        """``(self(t), self.indices(t))``: the batch of step ``t`` and its examples' ids."""
+        return self(t), self.indices(t)
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["batch"], meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -113,6 +124,19 @@ class Fixed(Data):
     @property
     def examples(self) -> Any:
         return self.batch
+
+    @property
+    def size(self) -> int:
+        """The number of examples, the leading dimension the batch's arrays share."""
+        sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(self.batch)}
+        if len(sizes) != 1 or None in sizes:
+            raise TypeError("the fixed batch's arrays do not share a leading (example) dimension "
+                            f"(shapes {[jnp.shape(a) for a in jax.tree.leaves(self.batch)]}), so its examples "
+                            "cannot be weighted one by one")
+        return sizes.pop()
+
+    def indices(self, t) -> jax.Array:
+        return jnp.arange(self.size)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn"])
@@ -316,6 +340,31 @@ class Batches(Data):
         return jax.shard_map(lambda a, t, key: take(a, t, key), mesh=self.mesh,
                              in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=spec)(self.arrays, t, self.key)
 
+    def indices(self, t) -> jax.Array:
+        """The ids of step ``t``'s examples: the rows of ``arrays`` that ``self(t)`` takes, in its order
+        (sharded like the batch when there is a mesh)."""
+        if self.mesh is None:
+            return _batch(jnp.arange(self.size), t, self.key, self.batch_size, self.n_batches, None)
+        block = self.size // self.devices
+
+        def take(t, key):
+            ids = jax.lax.axis_index(self.axis) * block + jnp.arange(block)
+            return _batch(ids, t, key, self.batch_size // self.devices, self.n_batches, self.axis)
+
+        if self.key is None:
+            return jax.shard_map(lambda t: take(t, None), mesh=self.mesh, in_specs=(PartitionSpec(),),
+                                 out_specs=PartitionSpec(self.axis))(t)
+        return jax.shard_map(take, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec()),
+                             out_specs=PartitionSpec(self.axis))(t, self.key)
+
+    def indexed(self, t) -> tuple[Any, jax.Array]:
+        """The batch of step ``t`` and its ids, the rows gathered by the ids on one device (one
+        permutation per step, not two)."""
+        if self.mesh is None and self.key is not None:
+            ids = self.indices(t)
+            return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.arrays), ids
+        return super().indexed(t)
+
     def tree_flatten(self):
         return (self.arrays, self.key), (self.batch_size, self.mesh, self.axis)
 
@@ -344,3 +393,49 @@ def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
     n = jax.tree.leaves(arrays)[0].shape[0]
     idx = jax.lax.dynamic_slice_in_dim(jax.random.permutation(key, n), start, size)
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)
+
+
+@jax.jit
+def _ids_table(source: Data, steps: jax.Array) -> jax.Array:
+    """Row t: the ids of step ``steps[t]``'s batch (compiled once per source's structure)."""
+    return jax.vmap(source.indices)(steps)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "table"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Indexed(Data):
+    """``source``'s batches with their examples' ids: step ``t`` gives ``(source(t),
+    source.indices(t))``, what a loss needs to find each example's weight.
+
+    With ``table`` (``(T, b)``: row t the ids of step t, from :meth:`listed`) a step reads its ids
+    from it and gathers its rows: no permutation is drawn inside the run, nor recomputed on a
+    backward pass.
+    """
+
+    source: Data
+    table: jax.Array | None = None
+
+    @classmethod
+    def listed(cls, source: Data, steps: int) -> Indexed:
+        """``source`` indexed by a table of its first ``steps`` batches' ids, where that saves work
+        (shuffled :class:`Batches` on one device: T·b integers); plainly indexed otherwise."""
+        if not (isinstance(source, Batches) and source.mesh is None and source.key is not None):
+            return cls(source)
+        return cls(source, _ids_table(source, jnp.arange(steps)))
+
+    def __call__(self, t) -> Any:
+        if self.table is None:
+            return self.source.indexed(t)
+        ids = self.table[t]
+        return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self.source.examples), ids
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    @property
+    def examples(self) -> Any:
+        return self.source.examples, jnp.arange(self.source.size)
+
+    def check(self) -> None:
+        self.source.check()

@@ -6,6 +6,7 @@
                                  [--trials N [--ray local|ADDRESS] [--search random|optuna]
                                   [--scheduler asha] [--gpus-per-trial G] [--mlflow [URI]]]
     hypergradient plan EXPERIMENT [--memory-budget BYTES] [--dataset NAME] [--data-dir DIR] [--tiny]
+    hypergradient attribute EXPERIMENT [--dataset NAME] [--data-dir DIR] [--top K] [--out DIR] [--tiny]
 
 run, compare and plan keep their compiled programs in JAX's persistent compilation cache
 (``$XDG_CACHE_HOME/hypergradient/jax``, by default ``~/.cache/hypergradient/jax``), so a second
@@ -33,7 +34,7 @@ from pathlib import Path
 import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
-from . import compare, datasets, experiments
+from . import attribute, compare, datasets, experiments
 from .experiments import folder
 from . import methods as method_names
 from .experiments.folder import FolderError
@@ -139,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(compare_parser)
     _cache_argument(compare_parser)
     _cache_argument(_plan_arguments(sub))
+    attribute_parser = sub.add_parser(
+        "attribute", help="score every training example: which help the validation loss, which hurt it",
+        description="Score every training example of an experiment's run by hg.attribute (the derivative of the "
+        "validation loss in the example's weight): write scores.npy, examples.csv (the most helpful and most "
+        "harmful) and examples.png (them, with their labels).")
+    attribute.add_arguments(attribute_parser)
+    _cache_argument(attribute_parser)
     return parser
 
 
@@ -193,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "attribute":
+        return attribute.main(args, _error)
     return _run(parser, args)
 
 
