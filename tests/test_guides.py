@@ -1,5 +1,6 @@
-"""The guide "Bring your own training loop" runs as written: an Equinox model with BatchNorm and
-dropout, a Flax NNX module, and an optax optimizer, each giving a finite hypergradient."""
+"""The guides run as written: "Bring your own training loop" (an Equinox model with BatchNorm and
+dropout, a Flax NNX module, and an optax optimizer, each giving a finite hypergradient) and the
+data-attribution page."""
 
 import jax
 import numpy as np
@@ -21,12 +22,8 @@ def test_own_loop_guide_runs():
 
 
 def test_attribution_guide_runs(tmp_path, monkeypatch):
-    guide = GUIDE.parent / "attribution.md"
-    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
-    assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(compile(blocks[0], str(guide), "exec"), scope)
+    scope = run_page("docs/attribution.md", 1)
     res = scope["res"]
     assert res.scores.shape == (300,) and np.isfinite(res.scores).all()
     assert len(scope["harmful"]) == 5 and (tmp_path / "scores.npz").exists()
