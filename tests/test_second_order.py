@@ -102,11 +102,11 @@ def test_a_run_with_model_state_and_keys():
 
 
 def test_auto_chooses_one():
-    """On the host from the user's objective; under jit from the shapes."""
+    """From XLA's figures for both programs; the choice is one of the two, the same hypergradient."""
     dyn, objective, lam = PROBLEMS["momentum"]
-    assert hg.Reverse(second_order="auto").resolve(dyn, lam, objective).second_order in ("forward", "reverse")
-    traced = _grad("momentum", hg.Reverse(second_order="auto"))
-    assert_close(traced.grad, _grad("momentum", hg.Reverse()).grad, 1e-10)
+    mode = hg.Reverse(second_order="auto").resolve(dyn, lam, objective).second_order
+    assert mode in ("forward", "reverse")
+    assert_close(_grad("momentum", hg.Reverse(second_order=mode)).grad, _grad("momentum", hg.Reverse()).grad, 1e-10)
 
 
 def test_an_unknown_mode_is_refused():

@@ -101,9 +101,9 @@ class Reverse(Method):
     def value_and_grad(self, dyn, objective, lam):
         if self.second_order == "auto":  # under jit or vmap: chosen from the shapes, with ½‖w_T‖²
             return self.resolve(dyn, lam).value_and_grad(dyn, objective, lam)
-        step = second_order.step_function(dyn, self.second_order)
+        step = second_order.step_function(dyn, self.second_order), second_order.policy(self.second_order)
         if self.adjoint_dtype is not None:
-            return adjoint.value_and_grad(dyn, objective, lam, self.adjoint_dtype, self.checkpoint_every, step)
+            return adjoint.value_and_grad(dyn, objective, lam, self.adjoint_dtype, self.checkpoint_every, step[0])
 
         def f(lam, probes):
             state, losses = rollout(step, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
@@ -163,11 +163,10 @@ def _probe_weights(state, p):
 
 
 def _scan(step, state, lam, start, length: int, probes):
-    """``dyn.rollout`` with a probe before every step ``step(s, λ, t)``, whose steps save only
-    matrix-product outputs for the backward pass."""
-    saved = jax.checkpoint(
-        lambda s, t: step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False
-    )
+    """``dyn.rollout`` with a probe before every step, ``step = (Φ, policy)``: ``Φ(s, λ, t)``,
+    whose steps save for the backward pass only what ``policy`` lets them."""
+    fn, policy = step
+    saved = jax.checkpoint(lambda s, t: fn(s, lam, t), policy=policy, prevent_cse=False)
     return jax.lax.scan(lambda s, tp: saved(_probe_weights(s, tp[1]), tp[0]), state,
                         (start + jnp.arange(length), probes))
 
@@ -181,7 +180,7 @@ def remat_rollout(dyn, state, lam, start, length: int):
 
 
 def rollout(step, state, lam, start: int, length: int, levels: tuple[int, ...], probes):
-    """The run of ``step(s, λ, t)`` from ``start`` for ``length`` steps, remat-segmented every
+    """The run of ``step = (Φ, policy)`` from ``start`` for ``length`` steps, remat-segmented every
     ``levels[0]`` steps, each segment remat-segmented every ``levels[1]`` steps, and so on;
     ``probes[i]`` measures α before step ``start + i``."""
     ks = tuple(k for k in levels if k < length)  # a segment as long as the run is no segment

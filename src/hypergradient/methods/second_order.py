@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from .._pytree import is_inexact, partition, signature
 from ..precision import library_precision
@@ -99,9 +100,26 @@ def step_function(dyn, mode: str):
     """Φ_t as ``(s, λ, t) -> (s', loss)`` with its second-order products taken the ``mode`` way
     (``"reverse"`` or ``"forward"``)."""
     if mode == "forward":
-        grad = functools.partial(loss_and_grad, dyn)
-        return lambda s, lam, t: dyn.step(s, lam, t, loss_and_grad=grad)
+        return lambda s, lam, t: dyn.step(s, lam, t, loss_and_grad=functools.partial(_named, dyn))
     return dyn.step
+
+
+def _named(dyn, params, lam, t, held):
+    return jax.tree.map(lambda x: checkpoint_name(x, GRADIENT), loss_and_grad(dyn, params, lam, t, held))
+
+
+#: The name of the gradient's outputs in a forward-over-reverse step.
+GRADIENT = "hypergradient.gradient"
+
+
+def policy(mode: str):
+    """What a step of Reverse's scan keeps for its backward pass: ``"reverse"`` its matrix
+    products' outputs (among them the gradient's activations and its weight products);
+    ``"forward"`` the gradient's outputs alone (one d more per step), so that the backward step
+    recomputes the optimizer's update but neither the gradient nor any activation."""
+    if mode == "forward":
+        return jax.checkpoint_policies.save_only_these_names(GRADIENT)
+    return jax.checkpoint_policies.dots_saveable
 
 
 #: Options of programs compiled only to read their memory and operations (XLA assigns the
