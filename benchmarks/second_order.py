@@ -26,6 +26,7 @@ import numpy as np
 import hypergradient as hg
 from benchmarks import b1
 from benchmarks.record import write_report
+from hypergradient._pytree import partition
 from hypergradient.apps import models
 from hypergradient.hypergrad import compiled
 from hypergradient.methods import second_order
@@ -67,14 +68,12 @@ def _relative_difference(a, b) -> float:
 def measure(dyn, objective, lam, method, repeats: int) -> dict:
     """Both modes of ``method`` on one problem: bytes, seconds (alternating), their ratios."""
     modes = {m: dataclasses.replace(method, second_order=m) for m in ("reverse", "forward")}
-    arrays = jax.tree_util.tree_leaves(objective)
     exes, row = {}, {"method": repr(method)}
     for mode, m in modes.items():
         exe, compile_seconds, sizes = compiled(dyn, objective, m, lam)
         exes[mode] = exe
         row[mode] = {"temp_mb": sizes["temp_bytes"] / 2**20, "compile_seconds": compile_seconds, "seconds": []}
-    _, partitioned = jax.tree_util.tree_flatten(objective)
-    args = (dyn, hg_arrays(objective), lam)
+    args = (dyn, partition(objective)[0], lam)
     sols = {mode: jax.block_until_ready(exe(*args)) for mode, exe in exes.items()}  # warm-up
     for _ in range(repeats):
         for mode, exe in exes.items():
@@ -87,14 +86,7 @@ def measure(dyn, objective, lam, method, repeats: int) -> dict:
     row["time_ratio"] = row["forward"]["seconds"] / row["reverse"]["seconds"]
     row["grad_rel_difference"] = _relative_difference(sols["forward"].grad, sols["reverse"].grad)
     row["auto"] = second_order.choose(dataclasses.replace(method, second_order="auto"), dyn, objective, lam)
-    del arrays, partitioned
     return row
-
-
-def hg_arrays(objective):
-    """The array part of a callable-pytree objective, as the compiled program takes it."""
-    from hypergradient._pytree import partition
-    return partition(objective)[0]
 
 
 def main(argv=None) -> int:
