@@ -6,7 +6,8 @@ data and run (dampened momentum, per-step per-layer learning rates and momenta, 
 ``Reverse()`` and ``Reverse(checkpoint_every=k)``: XLA's temporary memory of the compiled program
 (``memory_analysis().temp_size_in_bytes``) and the median seconds of a run, both second-order
 modes side by side, timed alternately so that load from other processes falls on both alike; the
-ratios forward / reverse; the largest relative difference of the two hypergradients; and what
+ratios forward / reverse; for plain Reverse what each step adds to the memory (from programs of T/2
+and T steps: the ratio a long run tends to); the largest relative difference of the two hypergradients; and what
 ``second_order="auto"`` chooses. Prints a table, then one JSON object.
 
     python -m benchmarks.second_order [--steps 50] [--width 1024] [--channels 32,64] [--repeats 3]
@@ -30,6 +31,7 @@ from hypergradient._pytree import partition
 from hypergradient.apps import models
 from hypergradient.hypergrad import compiled
 from hypergradient.methods import second_order
+from hypergradient.planning import short_bytes
 
 
 def _cnn_loss(w, lam, batch):
@@ -85,6 +87,11 @@ def measure(dyn, objective, lam, method, repeats: int) -> dict:
     row["memory_ratio"] = row["forward"]["temp_mb"] / row["reverse"]["temp_mb"]
     row["time_ratio"] = row["forward"]["seconds"] / row["reverse"]["seconds"]
     row["grad_rel_difference"] = _relative_difference(sols["forward"].grad, sols["reverse"].grad)
+    if not method.levels:  # what each step adds: fitted at T/2 and T steps (memory only, never run)
+        half = max(1, dyn.steps // 2)
+        grow = {mode: short_bytes(dyn, objective, m, lam, dyn.steps) - short_bytes(dyn, objective, m, lam, half)
+                for mode, m in modes.items()}
+        row["per_step_mb"] = {mode: b / max(1, dyn.steps - half) / 2**20 for mode, b in grow.items()}
     row["auto"] = second_order.choose(dataclasses.replace(method, second_order="auto"), dyn, objective, lam)
     return row
 
@@ -111,8 +118,9 @@ def main(argv=None) -> int:
             print(f"{name:24s} {row['method']:50s} temp {row['reverse']['temp_mb']:8.1f} -> "
                   f"{row['forward']['temp_mb']:8.1f} MB ({row['memory_ratio']:.2f}x)  time "
                   f"{row['reverse']['seconds']:.3g} -> {row['forward']['seconds']:.3g} s "
-                  f"({row['time_ratio']:.2f}x)  auto: {row['auto']}  grad rel diff {row['grad_rel_difference']:.1e}",
-                  flush=True)
+                  f"({row['time_ratio']:.2f}x)  auto: {row['auto']}  grad rel diff {row['grad_rel_difference']:.1e}"
+                  + ("  per step {reverse:.2f} -> {forward:.2f} MB".format(**row["per_step_mb"]) if "per_step_mb" in row
+                     else ""), flush=True)
     write_report({"steps": a.steps, "data": data.name, "backend": jax.default_backend(), "rows": rows}, a.out)
     return 0
 

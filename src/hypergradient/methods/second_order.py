@@ -17,6 +17,8 @@ beside the activations rather than storing a second backward pass. The step keep
 (w, λ, m, t) for the backward pass and recomputes the batch and the gradient there. The loss's
 own cotangent and the model state's (BatchNorm's running statistics after the step) are first
 order: one plain vjp of ``(w, λ, m) -> (L, m')``, needed only when the run carries a model state.
+The data are not differentiated through it: the step's cotangent for the arrays ``Dynamics``
+holds (the training examples) is zero, as no method here asks for it.
 """
 
 from __future__ import annotations
