@@ -119,8 +119,8 @@ def main(argv=None) -> int:
                   f"{row['forward']['temp_mb']:8.1f} MiB ({row['memory_ratio']:.2f}x)  time "
                   f"{row['reverse']['seconds']:.3g} -> {row['forward']['seconds']:.3g} s "
                   f"({row['time_ratio']:.2f}x)  auto: {row['auto']}  grad rel diff {row['grad_rel_difference']:.1e}"
-                  + ("  per step {reverse:.2f} -> {forward:.2f} MiB".format(**row["per_step_mb"]) if "per_step_mb" in row
-                     else ""), flush=True)
+                  + ("  per step {reverse:.2f} -> {forward:.2f} MiB".format(**row["per_step_mb"])
+                     if "per_step_mb" in row else ""), flush=True)
     write_report({"steps": a.steps, "data": data.name, "backend": jax.default_backend(), "rows": rows}, a.out)
     return 0
 
