@@ -180,11 +180,12 @@ def step_policy(policy):
     """``methods.reverse._scan`` with another remat policy for the step (``"none"``: no remat)."""
     original = reverse._scan
 
-    def _scan(dyn, state, lam, start, length, probes):
+    def _scan(step_and_policy, state, lam, start, length, probes):
+        fn = step_and_policy[0]
         if policy == "none":
-            step = lambda s, t: dyn.step(s, lam, t)  # noqa: E731
+            step = lambda s, t: fn(s, lam, t)  # noqa: E731
         else:
-            step = jax.checkpoint(lambda s, t: dyn.step(s, lam, t), policy=policy, prevent_cse=False)
+            step = jax.checkpoint(lambda s, t: fn(s, lam, t), policy=policy, prevent_cse=False)
         return jax.lax.scan(lambda s, tp: step(reverse._probe_weights(s, tp[1]), tp[0]), state,
                             (start + jnp.arange(length), probes))
 

@@ -365,9 +365,14 @@ class Dynamics:
             params, lam, self.batch(t), model_state, self.step_key(t))
         return value, g, new
 
-    def step(self, state: State, lam, t) -> tuple[State, jax.Array]:
-        """Φ_t: one training step; returns the new state and the step's training loss."""
-        loss, g, held = self.loss_and_grad(state.params, lam, t, model_state(state))
+    def step(self, state: State, lam, t, loss_and_grad=None) -> tuple[State, jax.Array]:
+        """Φ_t: one training step; returns the new state and the step's training loss.
+
+        ``loss_and_grad``: how the step takes its gradient, a function with the signature of
+        :meth:`loss_and_grad` (default: that method), for a method that differentiates the
+        gradient its own way."""
+        loss_and_grad = self.loss_and_grad if loss_and_grad is None else loss_and_grad
+        loss, g, held = loss_and_grad(state.params, lam, t, model_state(state))
         params, opt_state = self.optimizer.update(g, state.opt_state, state.params, self.hparams(lam, t))
         return self.state_of(params, opt_state, held), loss
 

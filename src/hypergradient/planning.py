@@ -12,6 +12,7 @@ model that orders them (time as a multiple of one training run, measured on B1):
     Forward()                               (m <= 16)  yes     1 + m     m·d
     Reverse()                                          yes     3         T·d
     Reverse(checkpoint_every=k), k = √T/2, √T, 2√T     yes     4         (T/k + k)·d
+    the two above with second_order="forward"          yes     +0.5      less where activations dominate
     Reverse(checkpoint_every=(k_1, ..., k_L)),         yes     3 + L     ~(L+1)·T^(1/(L+1))·d
         L = 2, 3, k_i = T^((L+1-i)/(L+1))
     Reversible()       (sgd, momentum: ``reversal``)   yes     5         d + T·d·(bits lost per step)/32
@@ -24,7 +25,8 @@ is the expensive part (tens of seconds a program for a small CNN on CPU, and a s
 the same time at 8 steps as at 10,000), so :func:`plan` compiles a few short programs once and
 predicts every row from them (:func:`profile`, :func:`predict`):
 
-    Reverse at 4 and 8 steps          base + per_step·T (exactly affine in T)
+    Reverse at 4 and 8 steps          base + per_step·T (exactly affine in T); the same for
+                                      second_order="forward", whose rows follow the same laws
     checkpointed Reverse              base, per_step and the state's size, by the law of predict
     Truncated(k) at k + 1 steps       its memory grows with k, not T
     Forward at 4 steps                nothing of it grows with T
@@ -73,6 +75,9 @@ from .smoothness import REMEDIES, Smoothness, smoothness
 FORWARD_MAX_HPARAMS = 16
 #: Steps of the timed training run that predicts the seconds of every method.
 PROBE_STEPS = 10
+#: What forward-over-reverse backward steps add to Reverse's time, in training runs (a gradient's
+#: recomputation per step, against the stored activations it saves).
+MIXED_COST = 0.5
 #: Reverse is compiled at SHORT // 2 and SHORT steps to fit its memory a + b·T.
 SHORT = 8
 #: Options of programs compiled only to read their memory: XLA assigns the buffers before the backend's
@@ -99,10 +104,11 @@ def candidates(dyn: Dynamics, lam) -> list[Row]:
     steps = dyn.steps
     m = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(lam))
     rows = [Row(Forward(), True, 1.0 + m)] if m <= FORWARD_MAX_HPARAMS else []
-    rows.append(Row(Reverse(), True, 3.0))
+    rows += [Row(Reverse(), True, 3.0), Row(Reverse(second_order="forward"), True, 3.0 + MIXED_COST)]
     for k in sorted({round(f * math.sqrt(steps)) for f in (0.5, 1, 2)}):
         if 2 <= k < steps:
-            rows.append(Row(Reverse(checkpoint_every=k), True, 4.0))
+            rows += [Row(Reverse(checkpoint_every=k), True, 4.0),
+                     Row(Reverse(checkpoint_every=k, second_order="forward"), True, 4.0 + MIXED_COST)]
     for levels in (2, 3):
         ks = tuple(round(steps ** ((levels + 1 - i) / (levels + 1))) for i in range(1, levels + 1))
         if ks[-1] >= 2 and all(a > b for a, b in zip(ks, ks[1:])):
@@ -185,6 +191,7 @@ class Profile(NamedTuple):
       horizons: the two short horizons (h1, h2).
       truncated, forward, reversible: bytes of those programs at short horizons (k + 1 steps for
         Truncated(k), h1 for Forward, h2 for Reversible; ``None`` where not a candidate).
+      mixed_base, mixed_per_step: ``base`` and ``per_step`` of ``Reverse(second_order="forward")``.
     """
 
     base: int
@@ -196,6 +203,8 @@ class Profile(NamedTuple):
     truncated: dict
     forward: int | None
     reversible: int | None
+    mixed_base: int = -1
+    mixed_per_step: int = -1
 
 
 def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profile:
@@ -203,7 +212,7 @@ def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profil
     h2 = min(dyn.steps, SHORT)
     h1 = max(1, h2 // 2)
 
-    programs = {("reverse", h2): (Reverse(), h2), ("reverse", h1): (Reverse(), h1)}
+    programs = {(mode, h): (Reverse(second_order=mode), h) for mode in ("reverse", "forward") for h in (h1, h2)}
     for row in rows:
         method = row.method
         if isinstance(method, Truncated):  # its memory grows with k, not T: the window is the run
@@ -213,9 +222,8 @@ def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profil
         elif isinstance(method, Reversible):  # its buffer grows with T (see predict)
             programs[method] = (method, h2)
     got = _compile_all({key: _lower(dyn, objective, m, lam, steps) for key, (m, steps) in programs.items()})
-    r1, r2 = got[("reverse", h1)], got[("reverse", h2)]
-    per_step = max(0, (r2 - r1) // max(1, h2 - h1)) if min(r1, r2) >= 0 else -1
-    base = r2 - per_step * h2 if per_step >= 0 else -1
+    base, per_step = _affine(got[("reverse", h1)], got[("reverse", h2)], h1, h2)
+    mixed = _affine(got[("forward", h1)], got[("forward", h2)], h1, h2)
     truncated = {key.k: b for key, b in got.items() if isinstance(key, Truncated)}
     forward = next((b for key, b in got.items() if isinstance(key, Forward)), None)
     reversible = next((b for key, b in got.items() if isinstance(key, Reversible)), None)
@@ -223,7 +231,16 @@ def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profil
     state = nbytes(jax.eval_shape(dyn.initial_state, lam))
     weights = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(dyn.initial_params, lam))
                   if jnp.issubdtype(x.dtype, jnp.inexact))
-    return Profile(base, per_step, objective_bytes, state, weights, (h1, h2), truncated, forward, reversible)
+    return Profile(base, per_step, objective_bytes, state, weights, (h1, h2), truncated, forward, reversible, *mixed)
+
+
+def _affine(r1: int, r2: int, h1: int, h2: int) -> tuple[int, int]:
+    """``(base, per_step)`` of the memory ``base + per_step·T`` through (h1, r1) and (h2, r2)
+    (``-1`` where XLA did not say)."""
+    if min(r1, r2) < 0:
+        return -1, -1
+    per_step = max(0, (r2 - r1) // max(1, h2 - h1))
+    return r2 - per_step * h2, per_step
 
 
 def predict(method: Method, steps: int, p: Profile) -> int:
@@ -236,6 +253,8 @@ def predict(method: Method, steps: int, p: Profile) -> int:
     per_step·k_L − objective)``. DrMAD holds w_0 besides what Reverse holds at T = 0. Forward, Truncated(k) and
     Reversible are their own short programs (Reversible's buffer extrapolated linearly in T).
     """
+    if isinstance(method, Reverse) and method.second_order == "forward":
+        p = p._replace(base=p.mixed_base, per_step=p.mixed_per_step)
     if min(p.base, p.per_step, p.objective) < 0:
         return -1
     if isinstance(method, Reverse):

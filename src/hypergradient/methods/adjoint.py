@@ -93,8 +93,10 @@ class _Floats:
         return jax.tree.unflatten(self.treedef, [next(it) if m else x for x, m in zip(jax.tree.leaves(s), self.mask)])
 
 
-def value_and_grad(dyn, objective, lam, dtype, every: int | None):
-    """The :class:`~hypergradient.Reverse` solution with α_t in ``dtype`` (see the module)."""
+def value_and_grad(dyn, objective, lam, dtype, every: int | None, step_fn=None):
+    """The :class:`~hypergradient.Reverse` solution with α_t in ``dtype`` (see the module); each
+    backward step differentiates ``step_fn(s, λ, t)`` (default ``dyn.step``)."""
+    step_fn = dyn.step if step_fn is None else step_fn
     dtype = jnp.dtype(dtype)
     T = dyn.steps
     s0 = dyn.initial_state(lam)
@@ -104,12 +106,12 @@ def value_and_grad(dyn, objective, lam, dtype, every: int | None):
     def vjp_step(s, t, alpha):
         """α ∂Φ̂_t/∂s and α ∂Φ̂_t/∂λ at ŝ = s cast up: the step traced in ``dtype``."""
         def step(floats, lam):
-            new, _ = dyn.step(split.rebuild(floats, s), lam, t)
+            new, _ = step_fn(split.rebuild(floats, s), lam, t)
             return split.floats(new)
 
-        with adjoint_precision(dtype):
+        with adjoint_precision(dtype):  # the vjp too: a custom rule traces its products there
             _, vjp = jax.vjp(step, _up(split.floats(s), dtype), lam_a)
-        return vjp(alpha)
+            return vjp(alpha)
 
     def walk_back(carry, states, ts):
         """The backward recursion over the steps ``ts`` whose input states are ``states``."""

@@ -37,7 +37,7 @@ from .._checks import is_int
 from .._pytree import is_inexact, tree_norm
 from ..dynamics import model_state
 from ..errors import ChaosWarning, Failure
-from . import adjoint
+from . import adjoint, second_order
 from .base import Method, Trained, solution
 
 #: A backward pass that grows more than this (max ‖α_t‖ / ‖α_T‖) is reported as chaotic.
@@ -55,12 +55,25 @@ class Reverse(Method):
       adjoint_dtype: keep the backward recursion α_t in this dtype (``jnp.float32`` for a
         bfloat16 run): each step is differentiated as a copy traced in it, at the run's stored
         states (``hypergradient/methods/adjoint.py``); ``None``: plain autodiff, in the run's dtypes.
+      second_order: how each backward step takes the products with the training loss's Hessian
+        that differentiating its gradient needs. ``"reverse"``: plain autodiff of the step
+        (reverse-over-reverse), which keeps the gradient's own backward pass. ``"forward"``:
+        a Jacobian-vector product of the gradient (forward-over-reverse, MixFlow-MG), which keeps
+        only the step's inputs and recomputes the gradient on the way back: less memory for a
+        wide model, whose activations dominate, for about one more gradient per step
+        (``hypergradient/methods/second_order.py``). ``"auto"``: the one whose program XLA
+        says needs less temporary memory, unless it needs over ``MUCH_SLOWER`` (1.5) times the
+        other's operations; chosen once per problem shapes. The same hypergradient either way.
     """
 
     checkpoint_every: int | tuple[int, ...] | None = None
     adjoint_dtype: Any = None
+    second_order: str = "reverse"
 
     def __post_init__(self):
+        if self.second_order not in second_order.MODES:
+            raise ValueError(f"second_order must be one of {', '.join(map(repr, second_order.MODES))}; "
+                             f"got {self.second_order!r}")
         if self.adjoint_dtype is not None:
             object.__setattr__(self, "adjoint_dtype", adjoint.check_dtype(self.adjoint_dtype, self.checkpoint_every))
         k = self.checkpoint_every
@@ -79,12 +92,21 @@ class Reverse(Method):
         k = self.checkpoint_every
         return () if k is None else k if isinstance(k, tuple) else (k,)
 
+    def resolve(self, dyn, lam, objective=None):
+        """With ``second_order="auto"``, this method with the mode chosen (from the shapes alone)."""
+        if self.second_order != "auto":
+            return self
+        return dataclasses.replace(self, second_order=second_order.choose(self, dyn, objective, lam))
+
     def value_and_grad(self, dyn, objective, lam):
+        if self.second_order == "auto":  # under jit or vmap: chosen from the shapes, with ½‖w_T‖²
+            return self.resolve(dyn, lam).value_and_grad(dyn, objective, lam)
+        step = second_order.step_function(dyn, self.second_order), second_order.policy(self.second_order)
         if self.adjoint_dtype is not None:
-            return adjoint.value_and_grad(dyn, objective, lam, self.adjoint_dtype, self.checkpoint_every)
+            return adjoint.value_and_grad(dyn, objective, lam, self.adjoint_dtype, self.checkpoint_every, step[0])
 
         def f(lam, probes):
-            state, losses = rollout(dyn, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
+            state, losses = rollout(step, dyn.initial_state(lam), lam, 0, dyn.steps, self.levels, probes)
             state = _probe_weights(state, probes[-1])
             return objective(state, lam), (Trained(state.params, model_state(state)), losses)
 
@@ -142,13 +164,12 @@ def _probe_weights(state, p):
     return state._replace(params=probe(state.params, p))
 
 
-def _scan(dyn, state, lam, start, length: int, probes):
-    """``dyn.rollout`` with a probe before every step, whose steps save only matrix-product outputs
-    for the backward pass."""
-    step = jax.checkpoint(
-        lambda s, t: dyn.step(s, lam, t), policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False
-    )
-    return jax.lax.scan(lambda s, tp: step(_probe_weights(s, tp[1]), tp[0]), state,
+def _scan(step, state, lam, start, length: int, probes):
+    """``dyn.rollout`` with a probe before every step, ``step = (Φ, policy)``: ``Φ(s, λ, t)``,
+    whose steps save for the backward pass only what ``policy`` lets them."""
+    fn, policy = step
+    saved = jax.checkpoint(lambda s, t: fn(s, lam, t), policy=policy, prevent_cse=False)
+    return jax.lax.scan(lambda s, tp: saved(_probe_weights(s, tp[1]), tp[0]), state,
                         (start + jnp.arange(length), probes))
 
 
@@ -160,19 +181,19 @@ def remat_rollout(dyn, state, lam, start, length: int):
     return jax.lax.scan(step, state, start + jnp.arange(length))
 
 
-def rollout(dyn, state, lam, start: int, length: int, levels: tuple[int, ...], probes):
-    """The run from ``start`` for ``length`` steps, remat-segmented every ``levels[0]`` steps, each
-    segment remat-segmented every ``levels[1]`` steps, and so on; ``probes[i]`` measures α before
-    step ``start + i``."""
+def rollout(step, state, lam, start: int, length: int, levels: tuple[int, ...], probes):
+    """The run of ``step = (Φ, policy)`` from ``start`` for ``length`` steps, remat-segmented every
+    ``levels[0]`` steps, each segment remat-segmented every ``levels[1]`` steps, and so on;
+    ``probes[i]`` measures α before step ``start + i``."""
     ks = tuple(k for k in levels if k < length)  # a segment as long as the run is no segment
     if not ks:
-        return _scan(dyn, state, lam, start, length, probes[:length])
+        return _scan(step, state, lam, start, length, probes[:length])
     k, inner = ks[0], ks[1:]
     n_seg, rest = divmod(length, k)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot merge the recomputation
     def segment(s, lam, seg_start, seg_probes):
-        return rollout(dyn, s, lam, seg_start, k, inner, seg_probes)
+        return rollout(step, s, lam, seg_start, k, inner, seg_probes)
 
     def body(s, i_p):
         i, p = i_p
@@ -181,6 +202,6 @@ def rollout(dyn, state, lam, start: int, length: int, levels: tuple[int, ...], p
     state, losses = jax.lax.scan(body, state, (jnp.arange(n_seg), probes[: n_seg * k].reshape(n_seg, k)))
     losses = losses.reshape(-1)
     if rest:
-        state, tail = rollout(dyn, state, lam, start + n_seg * k, rest, inner, probes[n_seg * k : length])
+        state, tail = rollout(step, state, lam, start + n_seg * k, rest, inner, probes[n_seg * k : length])
         losses = jnp.concatenate([losses, tail])
     return state, losses
