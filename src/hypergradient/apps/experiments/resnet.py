@@ -35,6 +35,7 @@ random search and TPE at equal wall time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -262,13 +263,15 @@ def make_dynamics(config: Config, data) -> Callable[[int], hg.Dynamics]:
 
 
 def validation_objective(data):
-    """``objective(w, λ, state=s_T)``: the validation cross-entropy with the running statistics."""
-    xv, yv, shape = jnp.asarray(data.val.x), jnp.asarray(data.val.y), data.image_shape
+    """``objective(w, λ, state=s_T)``: the validation cross-entropy with the running statistics,
+    a ``Partial`` holding the validation arrays, so that they are arguments of the compiled
+    program (as constants, XLA folds the patches of every image at compile time)."""
+    loss = functools.partial(_validation_loss, image_shape=data.image_shape)
+    return jax.tree_util.Partial(loss, jnp.asarray(data.val.x), jnp.asarray(data.val.y))
 
-    def objective(w, lam, *, state):
-        return models.cross_entropy(apply(w, state, xv, shape)[0], yv)
 
-    return objective
+def _validation_loss(xv, yv, w, lam, *, state, image_shape):
+    return models.cross_entropy(apply(w, state, xv, image_shape)[0], yv)
 
 
 def final_state(dyn: hg.Dynamics, lam):
