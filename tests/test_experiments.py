@@ -154,6 +154,24 @@ def test_resnet_beats_its_hand_set_hyperparameters(tmp_path, capsys):
     assert "resnet.png" in result["plots"] and "hand-set" in out.err
 
 
+def test_resnet_weights_are_one_tree_per_group_with_decay_on_the_kernels_only():
+    """With a zero gradient, one AdamW step is the decay alone: w − lr·scale_g·wd·w on the
+    convolution and dense kernels of group g, nothing on BatchNorm's scale and shift or the bias."""
+    params, state = resnet.init(jax.random.key(0), 4, 2, 10)
+    names = resnet.groups(2)
+    assert set(params) == set(names) and set(state) == set(names) - {"head"}
+    opt = resnet.adamw(names, clip=1.0)
+    hparams = {"learning_rate": 0.1, "weight_decay": 0.5, "group_scale": jnp.arange(1.0, 1.0 + len(names))}
+    new, _ = opt.rule(jax.tree.map(jnp.zeros_like, params), opt.init(params), params, hparams)
+    kernels = 0
+    for g, name in enumerate(names):
+        for w, w1 in zip(jax.tree.leaves(params[name]), jax.tree.leaves(new[name])):
+            kernels += w.ndim >= 2
+            expected = w * (1 - 0.1 * (g + 1) * 0.5) if w.ndim >= 2 else w
+            np.testing.assert_allclose(np.asarray(w1), np.asarray(expected), rtol=1e-6, atol=1e-7)
+    assert kernels == 1 + 2 * 2 + 1  # the stem, two per block, the head
+
+
 def test_resnet_augmentation_is_a_smooth_mix_with_a_flipped_shifted_copy():
     x = jax.random.uniform(jax.random.key(0), (5, 64))
     key = jax.random.key(1)

@@ -95,7 +95,7 @@ def test_plan_compiles_a_few_short_programs_whatever_the_candidates(monkeypatch)
     monkeypatch.setattr(planning, "compiled", lambda *a: full.append(a[2]) or compiled(*a))
     dyn, objective, lam = mlp_problem(steps=T)
     p = hg.plan(dyn, objective, lam)
-    assert len(short) == 6 < len(p.rows) and not full  # Reverse twice each way, Reversible, Truncated
+    assert len(short) == 6 < len(p.rows) and not full  # Reverse twice each way, Reversible and the objective
     budget = p.rows[0].bytes * 2  # Reverse fits
     chosen = hg.plan(dyn, objective, lam, memory_budget=budget)
     assert full == [hg.Reverse()] and chosen.rows[0].measured

@@ -20,27 +20,29 @@ model that orders them (time as a multiple of one training run, measured on B1):
     DrMAD()                                            no      3         2d
 
 Memory is XLA's own figure (``temp_size_in_bytes``), read from programs compiled from the
-arguments' shapes and never run, but not from each candidate's program at full length: compiling
-is the expensive part (tens of seconds a program for a small CNN on CPU, and a scan compiles in
-the same time at 8 steps as at 10,000), so :func:`plan` compiles a few short programs once and
-predicts every row from them (:func:`profile`, :func:`predict`):
+arguments' shapes, but not from each candidate's program at full length: compiling is the
+expensive part (tens of seconds a program for a small CNN on CPU, and a scan compiles in the same
+time at 8 steps as at 10,000), so :func:`plan` compiles a few short programs once, side by side,
+and predicts every row from them (:func:`profile`, :func:`predict`):
 
     Reverse at 4 and 8 steps          base + per_step·T (exactly affine in T); the same for
                                       second_order="forward", whose rows follow the same laws
     checkpointed Reverse              base, per_step and the state's size, by the law of predict
-    Truncated(k) at k + 1 steps       its memory grows with k, not T
+    Truncated(k)                      Reverse's law at k steps (the window is a Reverse of k steps)
     Forward at 4 steps                nothing of it grows with T
     Reversible at 8 steps             plus its buffer's growth
     DrMAD                             Reverse's base and one more state
     the objective's gradient alone    its share of every row (Plan.objective_bytes)
 
-They are compiled without the backend's optimizations (:data:`MEMORY_ONLY`), which do not change
-XLA's buffers. Time is a probe and the model: one training run of ``PROBE_STEPS`` steps is
-timed, scaled to T steps and multiplied by the candidate's cost, plus the objective's gradient,
-timed once. The choice is the fastest exact candidate that fits the budget (among equally fast
-ones, the one predicted smallest); under a budget its own program is compiled at full length
-through :func:`hypergradient.hypergrad`'s cache, where the run reuses it, and must fit, else the
-next is tried. Inexact candidates are only shown.
+Programs read only for their memory are compiled without the backend's optimizations
+(:data:`MEMORY_ONLY`), which do not change XLA's buffers. Time is a probe and the model: the
+8-step Reverse program is compiled whole and run once, and so is the objective's gradient; their
+difference is Reverse's time per step, a training step is a third of it (Reverse's cost), and a
+candidate's seconds are the objective's plus its cost times T training steps. The choice is the
+fastest exact candidate that fits the budget (among equally fast ones, the one predicted
+smallest); under a budget its own program is compiled at full length through
+:func:`hypergradient.hypergrad`'s cache, where the run reuses it, and must fit, else the next is
+tried. Inexact candidates are only shown.
 
 This module sits above :mod:`hypergradient.hypergrad`, whose program it measures; :class:`Auto`
 is a method like the others, defined here because choosing needs that program.
@@ -64,7 +66,7 @@ import numpy as np
 
 from ._checks import check_int
 from ._pytree import nbytes, partition, signature
-from .dynamics import Dynamics, train
+from .dynamics import Dynamics
 from .errors import MethodError
 from .hypergrad import ProgramCache, compiled, temp_bytes, value_and_grad
 from .methods import DrMAD, Forward, Method, Reverse, Reversible, Truncated
@@ -73,13 +75,16 @@ from .smoothness import REMEDIES, Smoothness, smoothness
 
 #: Forward is a candidate up to this many hyperparameters (its time grows like 1 + m).
 FORWARD_MAX_HPARAMS = 16
-#: Steps of the timed training run that predicts the seconds of every method.
-PROBE_STEPS = 10
 #: What forward-over-reverse backward steps add to Reverse's time, in training runs (a gradient's
 #: recomputation per step, against the stored activations it saves).
 MIXED_COST = 0.5
-#: Reverse is compiled at SHORT // 2 and SHORT steps to fit its memory a + b·T.
+#: Reverse is compiled at SHORT // 2 and SHORT steps to fit its memory a + b·T (and run at SHORT
+#: steps by :func:`plan` to time it).
 SHORT = 8
+#: Reverse's time as a multiple of a training run, in the cost model.
+REVERSE_COST = 3.0
+#: A program that runs for less than this many seconds is timed as the median of five runs.
+QUICK = 0.1
 #: Options of programs compiled only to read their memory: XLA assigns the buffers before the backend's
 #: (LLVM's) optimizations, so the figure is the same, in about half the compile time on CPU.
 MEMORY_ONLY = {"xla_backend_optimization_level": 0}
@@ -104,7 +109,7 @@ def candidates(dyn: Dynamics, lam) -> list[Row]:
     steps = dyn.steps
     m = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(lam))
     rows = [Row(Forward(), True, 1.0 + m)] if m <= FORWARD_MAX_HPARAMS else []
-    rows += [Row(Reverse(), True, 3.0), Row(Reverse(second_order="forward"), True, 3.0 + MIXED_COST)]
+    rows += [Row(Reverse(), True, REVERSE_COST), Row(Reverse(second_order="forward"), True, REVERSE_COST + MIXED_COST)]
     for k in sorted({round(f * math.sqrt(steps)) for f in (0.5, 1, 2)}):
         if 2 <= k < steps:
             rows += [Row(Reverse(checkpoint_every=k), True, 4.0),
@@ -149,13 +154,14 @@ def _lower(dyn: Dynamics, objective: Objective, method: Method, lam, steps: int)
     return program.lower(*jax.tree.map(_shape, (short, arrays, lam)))
 
 
-def _compile_all(programs: dict) -> dict:
-    """``{key: temporary bytes}`` of lowered programs compiled for their memory only, side by side:
-    XLA compiles without Python's lock, and the programs are independent."""
-    workers = max(1, min(len(programs), os.cpu_count() or 1))
+def _compile_all(jobs: dict) -> dict:
+    """``{key: executable}`` for ``jobs`` (``{key: () -> executable}``, each lowering and compiling
+    one program), built side by side: XLA compiles without Python's lock, so one program's tracing
+    overlaps another's compile, and the programs are independent."""
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        exes = list(pool.map(lambda lowered: lowered.compile(MEMORY_ONLY), programs.values()))
-    return {key: temp_bytes(exe) for key, exe in zip(programs, exes)}
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def objective_program(dyn: Dynamics, objective: Objective, lam):
@@ -179,7 +185,7 @@ def _objective_program(dyn, skeleton, arrays, lam):
 
 
 class Profile(NamedTuple):
-    """What the memory of every candidate is predicted from.
+    """What the memory (and, for :func:`plan`, the time) of every candidate is predicted from.
 
     Attributes:
       base, per_step: Reverse's temporary bytes are ``base + per_step·T`` (fitted at SHORT // 2 and
@@ -189,9 +195,11 @@ class Profile(NamedTuple):
       state: bytes of one training state s_t.
       weights: the number of floating-point weights.
       horizons: the two short horizons (h1, h2).
-      truncated, forward, reversible: bytes of those programs at short horizons (k + 1 steps for
-        Truncated(k), h1 for Forward, h2 for Reversible; ``None`` where not a candidate).
+      forward, reversible: bytes of those programs at short horizons (h1 for Forward, h2 for
+        Reversible; ``None`` where not a candidate).
       mixed_base, mixed_per_step: ``base`` and ``per_step`` of ``Reverse(second_order="forward")``.
+      reverse_seconds, objective_seconds: one run of Reverse at h2 steps and of the objective's
+        value and gradient (``None`` unless timed).
     """
 
     base: int
@@ -200,38 +208,55 @@ class Profile(NamedTuple):
     state: int
     weights: int
     horizons: tuple[int, int]
-    truncated: dict
     forward: int | None
     reversible: int | None
     mixed_base: int = -1
     mixed_per_step: int = -1
+    reverse_seconds: float | None = None
+    objective_seconds: float | None = None
+
+    def step_seconds(self) -> float:
+        """Seconds of one training step: a third (Reverse's cost) of what Reverse adds per step to
+        the objective's gradient."""
+        return max(self.reverse_seconds - self.objective_seconds, 0.0) / (REVERSE_COST * self.horizons[1])
 
 
-def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row]) -> Profile:
-    """Compile the few short programs :func:`predict` needs (memory only, never run)."""
+def profile(dyn: Dynamics, objective: Objective, lam, rows: list[Row], timed: bool = False) -> Profile:
+    """Compile the few short programs :func:`predict` needs, side by side; for their memory only,
+    never run, unless ``timed``: then Reverse at SHORT steps is compiled whole and, with the
+    objective's gradient, run once (λ concrete)."""
     h2 = min(dyn.steps, SHORT)
     h1 = max(1, h2 // 2)
 
-    programs = {(mode, h): (Reverse(second_order=mode), h) for mode in ("reverse", "forward") for h in (h1, h2)}
+    def job(method, steps, options=MEMORY_ONLY):
+        return lambda: _lower(dyn, objective, method, lam, steps).compile(options)
+
+    jobs = {("reverse", h2): job(Reverse(), h2, None if timed else MEMORY_ONLY),
+            "objective": lambda: objective_program(dyn, objective, lam)}
     for row in rows:
-        method = row.method
-        if isinstance(method, Truncated):  # its memory grows with k, not T: the window is the run
-            programs[method] = (method, min(dyn.steps, method.k + 1))
-        elif isinstance(method, Forward):  # nothing of it grows with T
-            programs[method] = (method, h1)
-        elif isinstance(method, Reversible):  # its buffer grows with T (see predict)
-            programs[method] = (method, h2)
-    got = _compile_all({key: _lower(dyn, objective, m, lam, steps) for key, (m, steps) in programs.items()})
+        if isinstance(row.method, Reversible):  # its buffer grows with T (see predict)
+            jobs[row.method] = job(row.method, h2)
+        elif isinstance(row.method, Forward):  # nothing of it grows with T
+            jobs[row.method] = job(row.method, h1)
+    jobs[("reverse", h1)] = job(Reverse(), h1)
+    if any(isinstance(r.method, Reverse) and r.method.second_order == "forward" for r in rows):
+        for h in (h1, h2):
+            jobs[("forward", h)] = job(Reverse(second_order="forward"), h)
+    exes = _compile_all(jobs)
+    got = {key: temp_bytes(exe) for key, exe in exes.items()}
     base, per_step = _affine(got[("reverse", h1)], got[("reverse", h2)], h1, h2)
-    mixed = _affine(got[("forward", h1)], got[("forward", h2)], h1, h2)
-    truncated = {key.k: b for key, b in got.items() if isinstance(key, Truncated)}
+    mixed = _affine(got[("forward", h1)], got[("forward", h2)], h1, h2) if ("forward", h1) in got else (-1, -1)
     forward = next((b for key, b in got.items() if isinstance(key, Forward)), None)
     reversible = next((b for key, b in got.items() if isinstance(key, Reversible)), None)
-    objective_bytes = temp_bytes(objective_program(dyn, objective, lam))
     state = nbytes(jax.eval_shape(dyn.initial_state, lam))
     weights = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(dyn.initial_params, lam))
                   if jnp.issubdtype(x.dtype, jnp.inexact))
-    return Profile(base, per_step, objective_bytes, state, weights, (h1, h2), truncated, forward, reversible, *mixed)
+    seconds = (None, None)
+    if timed:
+        arrays, _ = partition(objective)
+        seconds = (_seconds(exes[("reverse", h2)], dyn.replace(steps=h2), arrays, lam),
+                   _seconds(exes["objective"], arrays, dyn.initial_params(lam), lam))
+    return Profile(base, per_step, got["objective"], state, weights, (h1, h2), forward, reversible, *mixed, *seconds)
 
 
 def _affine(r1: int, r2: int, h1: int, h2: int) -> tuple[int, int]:
@@ -243,6 +268,22 @@ def _affine(r1: int, r2: int, h1: int, h2: int) -> tuple[int, int]:
     return r2 - per_step * h2, per_step
 
 
+def _seconds(exe, *args) -> float:
+    """Seconds of one run of ``exe``: the first, or the median of five more when it is under
+    :data:`QUICK` (then overheads a run pays once weigh)."""
+    start = time.perf_counter()
+    jax.block_until_ready(exe(*args))
+    first = time.perf_counter() - start
+    if first >= QUICK:
+        return first
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(exe(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def predict(method: Method, steps: int, p: Profile) -> int:
     """XLA's temporary bytes for ``method`` on the whole run, from the short programs of ``p``.
 
@@ -250,8 +291,9 @@ def predict(method: Method, steps: int, p: Profile) -> int:
     n_i = ⌈k_{i-1}/k_i⌉) and the residuals of one innermost segment of k_L steps, which are alive
     while the objective's temporaries are not, and each nested level its own copy of what Reverse
     holds besides the objective: ``base + (L − 1)·(base − objective) + state·Σn_i + max(0,
-    per_step·k_L − objective)``. DrMAD holds w_0 besides what Reverse holds at T = 0. Forward, Truncated(k) and
-    Reversible are their own short programs (Reversible's buffer extrapolated linearly in T).
+    per_step·k_L − objective)``. DrMAD holds w_0 besides what Reverse holds at T = 0, and
+    Truncated(k) what Reverse holds at min(k, T) steps. Forward and Reversible are their own short
+    programs (Reversible's buffer extrapolated linearly in T).
     """
     if isinstance(method, Reverse) and method.second_order == "forward":
         p = p._replace(base=p.mixed_base, per_step=p.mixed_per_step)
@@ -267,7 +309,7 @@ def predict(method: Method, steps: int, p: Profile) -> int:
         nested = (len(method.levels) - 1) * max(0, p.base - p.objective)  # each nested level's own cotangents
         return p.base + nested + p.state * held + max(0, p.per_step * method.levels[-1] - p.objective)
     if isinstance(method, Truncated):
-        return p.truncated[method.k]
+        return p.base + p.per_step * min(method.k, steps)
     if isinstance(method, Forward):
         return p.forward
     if isinstance(method, Reversible):  # the buffer, max_bits_per_step per float weight per step, held twice
@@ -380,11 +422,11 @@ class Auto(Method):
         raise MethodError(_nothing_fits(dyn, rows, self.memory_budget, p.objective))
 
 
-def _predicted(dyn, objective, lam, rows: list[Row]) -> tuple[list[Row], Profile]:
+def _predicted(dyn, objective, lam, rows: list[Row], timed: bool = False) -> tuple[list[Row], Profile]:
     """``rows`` with their methods resolved and their bytes predicted from the short programs, and
-    the profile they were predicted from."""
+    the profile they were predicted from (timed: see :func:`profile`)."""
     rows = [r._replace(method=r.method if traced(lam) else r.method.resolve(dyn, lam)) for r in rows]
-    p = profile(dyn, objective, lam, rows)
+    p = profile(dyn, objective, lam, rows, timed)
     return [r._replace(bytes=predict(r.method, dyn.steps, p)) for r in rows], p
 
 
@@ -427,7 +469,7 @@ class Plan:
       choice: the fastest exact method within the budget, or ``None`` when none fits.
       memory_budget: the budget in bytes (``None``: none).
       steps, hparam_numbers: the run's T and m.
-      training_seconds: one training run of T steps, as the probe predicts it.
+      training_seconds: one training run of T steps, as predicted from the timed Reverse program.
       objective_bytes: XLA's temporary memory of the objective's value and gradient alone, part of
         every row's bytes (:func:`hypergradient.chunked` lowers it).
       seconds: what making this plan took.
@@ -486,17 +528,18 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
          check_smoothness: bool = False) -> Plan:
     """Every applicable method for this run, its XLA temporary memory and predicted time, and the choice.
 
-    Compiles a few programs of a few steps for their memory (never run): Reverse at two horizons,
-    Truncated, Forward and Reversible where they are candidates, and the objective's gradient alone;
-    the other rows follow from the memory laws of ``planning.predict``. Times one short training run and
-    the objective's gradient. Under a budget, the choice's own program is compiled at full length
-    (hypergrad's cache keeps it for the run) to check that it fits. ``hg.Auto(memory_budget)``
+    Compiles a few programs of a few steps, side by side: Reverse at two horizons (each way of
+    computing its second-order products), Forward and Reversible where they are candidates, and
+    the objective's gradient alone; the other rows follow from the memory laws of
+    ``planning.predict``. Times one run of the longer Reverse and of the objective's gradient (the
+    rest are compiled for their memory only, never run). Under a budget, the choice's own program
+    is compiled at full length (hypergrad's cache keeps it for the run) to check that it fits. ``hg.Auto(memory_budget)``
     makes the same choice.
 
     Args:
       dyn: the training run.
       objective: ``(w, λ) -> scalar`` at the final weights, as for :func:`hypergradient.hypergrad`.
-      lam: the hyperparameters (concrete: the probe runs).
+      lam: the hyperparameters (concrete: the short Reverse program runs).
       memory_budget: bytes of XLA temporary memory allowed (``None``: no limit).
       check_smoothness: also run :func:`hypergradient.smoothness` at λ with the fastest Reverse that
         fits (a hypergradient and 30 training runs): the plan then says whether the backward pass is
@@ -507,11 +550,10 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
     """
     start = time.perf_counter()
     dyn.validate(lam)
-    rows, p = _predicted(dyn, objective, lam, candidates(dyn, lam))
-    step = _probe(dyn, lam)
-    objective_seconds = _time_objective(dyn, objective, lam)
+    rows, p = _predicted(dyn, objective, lam, candidates(dyn, lam), timed=True)
+    step = p.step_seconds()
     m = sum(int(np.size(x)) for x in jax.tree.leaves(lam))
-    rows = [r._replace(seconds=objective_seconds + r.cost * step * dyn.steps) for r in rows]
+    rows = [r._replace(seconds=p.objective_seconds + r.cost * step * dyn.steps) for r in rows]
     best, rows = _pick(dyn, objective, lam, rows, memory_budget)
     rows.sort(key=lambda r: (not r.exact, r.cost, r.bytes))
     check = None
@@ -522,31 +564,6 @@ def plan(dyn: Dynamics, objective: Objective, lam, memory_budget: int | None = N
             check = smoothness(dyn, objective, lam, method=fits[0] if fits else best.method)
     return Plan(tuple(rows), best and best.method, memory_budget, dyn.steps, m, step * dyn.steps, p.objective,
                 time.perf_counter() - start, check)
-
-
-def _time_objective(dyn, objective, lam) -> float:
-    """Seconds of the objective's value and gradient at w_0 (the part of a hypergradient's time that
-    does not grow with T)."""
-    exe = objective_program(dyn, objective, lam)
-    arrays, _ = partition(objective)
-    args = (arrays, dyn.initial_params(lam), lam)
-    jax.block_until_ready(exe(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(exe(*args))
-    return time.perf_counter() - start
-
-
-def _probe(dyn: Dynamics, lam) -> float:
-    """Seconds per training step: the median of three timed runs of ``PROBE_STEPS`` steps, after
-    one that compiles."""
-    short = dyn.replace(steps=min(dyn.steps, PROBE_STEPS))
-    jax.block_until_ready(train(short, lam))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(train(short, lam))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / short.steps
 
 
 def _size(n: int) -> str:

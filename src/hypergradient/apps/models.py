@@ -139,7 +139,7 @@ def cnn_apply(
     x = x.reshape(x.shape[0], *image_shape, 1)  # NHWC
     for layer in params[:-1]:
         dtype = jnp.result_type(x, layer["W"])  # promote as a matmul would
-        x = _conv_same(x.astype(dtype), layer["W"].astype(dtype))
+        x = conv_same(x.astype(dtype), layer["W"].astype(dtype))
         # SiLU and average pooling keep the model smooth. Relu's (and max pooling's) derivative
         # jumps, so a training step w - η∇L(w) jumps as an example's unit switches, and the
         # hypergradient of a long run (the derivative of its smooth pieces) misses those jumps:
@@ -151,7 +151,7 @@ def cnn_apply(
     return x.reshape(x.shape[0], -1) @ params[-1]["W"] + params[-1]["b"]
 
 
-def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
     """The 'SAME', stride-1 convolution of NHWC images by an HWIO kernel, as one matrix product over
     the images' patches.
 

@@ -1,7 +1,8 @@
 """A modern small CNN tuned end to end: a residual network with BatchNorm, dropout, flips and
 crops, AdamW with warmup-cosine and gradient clipping.
 
-The network (NHWC, SiLU throughout: relu's jumps break long hypergradients, see
+The network (NHWC, SiLU throughout: relu's jumps break long hypergradients; convolutions as
+one product over patches, ``models.conv_same``, which XLA:CPU runs fast inside a scan; see
 ``docs/sharp_bits.md``)::
 
     stem:     conv3x3(1 → C), BN, SiLU
@@ -34,6 +35,7 @@ random search and TPE at equal wall time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +75,7 @@ class Config(runner.Config):
 
     DEFAULTS = {
         "digits": {"n_train": 800, "n_val": 500, "n_test": None, "batch_size": 50, "steps": 100},
-        "paper": {"n_train": 5_000, "n_val": 2_000, "n_test": 5_000, "batch_size": 100, "steps": 300},
+        "paper": {"n_train": 5_000, "n_val": 1_000, "n_test": 2_000, "batch_size": 50, "steps": 100},
     }
 
     method: str = "checkpoint"
@@ -125,25 +127,20 @@ def _bn_state(c):
 def init(key, width: int, blocks: int, n_classes: int):
     """The weights and the BatchNorm state.
 
-    The weights are a pair ``(kernels, others)``, each ``{group: ...}``: the convolution and dense
-    kernels (weight decay applies to them) and the rest, BatchNorm's scale and shift and the
-    head's bias. The state is ``{group: {bn: {mean, var}}}``.
+    The weights are ``{group: {layer: ...}}`` (groups: :func:`groups`): convolution kernels
+    (``conv``, ``conv1``, ``conv2``), BatchNorm's scale and shift (``bn``, ``bn1``, ``bn2``) and the
+    head's ``W`` and ``b``. The state is ``{group: {bn: {mean, var}}}``.
     """
     keys = jax.random.split(key, 2 * blocks + 2)
-    kernels = {"stem": {"conv": _conv_init(keys[0], 1, width)},
-               "head": {"W": jax.random.normal(keys[1], (width, n_classes), jnp.float32) / float(np.sqrt(width))}}
-    others = {"stem": {"bn": _bn_init(width)}, "head": {"b": jnp.zeros(n_classes, jnp.float32)}}
+    params = {"stem": {"conv": _conv_init(keys[0], 1, width), "bn": _bn_init(width)},
+              "head": {"W": jax.random.normal(keys[1], (width, n_classes), jnp.float32) / float(np.sqrt(width)),
+                       "b": jnp.zeros(n_classes, jnp.float32)}}
     state = {"stem": {"bn": _bn_state(width)}}
     for b in range(blocks):
-        kernels[f"block{b}"] = {"conv1": _conv_init(keys[2 + 2 * b], width, width),
-                                "conv2": _conv_init(keys[3 + 2 * b], width, width)}
-        others[f"block{b}"] = {"bn1": _bn_init(width), "bn2": _bn_init(width)}
+        params[f"block{b}"] = {"conv1": _conv_init(keys[2 + 2 * b], width, width), "bn1": _bn_init(width),
+                               "conv2": _conv_init(keys[3 + 2 * b], width, width), "bn2": _bn_init(width)}
         state[f"block{b}"] = {"bn1": _bn_state(width), "bn2": _bn_state(width)}
-    return (kernels, others), state
-
-
-def _conv(x, W):
-    return jax.lax.conv_general_dilated(x, W, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return params, state
 
 
 def _batch_norm(x, p, s, train: bool):
@@ -159,26 +156,26 @@ def _batch_norm(x, p, s, train: bool):
 
 def apply(params, state, x, image_shape, *, train: bool = False, dropout: float = 0.0, key=None):
     """Logits of flattened images ``x`` and the BatchNorm state after them (updated in training)."""
-    kernels, others = params
-    blocks = len(kernels) - 2
-    h = x.reshape(x.shape[0], *image_shape, 1).astype(kernels["stem"]["conv"].dtype)  # in the weights' dtype
+    blocks = len(params) - 2
+    h = x.reshape(x.shape[0], *image_shape, 1).astype(params["stem"]["conv"].dtype)  # in the weights' dtype
     new = {}
-    h, bn = _batch_norm(_conv(h, kernels["stem"]["conv"]), others["stem"]["bn"], state["stem"]["bn"], train)
+    stem = params["stem"]
+    h, bn = _batch_norm(models.conv_same(h, stem["conv"]), stem["bn"], state["stem"]["bn"], train)
     new["stem"] = {"bn": bn}
     h = jax.nn.silu(h)
     for b in range(blocks):
-        k, p, s = kernels[f"block{b}"], others[f"block{b}"], state[f"block{b}"]
+        p, s = params[f"block{b}"], state[f"block{b}"]
         if b > 0 and h.shape[1] >= 2 and h.shape[2] >= 2:  # average pooling: smooth, unlike max pooling
             n, hh, ww, c = h.shape
             h = h[:, : hh // 2 * 2, : ww // 2 * 2].reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
-        r, bn1 = _batch_norm(_conv(h, k["conv1"]), p["bn1"], s["bn1"], train)
-        r, bn2 = _batch_norm(_conv(jax.nn.silu(r), k["conv2"]), p["bn2"], s["bn2"], train)
+        r, bn1 = _batch_norm(models.conv_same(h, p["conv1"]), p["bn1"], s["bn1"], train)
+        r, bn2 = _batch_norm(models.conv_same(jax.nn.silu(r), p["conv2"]), p["bn2"], s["bn2"], train)
         h = jax.nn.silu(h + r)
         new[f"block{b}"] = {"bn1": bn1, "bn2": bn2}
     h = jnp.mean(h, (1, 2))
     if train and dropout > 0:
         h = h * jax.random.bernoulli(key, 1 - dropout, h.shape) / (1 - dropout)
-    return h @ kernels["head"]["W"] + others["head"]["b"], new
+    return h @ params["head"]["W"] + params["head"]["b"], new
 
 
 def augment(x, strength, key, image_shape, flip: bool = True):
@@ -205,11 +202,11 @@ def warmup_cosine(t, steps: int, warmup: int):
 
 
 def _scale_by_group(group_scale, names):
-    """Multiply the updates of group ``names[g]`` (in kernels and others alike) by ``group_scale[g]``."""
+    """Multiply the updates of group ``names[g]`` by ``group_scale[g]``."""
 
     def update(updates, state, params=None):
-        return tuple({k: jax.tree.map(lambda u: u * group_scale[names.index(k)].astype(u.dtype), v)
-                      for k, v in part.items()} for part in updates), state
+        return {k: jax.tree.map(lambda u: u * group_scale[names.index(k)].astype(u.dtype), v)
+                for k, v in updates.items()}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -217,10 +214,11 @@ def _scale_by_group(group_scale, names):
 def adamw(names: tuple[str, ...], clip: float):
     """Global-norm clipping, then AdamW with a learning-rate multiplier per layer group, as an
     ``hg.optim.from_optax`` optimizer with the hyperparameters ``learning_rate``,
-    ``weight_decay`` and ``group_scale`` (one entry per group). Decay on the kernels only."""
+    ``weight_decay`` and ``group_scale`` (one entry per group). Decay on the kernels only (the
+    weights of two dimensions or more: not BatchNorm's scale and shift, nor the bias)."""
 
     def kernels(params):
-        return (jax.tree.map(lambda _: True, params[0]), jax.tree.map(lambda _: False, params[1]))
+        return jax.tree.map(lambda w: w.ndim >= 2, params)
 
     def chain(learning_rate, weight_decay, group_scale):
         return optax.chain(optax.clip_by_global_norm(clip), optax.scale_by_adam(),
@@ -265,13 +263,15 @@ def make_dynamics(config: Config, data) -> Callable[[int], hg.Dynamics]:
 
 
 def validation_objective(data):
-    """``objective(w, λ, state=s_T)``: the validation cross-entropy with the running statistics."""
-    xv, yv, shape = jnp.asarray(data.val.x), jnp.asarray(data.val.y), data.image_shape
+    """``objective(w, λ, state=s_T)``: the validation cross-entropy with the running statistics,
+    a ``Partial`` holding the validation arrays, so that they are arguments of the compiled
+    program (as constants, XLA folds the patches of every image at compile time)."""
+    loss = functools.partial(_validation_loss, image_shape=data.image_shape)
+    return jax.tree_util.Partial(loss, jnp.asarray(data.val.x), jnp.asarray(data.val.y))
 
-    def objective(w, lam, *, state):
-        return models.cross_entropy(apply(w, state, xv, shape)[0], yv)
 
-    return objective
+def _validation_loss(xv, yv, w, lam, *, state, image_shape):
+    return models.cross_entropy(apply(w, state, xv, image_shape)[0], yv)
 
 
 def final_state(dyn: hg.Dynamics, lam):
