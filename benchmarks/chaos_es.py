@@ -10,13 +10,13 @@ every layer and step, starting at lr = ``--lr`` (2.0, four times B1's). The scri
    and the verdict of ``hg.smoothness``;
 2. scans f(λ) on a grid of log lr around λ_0 (one vmapped batch of runs), to show the trend that
    the exact derivative misses;
-3. runs ``hg.optimize`` with ``hg.ES(sigma=0.1, pairs=4)`` and Adam(0.1) for ``--hyper-steps`` (10)
+3. runs ``hg.optimize`` with ``hg.ES(sigma=0.1, pairs=4)`` and Adam(0.1) for ``--hyper-steps`` (20)
    hyper-steps and reports f(λ_k) at each, and the smoothed objective f_σ(λ) = E f(λ + σz) that ES
-   descends, at λ_0 and at ES's final λ (the mean over 16 common draws of z, one vmapped batch, with
+   descends, at λ_0 and at ES's final λ (the mean over 32 common draws of z, one vmapped batch, with
    the paired standard error of the difference):
    f itself jumps between neighbouring λ by more than the hyper-steps gain.
 
-    python -m benchmarks.chaos_es [--steps 400] [--lr 2.0] [--hyper-steps 10]
+    python -m benchmarks.chaos_es [--steps 400] [--lr 2.0] [--hyper-steps 20]
 
 writes ``benchmarks/results/chaos_es.json`` and ``docs/img/chaos_es.png``.
 """
@@ -40,7 +40,7 @@ from benchmarks import b1
 from hypergradient.apps import datasets
 
 SIGMA = 0.1
-SMOOTHING_DRAWS = 16
+SMOOTHING_DRAWS = 32
 
 
 def problem(steps, lr, n_train):
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=2.0)
-    parser.add_argument("--hyper-steps", type=int, default=10)
+    parser.add_argument("--hyper-steps", type=int, default=20)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--out", default="benchmarks/results/chaos_es.json")
     parser.add_argument("--figure", default="docs/img/chaos_es.png")
