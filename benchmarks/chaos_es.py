@@ -14,7 +14,9 @@ every layer and step, starting at lr = ``--lr`` (2.0, four times B1's). The scri
    hyper-steps and reports f(λ_k) at each, and the smoothed objective f_σ(λ) = E f(λ + σz) that ES
    descends, at λ_0 and at ES's final λ (the mean over 32 common draws of z, one vmapped batch, with
    the paired standard error of the difference):
-   f itself jumps between neighbouring λ by more than the hyper-steps gain.
+   f itself jumps between neighbouring λ by more than the hyper-steps gain;
+4. runs the same hyper-steps with Reverse's hypergradient (Adam normalises its size, so only its
+   sign steers), for comparison.
 
     python -m benchmarks.chaos_es [--steps 400] [--lr 2.0] [--hyper-steps 20]
 
@@ -143,6 +145,21 @@ def main() -> None:
           f"{after.mean():.4f} at ES's final λ (difference ± {error:.4f})", flush=True)
     print("ES: f(λ_k) =", " ".join(f"{v:.4f}" for v in out["es"]["value"]), f"final {res.value:.4f} at lr "
           f"{np.exp(float(res.hparams['log_lr'])):.3f}, {seconds:.1f} s", flush=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            res = hg.optimize(dyn, objective, lam0, method=hg.Reverse(), hyper_optimizer=optax.adam(0.1),
+                              hyper_steps=args.hyper_steps, progress=False)
+            final = float(res.hparams["log_lr"])
+            after = scan(dyn, objective, final + SIGMA * z)
+            out["reverse_adam"] = {"value": np.asarray(res.history["value"]).tolist(), "final_log_lr": final,
+                                   "final_value": float(res.value), "smoothed_final": float(after.mean())}
+        except hg.errors.HyperDivergenceError as e:
+            out["reverse_adam"] = {"error": str(e).split(";")[0]}
+    out["reverse_adam"]["chaos_warnings"] = sum(w.category is hg.ChaosWarning for w in caught)
+    out["reverse_adam"]["seconds"] = time.perf_counter() - start
+    print("Reverse + Adam, the same hyper-steps:", out["reverse_adam"], flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     plot(out, args.figure)
     print(f"wrote {args.out} and {args.figure}")
