@@ -30,3 +30,8 @@ def test_overflowing_hypergradient_names_es():
         hg.hypergrad(DYN, _objective, jnp.float32(1.0), method=hg.Reverse())
     res = hg.hypergrad(DYN, _objective, jnp.float32(1.0), method=hg.ES(sigma=0.01, pairs=8))
     assert np.isfinite(float(res.grad))
+
+
+def test_auto_on_a_chaotic_run_names_es():
+    with pytest.raises(hg.errors.DivergenceError, match=r"chaotic.*hg\.ES"):
+        hg.hypergrad(DYN, _objective, jnp.float32(1.0), method=hg.Auto())
