@@ -159,7 +159,9 @@ def raise_failure(method: Method, result: Failure, stats: dict, sol: Solution, s
              f"{origin[1]}" if origin else "")
     raise DivergenceError(
         f"training stayed finite but the hypergradient is not (value {float(sol.value)}){where}; check the scale of "
-        "λ, and for adaptive optimizers a weight whose gradient is exactly zero (the derivative of the square root at 0)"
+        "λ, for adaptive optimizers a weight whose gradient is exactly zero (the derivative of the square root at 0), "
+        "and whether the run is chaotic (hg.smoothness(dyn, objective, λ)), where the derivative overflows and an "
+        "evolution-strategy estimator, hg.ES (hg.PES in hg.online), needs none"
     )
 
 
