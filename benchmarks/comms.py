@@ -10,8 +10,8 @@ training run and each method's hypergradient are compiled, not run. From each co
 - XLA's memory analysis per device (temporary + argument bytes), against D = 1.
 
 With ``--weights``, a wide MLP's hidden units are split over a ``"model"`` axis instead (its
-weights sharded with ``NamedSharding``, the examples whole on every device): Reverse's and
-checkpointed Reverse's temporary memory per device against D = 1, and the number of all-reduce,
+weights sharded with ``NamedSharding``, the examples whole on every device): the temporary memory
+per device of Reverse, checkpointed Reverse, Forward and Reversible against D = 1, and the number of all-reduce,
 all-gather and reduce-scatter operations in each loop's iteration.
 
     python -m benchmarks.comms [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
@@ -191,7 +191,8 @@ def measure_weights(steps: int) -> dict:
                                  "arguments_per_device": int(mem.argument_size_in_bytes)}
 
     record("train", dynamics.train.lower(dyn, lam).compile())
-    for name, method in (("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=10))):
+    for name, method in (("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=10)),
+                         ("forward", hg.Forward()), ("reversible", hg.Reversible())):
         exe, _, _ = compiled(dyn, objective, method, lam)
         record(name, exe)
     return out
