@@ -187,7 +187,8 @@ def measure_weights(steps: int) -> dict:
 
     def record(name, exe):
         mem = exe.memory_analysis()
-        out["programs"][name] = {"loops": loop_collectives(exe.as_text()), "temp_per_device": int(mem.temp_size_in_bytes),
+        out["programs"][name] = {"loops": loop_collectives(exe.as_text()),
+                                 "temp_per_device": int(mem.temp_size_in_bytes),
                                  "arguments_per_device": int(mem.argument_size_in_bytes)}
 
     record("train", dynamics.train.lower(dyn, lam).compile())
@@ -209,7 +210,8 @@ def weights_table(results: list[dict]) -> str:
         for name, prog in r["programs"].items():
             loops = ", ".join(
                 f"{o['all-reduce']} / {o['all-gather']} / {o['reduce-scatter']} / "
-                f"{o['collective-permute'] + o['all-to-all']} ({l['bytes_per_iteration'] / 1e3:.0f} kB) × {l['trip_count']}"
+                f"{o['collective-permute'] + o['all-to-all']} "
+                f"({l['bytes_per_iteration'] / 1e3:.0f} kB) × {l['trip_count']}"
                 for l in prog["loops"] for o in [l["ops_per_iteration"]]) or "no loop"
             lines.append(f"| {name} | {r['devices']} | {prog['temp_per_device'] / 1e6:.2f} "
                          f"| {prog['temp_per_device'] / base[name]['temp_per_device']:.2f} "

@@ -60,7 +60,8 @@ def rel(a, b):
 
 def kept(params, w0):
     """Whether every final weight is laid out over the devices as its initial weight was."""
-    return all(p.sharding.is_equivalent_to(w.sharding, p.ndim) for p, w in zip(jax.tree.leaves(params), jax.tree.leaves(w0)))
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(w0))
+    return all(p.sharding.is_equivalent_to(w.sharding, p.ndim) for p, w in pairs)
 
 
 METHODS = [("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=2)), ("forward", hg.Forward()),
