@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import hypergradient as hg
-from hypergradient.drivers import checkpoint as checkpoint_module
 from hypergradient.dynamics import train
 
 jax.config.update("jax_enable_x64", True)
@@ -138,31 +137,6 @@ def test_online_raises_a_learning_rate_that_is_too_small(method):
     fixed = float(objective(dyn.run(SMALL_LR), SMALL_LR))
     res = hg.online(dyn, objective, SMALL_LR, method=method, every=10, hyper_optimizer=optax.adam(0.3))
     assert res.value < 0.5 * fixed and float(res.hparams["log_lr"]) > float(SMALL_LR["log_lr"]) + 1
-
-
-def test_resumed_pes_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    dyn, objective = log_lr_run()
-    kwargs = dict(method=hg.PES(0.3, 3, key=7), every=10, hyper_optimizer=optax.adam(0.2), chunk=3, progress=False)
-    reference = hg.online(dyn, objective, SMALL_LR, **kwargs)
-    saves, real_save = [], checkpoint_module.save
-
-    def crash_after_two(*args, **kw):
-        real_save(*args, **kw)
-        saves.append(1)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(checkpoint_module, "save", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        hg.online(dyn, objective, SMALL_LR, checkpoint_dir=tmp_path, **kwargs)
-    monkeypatch.setattr(checkpoint_module, "save", real_save)
-    resumed = hg.online(dyn, objective, SMALL_LR, checkpoint_dir=tmp_path, **kwargs)
-    assert float(resumed.hparams["log_lr"]) == float(reference.hparams["log_lr"])
-    np.testing.assert_array_equal(resumed.history["value"], reference.history["value"])
-    np.testing.assert_array_equal(resumed.history["grad_norm"], reference.history["grad_norm"])
-    np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(reference.params))
-    with pytest.raises(hg.CheckpointMismatchError, match="method"):
-        hg.online(dyn, objective, SMALL_LR, checkpoint_dir=tmp_path, **{**kwargs, "method": hg.PES(0.3, 3, key=8)})
 
 
 @pytest.mark.parametrize("method", [hg.ES(0.2, 3, key=1), hg.PES(0.2, 3, key=1), hg.NRES(0.2, 3, key=1)], ids=repr)

@@ -185,7 +185,7 @@ def test_constraint_inside_the_compiled_loop():
     assert float(res.hparams["log_lr"]) == pytest.approx(cap)
 
 
-@pytest.mark.parametrize("method", [hg.Forward(), hg.Truncated(30)], ids=repr)
+@pytest.mark.parametrize("method", [hg.Forward(), hg.Truncated(30), hg.PES(0.3, 3, key=7)], ids=repr)
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, method):
     dyn, objective = lr_problem(steps=100)
     kwargs = dict(method=method, every=10, hyper_optimizer=optax.adam(0.2), chunk=3)
@@ -210,6 +210,9 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     np.testing.assert_array_equal(resumed.history["train_loss"], reference.history["train_loss"])
     with pytest.raises(CheckpointMismatchError, match="every"):
         online(dyn, objective, TOO_SMALL, checkpoint_dir=tmp_path, **{**kwargs, "every": 5})
+    if isinstance(method, hg.PES):  # other draws would not continue this run
+        with pytest.raises(CheckpointMismatchError, match="method"):
+            online(dyn, objective, TOO_SMALL, checkpoint_dir=tmp_path, **{**kwargs, "method": hg.PES(0.3, 3, key=8)})
 
 
 def push_lr(amount):
