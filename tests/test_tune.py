@@ -173,7 +173,9 @@ def test_rerun_after_kill_9_resumes_and_keeps_the_finished_trials(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_writes_the_finished_trials_and_says_how_to_resume(tmp_path):
     out = tmp_path / "out"
-    driver = start_cli(out, "--trials", "3")
+    # six trials on 2 CPUs: when the first has finished, at least three have not started, so
+    # the signal lands before the last trial ends however quick the machine
+    driver = start_cli(out, "--trials", "6")
     try:
         wait_for_a_finished_trial(driver, out)
         driver.send_signal(signal.SIGINT)  # Ray's processes have sessions of their own: as a terminal's Ctrl-C
@@ -186,7 +188,7 @@ def test_ctrl_c_writes_the_finished_trials_and_says_how_to_resume(tmp_path):
     last = err.strip().splitlines()[-1]
     assert "trials finished" in last and "run the same command again to resume" in last, err[-3000:]
     rows = read_trials(out)
-    assert 1 <= len(rows) < 3 and all(r["status"] == "done" for r in rows)
+    assert 1 <= len(rows) < 6 and all(r["status"] == "done" for r in rows)
 
 
 @pytest.mark.parametrize("options, says", [
