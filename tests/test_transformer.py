@@ -104,13 +104,13 @@ def test_stdlib_sources_are_python_source():
 def _lm_problem():
     sources = text.stdlib_sources(max_bytes=4000)
     train, val = text.windows(sources, CONTEXT + 1)
-    return lm.problem(train, (val[0][:8], val[1][:8]), len(sources), steps=2, batch_size=4,
+    return lm.problem(train, (val[0][:8], val[1][:8]), len(sources), steps=2, batch_size=4, val_chunk=3,
                       d_model=D, heads=HEADS, layers=1, dtype=jnp.float64)
 
 
 def test_lm_hypergradient_forward_over_reverse_matches_differences():
-    """Schedule peak, AdamW's weight decay and the source weights, through the transformer's Hessian
-    products taken forward-over-reverse (reverse-over-reverse equals it: tests/test_second_order.py)."""
+    """Schedule peak, AdamW's weight decay and the source weights (validation windows in chunks of 3),
+    through the transformer's Hessian products taken forward-over-reverse (reverse-over-reverse equals it: tests/test_second_order.py)."""
     dyn, objective, lam = _lm_problem()
     lam = {**lam, "source_logits": jnp.array([0.3, -0.2, 0.1, 0.0])}
     sol = jax.jit(lambda l: hg.value_and_grad(dyn, objective, l, hg.Reverse(second_order="forward")))(lam)

@@ -35,6 +35,10 @@ def _val_loss(tokens, heads, w, lam):
     return transformer.lm_loss(w, tokens, heads=heads)
 
 
+def _chunk_loss(heads, w, lam, tokens):
+    return transformer.lm_loss(w, tokens, heads=heads)
+
+
 def _schedule(steps, warmup, lam, t):
     return {"learning_rate": hg.optim.warmup_cosine(t, jnp.exp(lam["log_peak"]), warmup, steps),
             "weight_decay": jnp.exp(lam["log_wd"])}
@@ -42,11 +46,13 @@ def _schedule(steps, warmup, lam, t):
 
 def problem(train, val, n_sources: int, steps: int, batch_size: int = 16, d_model: int = 64, heads: int = 4,
             layers: int = 2, peak: float = 3e-3, weight_decay: float = 1e-2, warmup: float | None = None,
-            seed: int = 0, dtype=jnp.float32):
+            val_chunk: int | None = None, seed: int = 0, dtype=jnp.float32):
     """``(dyn, objective, λ)`` from ``train``/``val`` windows ``(tokens (N, L + 1), source (N,))``.
 
     The context is ``L``; the defaults of λ are ``peak``, ``weight_decay`` and equal source
-    weights; ``warmup`` (default ``steps / 10``) is fixed.
+    weights; ``warmup`` (default ``steps / 10``) is fixed. With ``val_chunk``, the objective
+    takes the validation windows that many at a time (``hg.chunked``: its gradient's memory is
+    one chunk's).
     """
     tokens, source = train
     context = tokens.shape[1] - 1
@@ -59,7 +65,10 @@ def problem(train, val, n_sources: int, steps: int, batch_size: int = 16, d_mode
         optimizer_hparams=functools.partial(_schedule, steps, warmup),
         data=hg.Batches((jnp.asarray(tokens), jnp.asarray(source)), batch_size, key=jax.random.PRNGKey(seed + 1)),
         steps=steps)
-    objective = jax.tree_util.Partial(_val_loss, jnp.asarray(val[0]), heads)
+    if val_chunk is None:
+        objective = jax.tree_util.Partial(_val_loss, jnp.asarray(val[0]), heads)
+    else:
+        objective = hg.chunked(jax.tree_util.Partial(_chunk_loss, heads), jnp.asarray(val[0]), val_chunk)
     lam = {"log_peak": jnp.asarray(np.log(peak), dtype), "log_wd": jnp.asarray(np.log(weight_decay), dtype),
            "source_logits": jnp.zeros(n_sources, dtype)}
     return dyn, objective, lam
