@@ -1,7 +1,7 @@
 """The byte-level transformer language model: jax.nn.dot_product_attention (XLA) equal to a masked
-softmax written out, in value and second derivative, second derivatives through it equal to central differences of its gradient (float64), the
-text loading, and its tuning problem's hypergradient (forward-over-reverse equal to
-reverse-over-reverse, both equal to central differences)."""
+softmax written out, in value and in a jvp of its gradient; the model's second derivatives equal
+to central differences of its gradient (float64); the text loading; and its tuning problem's
+hypergradient, forward-over-reverse, equal to central differences."""
 
 import functools
 
@@ -110,7 +110,8 @@ def _lm_problem():
 
 def test_lm_hypergradient_forward_over_reverse_matches_differences():
     """Schedule peak, AdamW's weight decay and the source weights (validation windows in chunks of 3),
-    through the transformer's Hessian products taken forward-over-reverse (reverse-over-reverse equals it: tests/test_second_order.py)."""
+    through the transformer's Hessian products taken forward-over-reverse (reverse-over-reverse
+    equals it: tests/test_second_order.py)."""
     dyn, objective, lam = _lm_problem()
     lam = {**lam, "source_logits": jnp.array([0.3, -0.2, 0.1, 0.0])}
     sol = jax.jit(lambda l: hg.value_and_grad(dyn, objective, l, hg.Reverse(second_order="forward")))(lam)
