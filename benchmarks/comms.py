@@ -12,10 +12,15 @@ training run and each method's hypergradient are compiled, not run. From each co
 With ``--weights``, a wide MLP's hidden units are split over a ``"model"`` axis instead (its
 weights sharded with ``NamedSharding``, the examples whole on every device): the temporary memory
 per device of Reverse, checkpointed Reverse, Forward and Reversible against D = 1, and the number of all-reduce,
-all-gather and reduce-scatter operations in each loop's iteration.
+all-gather and reduce-scatter operations in each loop's iteration. ``--weights --model transformer``
+shards the byte-level transformer of ``apps/lm.py`` (batches of 16 windows) the same way, as
+Megatron-LM does: the query/key/value and first MLP kernels by columns (heads, hidden units), the
+attention output and second MLP kernels by rows, the embeddings by feature and the output layer by
+token; Reverse and checkpointed Reverse only.
 
     python -m benchmarks.comms [--devices 1,2,4,8] [--steps 100] [--out benchmarks/results/comms.json]
     python -m benchmarks.comms --weights --steps 20 --out benchmarks/results/comms_weights.json
+    python -m benchmarks.comms --weights --model transformer --devices 1,4 --steps 10
 """
 
 from __future__ import annotations
@@ -170,8 +175,28 @@ def mlp_problem(mesh, steps: int):
     return dyn, objective, lam
 
 
-def measure_weights(steps: int) -> dict:
-    """This process's devices, all on the model axis: the sharded MLP's compiled programs."""
+def transformer_problem(mesh, steps: int):
+    """The transformer LM of ``apps/lm.py`` with its weights sharded over ``mesh``'s ``"model"`` axis."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hypergradient.apps import lm, text
+
+    sources = text.stdlib_sources()
+    train, val = text.windows(sources, 65)
+    dyn, objective, lam = lm.problem(train, (val[0][:256], val[1][:256]), len(sources), steps, batch_size=16)
+    cols, rows, whole = PartitionSpec(None, "model"), PartitionSpec("model", None), PartitionSpec()
+    by_column = {"W": cols, "b": PartitionSpec("model")}
+    block = {"norm1": {"scale": whole, "bias": whole}, "qkv": by_column, "proj": {"W": rows, "b": whole},
+             "norm2": {"scale": whole, "bias": whole}, "fc": by_column, "out": {"W": rows, "b": whole}}
+    specs = {"embed": cols, "pos": cols, "blocks": [block] * len(dyn.init["blocks"]),
+             "norm": {"scale": whole, "bias": whole}, "head": by_column}
+    w0 = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), dyn.init, specs)
+    return dyn.replace(init=w0), objective, lam
+
+
+def measure_weights(steps: int, model: str = "mlp") -> dict:
+    """This process's devices, all on the model axis: the sharded model's compiled programs."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
@@ -182,7 +207,8 @@ def measure_weights(steps: int) -> dict:
     from hypergradient.hypergrad import compiled
 
     devices = jax.devices()
-    dyn, objective, lam = mlp_problem(Mesh(np.array(devices), ("model",)), steps)
+    build = transformer_problem if model == "transformer" else mlp_problem
+    dyn, objective, lam = build(Mesh(np.array(devices), ("model",)), steps)
     out = {"devices": len(devices), "platform": devices[0].platform, "weight_bytes": nbytes(dyn.init), "programs": {}}
 
     def record(name, exe):
@@ -192,8 +218,9 @@ def measure_weights(steps: int) -> dict:
                                  "arguments_per_device": int(mem.argument_size_in_bytes)}
 
     record("train", dynamics.train.lower(dyn, lam).compile())
-    for name, method in (("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=10)),
-                         ("forward", hg.Forward()), ("reversible", hg.Reversible())):
+    methods = (("reverse", hg.Reverse()), ("checkpoint", hg.Reverse(checkpoint_every=10)),
+               ("forward", hg.Forward()), ("reversible", hg.Reversible()))
+    for name, method in methods[:2] if model == "transformer" else methods:
         exe, _, _ = compiled(dyn, objective, method, lam)
         record(name, exe)
     return out
@@ -226,10 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--weights", action="store_true",
                    help="shard a wide MLP's weights over a model axis instead of B1's examples over a data axis")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp", help="with --weights: what to shard")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one D, in a child process
     a = p.parse_args(argv)
     if a.measure:
-        print(json.dumps((measure_weights if a.weights else measure)(a.steps)))
+        print(json.dumps(measure_weights(a.steps, a.model) if a.weights else measure(a.steps)))
         return 0
     results = []
     for d in map(int, a.devices.split(",")):
@@ -237,7 +265,7 @@ def main(argv=None) -> int:
         if env.get("JAX_PLATFORMS", "cpu") != "cpu":
             env.pop("XLA_FLAGS")
         run = subprocess.run([sys.executable, "-m", "benchmarks.comms", "--measure", "--steps", str(a.steps),
-                              *(["--weights"] if a.weights else [])],
+                              *(["--weights", "--model", a.model] if a.weights else [])],
                              env=env, capture_output=True, text=True, check=False, cwd=ROOT)
         if run.returncode:
             print(run.stderr[-2000:], file=sys.stderr)
@@ -260,7 +288,7 @@ def report(table: str, a, results: list[dict]) -> int:
     print(table)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"steps": a.steps, "weights": a.weights, "results": results, "table": table}, f, indent=2)
+            json.dump({"steps": a.steps, "weights": a.weights, "model": a.model, "results": results, "table": table}, f, indent=2)
     return 0
 
 

@@ -2,7 +2,11 @@
 
 On B1 (MLP 784-50-50-50-10, batch 200), a wide MLP (784-W-W-10, batch 200) and the CNN of
 ``apps/models.py`` (3x3 convolutions of ``--channels``, SiLU, pooling, batch 200), all on B1's
-data and run (dampened momentum, per-step per-layer learning rates and momenta, per-layer L2), for
+data and run (dampened momentum, per-step per-layer learning rates and momenta, per-layer L2), and
+the byte-level transformer of ``apps/transformer.py`` (2 layers, d_model 64, 4 heads, context 64,
+AdamW with a warmup-cosine schedule, batches of 16 windows of four standard-library packages'
+source, ``apps/lm.py``, 256 validation windows taken 16 at a time by ``hg.chunked``, so that the
+objective's gradient does not outweigh the run's; the report records the Python version, whose library the text is), for
 ``Reverse()`` and ``Reverse(checkpoint_every=k)``: XLA's temporary memory of the compiled program
 (``memory_analysis().temp_size_in_bytes``) and the median seconds of a run, both second-order
 modes side by side, timed alternately so that load from other processes falls on both alike; the
@@ -11,6 +15,7 @@ and T steps: the ratio a long run tends to); the largest relative difference of 
 ``second_order="auto"`` chooses. Prints a table, then one JSON object.
 
     python -m benchmarks.second_order [--steps 50] [--width 1024] [--channels 32,64] [--repeats 3]
+        [--only Transformer]
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import hypergradient as hg
 from benchmarks import b1
 from benchmarks.record import write_report
 from hypergradient._pytree import partition
-from hypergradient.apps import models
+from hypergradient.apps import lm, models, text
 from hypergradient.hypergrad import compiled
 from hypergradient.methods import second_order
 from hypergradient.planning import short_bytes
@@ -59,6 +64,10 @@ def problems(steps: int, width: int, channels: tuple[int, ...], data):
     lam = {"log_l2": lam["log_l2"][:layers], "lr": 0.2 * lam["lr"][:, :layers], "momentum": lam["momentum"][:, :layers]}
     val = jax.tree_util.Partial(_cnn_objective, jnp.asarray(data.val.x[:1000]), jnp.asarray(data.val.y[:1000]))
     out[f"CNN {','.join(map(str, channels))}"] = (dyn.replace(init=w0, loss=_cnn_loss), val, lam)
+    sources = text.stdlib_sources()
+    train, val = text.windows(sources, 65)
+    out["Transformer d64 L2"] = lm.problem(train, (val[0][:256], val[1][:256]), len(sources), steps, batch_size=16,
+                                             val_chunk=16)
     return out
 
 
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", default="32,64")
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated problem names' prefixes (B1, MLP, CNN)")
+    ap.add_argument("--only", default="", help="comma-separated problem names' prefixes (B1, MLP, CNN, Transformer)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     data = b1.load_data()
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
                   f"({row['time_ratio']:.2f}x)  auto: {row['auto']}  grad rel diff {row['grad_rel_difference']:.1e}"
                   + ("  per step {reverse:.2f} -> {forward:.2f} MiB".format(**row["per_step_mb"])
                      if "per_step_mb" in row else ""), flush=True)
-    write_report({"steps": a.steps, "data": data.name, "backend": jax.default_backend(), "rows": rows}, a.out)
+    write_report({"steps": a.steps, "data": data.name, "backend": jax.default_backend(),
+                  "python": text.python_version(), "rows": rows}, a.out)
     return 0
 
 
