@@ -95,8 +95,8 @@ def optimize(
       population_axis: run K independent tuning runs at once: every leaf of ``lam0`` has
         the K members on this axis, and each hyper-step is one vmapped program (sharded
         when ``lam0`` is, e.g. ``hg.data.shard(lam0, mesh, "pop")``). A member that diverges
-        keeps its λ and scores inf; so does a runaway objective (|f| > 1e30, or > 1e6 × the
-        members' median |f|). Not with ``callback``.
+        keeps its λ and scores inf; so does a runaway objective (``|f|`` > 1e30, or > 1e6 × the
+        members' median ``|f|``). Not with ``callback``.
 
     Returns:
       An :class:`OptimizeResult`. ``params`` and ``value`` come from one

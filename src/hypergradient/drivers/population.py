@@ -120,8 +120,8 @@ def _result(state: Tuning, dyn, arrays, final) -> OptimizeResult:
 
 def scores(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """The members' objectives as reported: inf where a member diverged (``~ok``), where its
-    objective is not finite, and where it is runaway, |f| > ``RUNAWAY_ABSOLUTE`` or
-    |f| > ``RUNAWAY_RELATIVE`` × the median |f| of the finite members (where there are three or
+    objective is not finite, and where it is runaway, ``|f|`` > ``RUNAWAY_ABSOLUTE`` or
+    ``|f|`` > ``RUNAWAY_RELATIVE`` × the median ``|f|`` of the finite members (where there are three or
     more, so that one runaway member cannot set the median, and the median is not 0)."""
     size = np.abs(values)
     ok = ok & np.isfinite(values) & (size <= RUNAWAY_ABSOLUTE)
