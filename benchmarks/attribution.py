@@ -18,13 +18,24 @@ Methods, every score meaning ∂(validation loss)/∂(weight of example i):
 Time is each method's seconds (compiled, the median of ``--repeats`` calls) as a multiple of one
 training run's; memory is XLA's peak temporary memory of its program.
 
+Settings (``Setting``: learning rate, batch size, steps, the MLP's activation) default to each
+problem's; ``--lr/--batch/--steps/--activation`` change them and ``--sweep FIELD=V1,V2`` adds
+runs that change one field at a time. ``--diagnose K`` adds, per subset fraction, the LDS of the
+best linear datamodel fitted on K further retrainings (ridge regression; about the most any
+linear score, ours included, can reach, estimated from below: the fit's own error lowers it) and
+of our scores taken at u = keep instead of u = 1.
+
     nice -n 10 python -m benchmarks.attribution                     # logistic and MLP on digits
-    python -m benchmarks.attribution --problems mlp-fashion --subsets 100
+    nice -n 10 python -m benchmarks.attribution --problems mlp-digits --keep 0.5 --diagnose 4000
+    nice -n 10 python -m benchmarks.attribution --problems mlp-digits --keep 0.5 --mean-only \\
+        --diagnose 1000 --repeats 1 --sweep activation=relu --sweep lr=0.03,0.3
+    nice -n 10 python -m benchmarks.attribution --problems mlp-fashion --mean-only --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -38,15 +49,35 @@ from hypergradient.apps import datasets, models
 from hypergradient.example_weights import weighted
 from hypergradient.hypergrad import temp_bytes
 
-PROBLEMS = ("logistic-digits", "mlp-digits", "mlp-fashion")
+PROBLEMS = ("logistic-digits", "mlp-digits", "mlp-fashion", "cnn-fashion")
 
 
 def per_example_ce(logits, y):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
 
 
-def build(name: str, n_train: int, n_val: int, seed: int = 0):
-    """The problem: ``(dyn, lam, val_losses(w, λ) -> (n_val,), example_loss(w, x, y) -> (n,), (x, y), lr, steps)``."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How the problem trains: heavy-ball momentum 0.9 at ``lr`` for ``steps`` steps on shuffled
+    batches of ``batch`` examples (``batch`` = n: full batch), hidden units ``activation``."""
+
+    lr: float
+    steps: int
+    batch: int = 100
+    activation: str = "silu"
+
+    def label(self) -> str:
+        return f"lr {self.lr:g}, batch {self.batch}, {self.steps} steps, {self.activation}"
+
+
+DEFAULTS = {"logistic-digits": Setting(0.5, 200), "mlp-digits": Setting(0.1, 300),
+            "mlp-fashion": Setting(0.1, 300), "cnn-fashion": Setting(0.1, 200)}
+ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
+def build(name: str, n_train: int, n_val: int, setting: Setting, seed: int = 0):
+    """The problem: ``(dyn, lam, val_losses(w, λ) -> (n_val,), example_loss(w, x, y) -> (n,), (x, y),
+    val_error(w) -> fraction misclassified)``."""
     data = datasets.load("digits" if name.endswith("digits") else "fashion-mnist", n_train=n_train, n_val=n_val,
                          n_test=1 if name.endswith("fashion") else None)
     x, y = jnp.asarray(data.train.x), jnp.asarray(data.train.y)
@@ -55,11 +86,15 @@ def build(name: str, n_train: int, n_val: int, seed: int = 0):
     if name.startswith("logistic"):
         w0 = models.softmax_regression_init(x.shape[1], classes)
         apply = models.softmax_regression_apply
-        lr, steps = 0.5, 200
+    elif name.startswith("cnn"):
+        if setting.activation != "silu":
+            raise ValueError(f"the CNN's units are SiLU (models.cnn_apply), not {setting.activation}")
+        w0 = models.cnn_init(jax.random.key(seed), (28, 28), classes)
+        apply = models.cnn_apply
     else:
         w0 = models.mlp_init(jax.random.key(seed), (x.shape[1], 64, classes))
-        apply = lambda w, x: models.mlp_apply(w, x, jax.nn.silu)  # noqa: E731
-        lr, steps = 0.1, 300
+        act = ACTIVATIONS[setting.activation]
+        apply = lambda w, x: models.mlp_apply(w, x, act)  # noqa: E731
 
     def example_loss(w, x, y):
         return per_example_ce(apply(w, x), y)
@@ -72,9 +107,13 @@ def build(name: str, n_train: int, n_val: int, seed: int = 0):
     def val_losses(w, lam):
         return example_loss(w, xv, yv)
 
-    dyn = hg.Dynamics(w0, loss, hg.optim.momentum(), lambda lam, t: {"lr": lr, "momentum": 0.9},
-                      data=hg.Batches((x, y), 100, key=jax.random.key(seed)), steps=steps)
-    return dyn, {"l2": jnp.asarray(1e-3)}, val_losses, example_loss, (x, y), lr
+    def val_error(w):
+        return models.error_rate(apply(w, xv), yv)
+
+    dyn = hg.Dynamics(w0, loss, hg.optim.momentum(), lambda lam, t: {"lr": setting.lr, "momentum": 0.9},
+                      data=hg.Batches((x, y), min(setting.batch, x.shape[0]), key=jax.random.key(seed)),
+                      steps=setting.steps)
+    return dyn, {"l2": jnp.asarray(1e-3)}, val_losses, example_loss, (x, y), val_error
 
 
 def timed(fn, *args, repeats: int):
@@ -103,8 +142,10 @@ def outcomes(dyn, lam, val_losses, masks, chunk: int = 50):
                            for i in range(0, len(masks), chunk)])
 
 
-def influence(dyn, lam, val_losses, example_loss, xy, w_T, damping: float = 1e-3, iters: int = 100):
-    """Influence-function scores at w_T, ``(n_val, n)`` rows and the mean-loss vector ``(n,)``."""
+def influence(dyn, lam, val_losses, example_loss, xy, w_T, damping: float = 1e-3, iters: int = 100,
+              rows: bool = True):
+    """Influence-function scores at w_T, ``(n_val, n)`` rows (``None`` unless ``rows``) and the
+    mean-loss vector ``(n,)``."""
     x, y = xy
     flat, unravel = ravel_pytree(w_T)
     n = x.shape[0]
@@ -121,9 +162,8 @@ def influence(dyn, lam, val_losses, example_loss, xy, w_T, damping: float = 1e-3
     val_grads = jax.jacrev(lambda v: val_losses(unravel(v), lam))(flat)  # (n_val, d)
     train_grads = jax.vmap(jax.grad(lambda v, xi, yi: example_loss(unravel(v), xi[None], yi[None])[0]),
                            (None, 0, 0))(flat, x, y)  # (n, d)
-    rows = -jax.vmap(solve)(val_grads) @ train_grads.T / n
     mean = -solve(val_grads.mean(0)) @ train_grads.T / n
-    return rows, mean
+    return (-jax.vmap(solve)(val_grads) @ train_grads.T / n if rows else None), mean
 
 
 def tracin(dyn, lam, val_losses, example_loss, xy, lr: float, every: int):
@@ -157,8 +197,17 @@ def subsets(n: int, count: int, keep: float, seed: int) -> np.ndarray:
     return masks
 
 
-def measure(name: str, args) -> list[dict]:
-    dyn, lam, val_losses, example_loss, xy, lr = build(name, args.n_train, args.n_val)
+def datamodel_fit(masks: np.ndarray, outcome: np.ndarray) -> np.ndarray:
+    """The best linear datamodel of the outcome, fitted on retrainings: ridge regression of
+    ``outcome`` (M,) on ``masks`` (M, n), the penalty chosen by leave-one-out (scikit-learn's
+    ``RidgeCV``); returns the coefficients, one per example."""
+    from sklearn.linear_model import RidgeCV
+
+    return RidgeCV(alphas=np.logspace(-4, 3, 15)).fit(masks, outcome).coef_
+
+
+def measure(name: str, setting: Setting, args) -> list[dict]:
+    dyn, lam, val_losses, example_loss, xy, val_error = build(name, args.n_train, args.n_val, setting)
     n = xy[0].shape[0]
 
     def train(dyn, lam):
@@ -169,51 +218,102 @@ def measure(name: str, args) -> list[dict]:
     def objective(w, lam):
         return jnp.mean(val_losses(w, lam))
 
-    rows = {}
+    rows = {}  # method: (mean-loss scores, per-example rows or None, seconds (mean), seconds (rows), bytes)
     mean_scores = hg.attribute(dyn, objective, lam)
     seconds = [hg.attribute(dyn, objective, lam).stats["seconds"] for _ in range(args.repeats)]
-    per_val = hg.attribute(dyn, val_losses, lam, chunk_size=args.chunk)
-    rows["metagradient"] = (mean_scores.scores, per_val.scores, float(np.median(seconds)),
-                            per_val.stats["seconds"], mean_scores.stats["temp_bytes"])
+    per_val = None if args.mean_only else hg.attribute(dyn, val_losses, lam, chunk_size=args.chunk)
+    rows["metagradient"] = (mean_scores.scores, None if per_val is None else per_val.scores,
+                            float(np.median(seconds)), np.nan if per_val is None else per_val.stats["seconds"],
+                            mean_scores.stats["temp_bytes"])
 
-    (if_rows, if_mean), if_seconds, if_bytes = timed(
-        lambda d, l, w: influence(d, l, val_losses, example_loss, xy, w), dyn, lam, w_T, repeats=args.repeats)
+    def influence_program(d, l, w):
+        return influence(d, l, val_losses, example_loss, xy, w, rows=not args.mean_only)
+
+    (if_rows, if_mean), if_seconds, if_bytes = timed(influence_program, dyn, lam, w_T, repeats=args.repeats)
     rows["influence"] = (if_mean, if_rows, if_seconds, if_seconds, if_bytes)
     (tr_rows, tr_mean), tr_seconds, tr_bytes = timed(
-        lambda d, l: tracin(d, l, val_losses, example_loss, xy, lr, args.every), dyn, lam, repeats=args.repeats)
-    rows["tracin"] = (tr_mean, tr_rows, tr_seconds, tr_seconds, tr_bytes)
+        lambda d, l: tracin(d, l, val_losses, example_loss, xy, setting.lr, args.every), dyn, lam,
+        repeats=args.repeats)
+    rows["tracin"] = (tr_mean, None if args.mean_only else tr_rows, tr_seconds, tr_seconds, tr_bytes)
 
     records = []
+    common = {"problem": name, "setting": setting.label(), **dataclasses.asdict(setting), "n_train": n,
+              "n_val": args.n_val, "subsets": args.subsets, "train_seconds": train_seconds,
+              "train_temp_mb": train_bytes / 2**20, "val_loss": float(mean_scores.value),
+              "val_error": float(val_error(w_T))}
     for keep in map(float, args.keep.split(",")):
         masks = subsets(n, args.subsets, keep, args.seed)
         start = time.perf_counter()
         actual = outcomes(dyn, lam, val_losses, masks)
         population_seconds = time.perf_counter() - start
         for method, (mean, per, s_mean, s_rows, nbytes) in rows.items():
-            mean, per = np.asarray(mean), np.asarray(per)
-            lds_mean = spearman(actual.mean(1), masks @ mean)
-            lds_rows = float(np.mean([spearman(actual[:, j], masks @ per[j]) for j in range(per.shape[0])]))
-            records.append({"problem": name, "keep": keep, "method": method, "lds_mean_loss": lds_mean,
+            lds_rows = np.nan if per is None else float(np.mean(
+                [spearman(actual[:, j], masks @ np.asarray(per)[j]) for j in range(per.shape[0])]))
+            records.append({**common, "keep": keep, "method": method,
+                            "lds_mean_loss": spearman(actual.mean(1), masks @ np.asarray(mean)),
                             "lds_per_example": lds_rows, "x_train_mean": s_mean / train_seconds,
                             "x_train_rows": s_rows / train_seconds, "temp_mb": nbytes / 2**20,
-                            "train_seconds": train_seconds, "train_temp_mb": train_bytes / 2**20, "n_train": n,
-                            "n_val": per.shape[0], "subsets": args.subsets, "population_seconds": population_seconds})
-    records.append({"problem": name, "keep": "", "method": "bergson (MAGIC, PyTorch)",
-                    "note": "not measured: not installed"})
+                            "population_seconds": population_seconds})
+        if args.diagnose:
+            records += diagnose(dyn, lam, objective, val_losses, masks, actual, keep, train_seconds, common, args)
     return records
 
 
+def diagnose(dyn, lam, objective, val_losses, masks, actual, keep, train_seconds, common, args) -> list[dict]:
+    """Why the LDS is what it is, on the mean validation loss: the LDS of the best linear
+    datamodel fitted on ``args.diagnose`` further retrainings (about the most any linear score can
+    reach, estimated from below), and of the metagradient taken at u = keep (the subsets' mean
+    weight) instead of u = 1."""
+    n = masks.shape[1]
+    fit_masks = subsets(n, args.diagnose, keep, args.seed + 1)
+    start = time.perf_counter()
+    fit_outcome = outcomes(dyn, lam, val_losses, fit_masks).mean(1)
+    fit_seconds = time.perf_counter() - start
+    coef = datamodel_fit(fit_masks, fit_outcome)
+    centred = hg.attribute(dyn, objective, lam, weights=jnp.full(n, keep))
+    out = []
+    for method, scores, seconds in ((f"best linear fit ({args.diagnose} retrainings)", coef, fit_seconds),
+                                    (f"metagradient at u = {keep:g}", centred.scores, centred.stats["seconds"])):
+        out.append({**common, "keep": keep, "method": method,
+                    "lds_mean_loss": spearman(actual.mean(1), masks @ np.asarray(scores)),
+                    "lds_per_example": np.nan, "x_train_mean": seconds / train_seconds, "x_train_rows": np.nan,
+                    "temp_mb": np.nan})
+    return out
+
+
 def table(records: list[dict]) -> str:
-    lines = ["| problem | kept | method | LDS, mean val loss | LDS, per val example | time ÷ one run (mean loss) "
-             "| time ÷ one run (all rows) | temp memory (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| problem | setting | val error | kept | method | LDS, mean val loss | LDS, per val example "
+             "| time ÷ one run (mean loss) | time ÷ one run (all rows) | temp memory (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(x, spec):
+        return "" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
     for r in records:
         if "note" in r:
-            lines.append(f"| {r['problem']} | | {r['method']} | {r['note']} | | | | |")
+            lines.append(f"| {r['problem']} | | | | {r['method']} | {r['note']} | | | | |")
             continue
-        lines.append(f"| {r['problem']} | {r['keep']:.0%} | {r['method']} | {r['lds_mean_loss']:.3f} "
-                     f"| {r['lds_per_example']:.3f}"
-                     f" | {r['x_train_mean']:.1f} | {r['x_train_rows']:.1f} | {r['temp_mb']:.2f} |")
+        lines.append(f"| {r['problem']} | {r['setting']} | {r['val_error']:.1%} | {r['keep']:.0%} | {r['method']} "
+                     f"| {cell(r['lds_mean_loss'], '.3f')} | {cell(r['lds_per_example'], '.3f')} "
+                     f"| {cell(r['x_train_mean'], '.1f')} | {cell(r['x_train_rows'], '.1f')} "
+                     f"| {cell(r['temp_mb'], '.2f')} |")
     return "\n".join(lines)
+
+
+def settings(base: Setting, sweeps: list[str]) -> list[Setting]:
+    """``base``, then ``base`` with one field changed at a time: each sweep is ``field=v1,v2,...``."""
+    fields = {f.name: f.type for f in dataclasses.fields(Setting)}
+    out = [base]
+    for sweep in sweeps:
+        field, _, values = sweep.partition("=")
+        if field not in fields or not values:
+            raise ValueError(f"a sweep is FIELD=V1,V2,... with FIELD one of {', '.join(fields)}; got {sweep!r}")
+        cast = {"float": float, "int": int}.get(fields[field], str)
+        for value in values.split(","):
+            setting = dataclasses.replace(base, **{field: cast(value)})
+            if setting not in out:
+                out.append(setting)
+    return out
 
 
 def main(argv=None) -> None:
@@ -223,18 +323,37 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", default="0.5,0.9", help="comma-separated fractions of the examples a subset keeps")
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-val", type=int, default=100)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the problem's)")
+    parser.add_argument("--batch", type=int, help="batch size (default 100; n: full batch)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the problem's)")
+    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), help="the MLP's hidden units (default silu)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="also run with FIELD (lr, batch, steps, activation) at each value, one field at a time; "
+                             "repeatable")
+    parser.add_argument("--mean-only", action="store_true",
+                        help="only the mean validation loss's scores (skips the per-example rows)")
+    parser.add_argument("--diagnose", type=int, default=0, metavar="K",
+                        help="also the best linear datamodel fitted on K more retrainings, and our scores at u = keep")
     parser.add_argument("--chunk", type=int, default=50, help="validation rows per backward batch (ours)")
     parser.add_argument("--every", type=int, default=20, help="TracIn: steps between checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("lr", "batch", "steps", "activation") if getattr(args, k) is not None}
     records = []
     for name in args.problems.split(","):
         if name not in PROBLEMS:
             parser.error(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}")
-        records += measure(name, args)
-        print(table(records), flush=True)
+        try:
+            runs = settings(dataclasses.replace(DEFAULTS[name], **overrides), args.sweep)
+        except ValueError as e:
+            parser.error(str(e))
+        for setting in runs:
+            records += measure(name, setting, args)
+            print(table(records), flush=True)
+        records.append({"problem": name, "setting": "", "keep": "", "method": "bergson (MAGIC, PyTorch)",
+                        "note": "not measured: not installed"})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
