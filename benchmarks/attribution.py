@@ -71,7 +71,7 @@ class Setting:
 
 
 DEFAULTS = {"logistic-digits": Setting(0.5, 200), "mlp-digits": Setting(0.1, 300),
-            "mlp-fashion": Setting(0.1, 300), "cnn-fashion": Setting(0.1, 200)}
+            "mlp-fashion": Setting(0.01, 300), "cnn-fashion": Setting(0.03, 200)}
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
@@ -206,6 +206,19 @@ def datamodel_fit(masks: np.ndarray, outcome: np.ndarray) -> np.ndarray:
     return RidgeCV(alphas=np.logspace(-4, 3, 15)).fit(masks, outcome).coef_
 
 
+def derivative_check(dyn, lam, val_losses, scores, eps: float = 0.05, top: int = 10) -> np.ndarray:
+    """The ``top`` largest scores beside central differences of the mean validation loss in each
+    one's weight (u_i = 1 ± eps, the others 1): ``(top, 2)``. Equal columns: the score describes
+    the run's trend at that scale; a score much larger than its difference: a chaotic run."""
+    n = len(scores)
+    idx = np.argsort(-np.abs(scores))[:top]
+    masks = np.ones((2 * top, n), np.float32)
+    masks[2 * np.arange(top), idx] += eps
+    masks[2 * np.arange(top) + 1, idx] -= eps
+    out = outcomes(dyn, lam, val_losses, masks, chunk=2 * top).mean(1)
+    return np.stack([np.asarray(scores)[idx], (out[0::2] - out[1::2]) / (2 * eps)], 1)
+
+
 def measure(name: str, setting: Setting, args) -> list[dict]:
     dyn, lam, val_losses, example_loss, xy, val_error = build(name, args.n_train, args.n_val, setting)
     n = xy[0].shape[0]
@@ -236,8 +249,14 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
         repeats=args.repeats)
     rows["tracin"] = (tr_mean, None if args.mean_only else tr_rows, tr_seconds, tr_seconds, tr_bytes)
 
+    check = {}
+    if args.derivative_check:
+        pairs = derivative_check(dyn, lam, val_losses, mean_scores.scores)
+        check = {"derivative_check": pairs.tolist(), "score_over_difference": float(np.median(pairs[:, 0] / pairs[:, 1]))}
+        print(f"{name}, {setting.label()}: the 10 largest scores ÷ their central differences (±0.05): median "
+              f"{check['score_over_difference']:.3f}, max |score| {np.abs(pairs[:, 0]).max():.3g}", flush=True)
     records = []
-    common = {"problem": name, "setting": setting.label(), **dataclasses.asdict(setting), "n_train": n,
+    common = {**check, "problem": name, "setting": setting.label(), **dataclasses.asdict(setting), "n_train": n,
               "n_val": args.n_val, "subsets": args.subsets, "train_seconds": train_seconds,
               "train_temp_mb": train_bytes / 2**20, "val_loss": float(mean_scores.value),
               "val_error": float(val_error(w_T))}
@@ -334,6 +353,8 @@ def main(argv=None) -> None:
                         help="only the mean validation loss's scores (skips the per-example rows)")
     parser.add_argument("--diagnose", type=int, default=0, metavar="K",
                         help="also the best linear datamodel fitted on K more retrainings, and our scores at u = keep")
+    parser.add_argument("--derivative-check", action="store_true",
+                        help="also the 10 largest scores against central differences of the run in their weights")
     parser.add_argument("--chunk", type=int, default=50, help="validation rows per backward batch (ours)")
     parser.add_argument("--every", type=int, default=20, help="TracIn: steps between checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
