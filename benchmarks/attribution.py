@@ -104,8 +104,8 @@ def build(name: str, n_train: int, n_val: int, setting: Setting, seed: int = 0):
         return jnp.mean(example_weights * example_loss(w, bx, by)) + 0.5 * lam["l2"] * sum(
             jnp.sum(layer["W"] ** 2) for layer in w)
 
-    def val_losses(w, lam):
-        return example_loss(w, xv, yv)
+    # A pytree holding the validation examples: programs take them as arguments, not constants.
+    val_losses = jax.tree_util.Partial(lambda xv, yv, w, lam: example_loss(w, xv, yv), xv, yv)
 
     def val_error(w):
         return models.error_rate(apply(w, xv), yv)
@@ -136,9 +136,9 @@ def spearman(a, b) -> float:
 def outcomes(dyn, lam, val_losses, masks, chunk: int = 50):
     """Validation losses after training on each subset, ``(M, n_val)``: the runs as vmapped
     populations of ``chunk`` members."""
+    population = jax.jit(lambda run, objective, lam, us: jax.vmap(lambda u: objective(run.run((lam, u)), lam))(us))
     run = weighted(dyn)
-    population = jax.jit(jax.vmap(lambda u: val_losses(run.run((lam, u)), lam)))
-    return np.concatenate([np.asarray(population(jnp.asarray(masks[i:i + chunk])))
+    return np.concatenate([np.asarray(population(run, val_losses, lam, jnp.asarray(masks[i:i + chunk])))
                            for i in range(0, len(masks), chunk)])
 
 
@@ -245,13 +245,15 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
                             float(np.median(seconds)), np.nan if per_val is None else per_val.stats["seconds"],
                             mean_scores.stats["temp_bytes"])
 
-    def influence_program(d, l, w):
+    # The training examples are arguments, not constants: XLA would spend minutes folding a
+    # convolution's patches of constant images.
+    def influence_program(d, l, w, xy):
         return influence(d, l, val_losses, example_loss, xy, w, rows=not args.mean_only)
 
-    (if_rows, if_mean), if_seconds, if_bytes = timed(influence_program, dyn, lam, w_T, repeats=args.repeats)
+    (if_rows, if_mean), if_seconds, if_bytes = timed(influence_program, dyn, lam, w_T, xy, repeats=args.repeats)
     rows["influence"] = (if_mean, if_rows, if_seconds, if_seconds, if_bytes)
     (tr_rows, tr_mean), tr_seconds, tr_bytes = timed(
-        lambda d, l: tracin(d, l, val_losses, example_loss, xy, setting.lr, args.every), dyn, lam,
+        lambda d, l, xy: tracin(d, l, val_losses, example_loss, xy, setting.lr, args.every), dyn, lam, xy,
         repeats=args.repeats)
     rows["tracin"] = (tr_mean, None if args.mean_only else tr_rows, tr_seconds, tr_seconds, tr_bytes)
 
