@@ -4,8 +4,9 @@
 LDS (Park et al. 2023; Ilyas & Engstrom 2025): train on M random subsets S_1..S_M of the training
 set (halves, and 90% subsets: ``--keep``; example weights u ∈ {0, 1}^n, the M runs one vmapped
 population), record each run's validation losses, and Spearman-correlate them with each
-method's linear prediction Σ_{i∈S} score_i. Two figures per method: the LDS of the mean validation loss (one score vector), and the
-mean over validation examples of each example's LDS (a row of scores per validation example).
+method's linear prediction Σ_{i∈S} score_i. Two figures per method: the LDS of the mean
+validation loss (one score vector), and the mean over validation examples of each example's LDS
+(a row of scores per validation example; ``--mean-only`` skips it).
 
 Methods, every score meaning ∂(validation loss)/∂(weight of example i):
 
@@ -23,7 +24,9 @@ problem's; ``--lr/--batch/--steps/--activation`` change them and ``--sweep FIELD
 runs that change one field at a time. ``--diagnose K`` adds, per subset fraction, the LDS of the
 best linear datamodel fitted on K further retrainings (ridge regression; about the most any
 linear score, ours included, can reach, estimated from below: the fit's own error lowers it) and
-of our scores taken at u = keep instead of u = 1.
+of our scores taken at u = keep instead of u = 1. ``--leave-one-out`` adds the additive model of
+the n exact single removals (n retrainings); ``--derivative-check`` prints the largest scores
+against central differences of the run in their weights (a chaotic run shows there).
 
     nice -n 10 python -m benchmarks.attribution                     # logistic and MLP on digits
     nice -n 10 python -m benchmarks.attribution --problems mlp-digits --keep 0.5 --diagnose 4000
@@ -260,7 +263,8 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
     check = {}
     if args.derivative_check:
         pairs = derivative_check(dyn, lam, val_losses, mean_scores.scores)
-        check = {"derivative_check": pairs.tolist(), "score_over_difference": float(np.median(pairs[:, 0] / pairs[:, 1]))}
+        check = {"derivative_check": pairs.tolist(),
+                 "score_over_difference": float(np.median(pairs[:, 0] / pairs[:, 1]))}
         print(f"{name}, {setting.label()}: the 10 largest scores ÷ their central differences (±0.05): median "
               f"{check['score_over_difference']:.3f}, max |score| {np.abs(pairs[:, 0]).max():.3g}", flush=True)
     loo = None
