@@ -280,7 +280,7 @@ def table(records: list[dict]) -> str:
             described.add(r["problem"])
             lines.append(f"\n{r['problem']}, Bergson ({r['versions']}): {r['bergson_seconds']:.1f} s, "
                          f"{r['x_ours']:.0f}x our metagradient's time, {r['x_bergson_train']:.1f}x its own training "
-                         f"run ({r['bergson_train_seconds']:.2f} s), {r['x_torch_train']:.0f}x a plain PyTorch "
+                         f"run ({r['bergson_train_seconds']:.2f} s), {r['x_torch_train']:.1f}x a plain PyTorch "
                          f"training loop ({r['torch_train_seconds']:.3f} s; {r['torch_threads']} torch threads); its "
                          f"scores differ from ours by {r['max_rel_diff_from_ours']:.1e} of the largest")
     return "\n".join(lines)

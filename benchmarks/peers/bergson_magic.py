@@ -116,7 +116,8 @@ def query_grads(model, state, xv, yv):
 
 
 def zero_opt_grads(state):
-    return [torch.zeros_like(t) for t in tree_iter(state.opt_state) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [torch.zeros_like(t) for t in tree_iter(state.opt_state)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def scores(p: dict, per_query: bool) -> tuple[np.ndarray, np.ndarray | None, dict]:
