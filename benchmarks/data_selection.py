@@ -195,6 +195,11 @@ def evaluate(problem: str, noise: float, seed: int, fractions: list[float], hype
     return errors
 
 
+def _or_none(values: dict[str, float]) -> dict[str, float | None]:
+    """``values`` with nan as ``None``, for strict JSON."""
+    return {k: None if np.isnan(v) else v for k, v in values.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problem", choices=PROBLEMS, default="softmax-digits")
@@ -222,7 +227,8 @@ def main(argv=None) -> None:
         for f in fractions:
             e = {name: 100 * float(np.mean([s[f][name][0] for s in per_seed])) for name in names}
             share = {name: float(np.mean([s[f][name][1] for s in per_seed])) for name in names}
-            rows.append({"noise": noise, "drop": f, "test_error_percent": e, "flipped_among_dropped": share})
+            rows.append({"noise": noise, "drop": f, "test_error_percent": _or_none(e),
+                         "flipped_among_dropped": _or_none(share)})
             cells = ["" if np.isnan(e[name]) else f"{e[name]:.1f}%" for name in names]
             print(f"| {noise:.0%} | {f:.0%} | " + " | ".join(cells) + " |", flush=True)
     print("| cost (training runs) | | " + " | ".join(f"{costs[name]:.1f}" for name in names) + " |")
@@ -231,7 +237,7 @@ def main(argv=None) -> None:
         print("\nshare of flipped labels among the dropped examples")
         for r in flipped_rows:
             print(f"| {r['noise']:.0%} | {r['drop']:.0%} | " + " | ".join(
-                "" if np.isnan(v) else f"{v:.2f}" for v in r["flipped_among_dropped"].values()) + " |")
+                "" if v is None else f"{v:.2f}" for v in r["flipped_among_dropped"].values()) + " |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"problem": args.problem, "seeds": args.seeds, "hyper_lr": args.hyper_lr,
