@@ -34,7 +34,8 @@ retraining, all retrainings of a seed one vmapped population:
 
 Cost in training-run units: a scoring and a hyper-step are one Reverse hypergradient of the run
 each; its time over one training run's is measured (medians of ``--repeats``), so a method costs
-(scorings or hyper-steps) × that ratio + 1 (the retraining). Test error is the mean over
+(scorings or hyper-steps) × that ratio + 1 (the retraining; for HC weights, the closing run of
+``hg.optimize`` at the learned weights). Test error is the mean over
 ``--seeds`` (which labels are flipped, the minibatch order, the MLP's initial weights, which
 random examples are dropped).
 
@@ -186,12 +187,13 @@ def evaluate(problem: str, noise: float, seed: int, fractions: list[float], hype
         for steps in hyper_steps:
             learned = hyper_cleaning(dyn, lam, val_loss, k, steps, hyper_lr)
             members += [drop(ones, -learned, k), learned]
+        names = method_names(hyper_steps)
         errs = np.array(population(jnp.asarray(np.stack(members))))
         if not flipped.any():
-            errs[4] = np.nan  # no oracle without flipped labels
+            errs[names.index("oracle")] = np.nan
         shares = [float(flipped[u == 0].mean()) if (u == 0).any() and flipped.any() else float("nan")
                   for u in members]
-        errors[f] = {name: (float(e), share) for name, e, share in zip(method_names(hyper_steps), errs, shares)}
+        errors[f] = {name: (float(e), share) for name, e, share in zip(names, errs, shares)}
     return errors
 
 
@@ -228,6 +230,9 @@ def main(argv=None) -> None:
             e = {name: 100 * float(np.mean([s[f][name][0] for s in per_seed])) for name in names}
             share = {name: float(np.mean([s[f][name][1] for s in per_seed])) for name in names}
             rows.append({"noise": noise, "drop": f, "test_error_percent": _or_none(e),
+                         "test_error_percent_per_seed": {
+                             name: [None if np.isnan(s[f][name][0]) else 100 * s[f][name][0] for s in per_seed]
+                             for name in names},
                          "flipped_among_dropped": _or_none(share)})
             cells = ["" if np.isnan(e[name]) else f"{e[name]:.1f}%" for name in names]
             print(f"| {noise:.0%} | {f:.0%} | " + " | ".join(cells) + " |", flush=True)
