@@ -14,10 +14,14 @@ Methods, every score meaning ∂(validation loss)/∂(weight of example i):
 - ``influence``: −(1/n) ∇V(w_T)ᵀ (H + δI)⁻¹ ∇ℓ_i(w_T), H the Hessian of the training loss at
   w_T, solved by conjugate gradients (``jax.scipy.sparse.linalg.cg``);
 - ``tracin``: −Σ_c η_c (k/n) ∇V(w_c)·∇ℓ_i(w_c) over checkpoints w_c every k steps;
-- Bergson's MAGIC (PyTorch) is not measured: it is not installed here.
+- ``bergson``: EleutherAI's MAGIC (PyTorch) on the same run, in its own environment
+  (``benchmarks/peers/bergson_magic.py``, given the data, initial weights, each step's examples
+  and hyperparameters in a file); the LDS against the same retrained subsets. Skipped, with a
+  message, where its environment (``--bergson-python``) is missing.
 
 Time is each method's seconds (compiled, the median of ``--repeats`` calls) as a multiple of one
-training run's; memory is XLA's peak temporary memory of its program.
+training run's (ours, in JAX); memory is XLA's peak temporary memory of its program, for Bergson
+the growth of the process's peak resident memory over its first scoring call.
 
 Settings (``Setting``: learning rate, batch size, steps, the MLP's activation) default to each
 problem's; ``--lr/--batch/--steps/--activation`` change them and ``--sweep FIELD=V1,V2`` adds
@@ -40,6 +44,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -53,6 +60,8 @@ from hypergradient.example_weights import weighted
 from hypergradient.hypergrad import temp_bytes
 
 PROBLEMS = ("logistic-digits", "mlp-digits", "mlp-fashion", "cnn-fashion")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BERGSON_PYTHON = os.environ.get("BERGSON_PYTHON", os.path.join(ROOT, ".venv-bergson", "bin", "python"))
 
 
 def per_example_ce(logits, y):
@@ -78,9 +87,12 @@ DEFAULTS = {"logistic-digits": Setting(0.5, 200), "mlp-digits": Setting(0.1, 300
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
-def build(name: str, n_train: int, n_val: int, setting: Setting, seed: int = 0):
+def build(name: str, n_train: int, n_val: int, setting: Setting | None = None, seed: int = 0):
     """The problem: ``(dyn, lam, val_losses(w, λ) -> (n_val,), example_loss(w, x, y) -> (n,), (x, y),
-    val_error(w) -> fraction misclassified)``."""
+    val_error(w) -> fraction misclassified, peer)``, ``peer`` the arrays a peer needs to train the
+    same run (data, initial weights, each step's example ids, hyperparameters; ``None`` for the
+    CNN, which the peer does not build). ``setting``: the problem's default if not given."""
+    setting = DEFAULTS[name] if setting is None else setting
     data = datasets.load("digits" if name.endswith("digits") else "fashion-mnist", n_train=n_train, n_val=n_val,
                          n_test=1 if name.endswith("fashion") else None)
     x, y = jnp.asarray(data.train.x), jnp.asarray(data.train.y)
@@ -113,10 +125,16 @@ def build(name: str, n_train: int, n_val: int, setting: Setting, seed: int = 0):
     def val_error(w):
         return models.error_rate(apply(w, xv), yv)
 
-    dyn = hg.Dynamics(w0, loss, hg.optim.momentum(), lambda lam, t: {"lr": setting.lr, "momentum": 0.9},
+    l2, momentum = 1e-3, 0.9
+    dyn = hg.Dynamics(w0, loss, hg.optim.momentum(), lambda lam, t: {"lr": setting.lr, "momentum": momentum},
                       data=hg.Batches((x, y), min(setting.batch, x.shape[0]), key=jax.random.key(seed)),
                       steps=setting.steps)
-    return dyn, {"l2": jnp.asarray(1e-3)}, val_losses, example_loss, (x, y), val_error
+    peer = None if name.startswith("cnn") else {
+        "x": x, "y": y, "xv": xv, "yv": yv, "depth": len(w0), "lr": setting.lr, "momentum": momentum, "l2": l2,
+        "activation": "none" if name.startswith("logistic") else setting.activation,
+        "batches": jnp.stack([dyn.data.indices(t) for t in range(setting.steps)]),
+        **{f"{k}{i}": layer[k] for i, layer in enumerate(w0) for k in ("W", "b")}}
+    return dyn, {"l2": jnp.asarray(l2)}, val_losses, example_loss, (x, y), val_error, peer
 
 
 def timed(fn, *args, repeats: int):
@@ -191,6 +209,24 @@ def tracin(dyn, lam, val_losses, example_loss, xy, lr: float, every: int):
     return rows, rows.mean(0)
 
 
+def bergson(peer: dict, python: str, per_query: bool, repeats: int, threads: int | None = None) -> dict | str:
+    """Bergson's MAGIC scores of the same run, computed by ``benchmarks.peers.bergson_magic`` in
+    Bergson's own environment (``python``): its output arrays, or why it was not measured."""
+    if not os.path.exists(python):
+        return f"not measured: no Bergson environment at {python} (benchmarks/README.md says how to make one)"
+    with tempfile.TemporaryDirectory() as tmp:
+        problem, out = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "bergson.npz")
+        np.savez(problem, **{k: np.asarray(v) for k, v in peer.items()})
+        cmd = [python, "-m", "benchmarks.peers.bergson_magic", "--problem", problem, "--out", out,
+               "--repeats", str(repeats)] + (["--per-query"] if per_query else []) + (
+                  ["--threads", str(threads)] if threads else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        with np.load(out) as f:
+            return {k: f[k] for k in f.files}
+
+
 def subsets(n: int, count: int, keep: float, seed: int) -> np.ndarray:
     """``count`` weight vectors in {0, 1}^n, each keeping ``round(keep·n)`` random examples."""
     rng = np.random.default_rng(seed)
@@ -229,7 +265,7 @@ def leave_one_out(dyn, lam, val_losses, value: float, n: int) -> np.ndarray:
 
 
 def measure(name: str, setting: Setting, args) -> list[dict]:
-    dyn, lam, val_losses, example_loss, xy, val_error = build(name, args.n_train, args.n_val, setting)
+    dyn, lam, val_losses, example_loss, xy, val_error, peer = build(name, args.n_train, args.n_val, setting)
     n = xy[0].shape[0]
 
     def train(dyn, lam):
@@ -245,7 +281,7 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
     seconds = [hg.attribute(dyn, objective, lam).stats["seconds"] for _ in range(args.repeats)]
     per_val = None if args.mean_only else hg.attribute(dyn, val_losses, lam, chunk_size=args.chunk)
     rows["metagradient"] = (mean_scores.scores, None if per_val is None else per_val.scores,
-                            float(np.median(seconds)), np.nan if per_val is None else per_val.stats["seconds"],
+                            float(np.median(seconds)), None if per_val is None else per_val.stats["seconds"],
                             mean_scores.stats["temp_bytes"])
 
     # The training examples are arguments, not constants: XLA would spend minutes folding a
@@ -259,6 +295,29 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
         lambda d, l, xy: tracin(d, l, val_losses, example_loss, xy, setting.lr, args.every), dyn, lam, xy,
         repeats=args.repeats)
     rows["tracin"] = (tr_mean, None if args.mean_only else tr_rows, tr_seconds, tr_seconds, tr_bytes)
+
+    peer_out = "not measured: the peer does not build the CNN" if peer is None else bergson(
+        peer, args.bergson_python, args.bergson_per_query and not args.mean_only, args.bergson_repeats,
+        args.bergson_threads)
+    if isinstance(peer_out, str):
+        print(f"Bergson {peer_out}", flush=True)
+    else:
+        ours = np.asarray(mean_scores.scores)
+        extra = {"bergson_seconds": float(peer_out["mean_total_seconds"]),
+                 "bergson_backward_seconds": float(peer_out["backward_seconds"]),
+                 "bergson_train_seconds": float(peer_out["train_seconds"]),
+                 "x_bergson_train": float(peer_out["mean_total_seconds"] / peer_out["train_seconds"]),
+                 "torch_train_seconds": float(peer_out["torch_train_seconds"]),
+                 "x_torch_train": float(peer_out["mean_total_seconds"] / peer_out["torch_train_seconds"]),
+                 "torch_threads": int(peer_out["threads"]),
+                 "x_ours": float(peer_out["mean_total_seconds"]) / float(np.median(seconds)),
+                 "peak_rss_growth_mb": float(peer_out["peak_rss_growth_mb"]),
+                 "max_rel_diff_from_ours": float(np.abs(peer_out["mean"] - ours).max() / np.abs(ours).max()),
+                 "versions": f"bergson {peer_out['bergson']}, torch {peer_out['torch']}",
+                 "repeats": args.bergson_repeats}
+        per = peer_out.get("rows")
+        rows["bergson"] = (peer_out["mean"], per, float(peer_out["mean_total_seconds"]),
+                           float(peer_out["per_query_seconds"]) if per is not None else None, None, extra)
 
     check = {}
     if args.derivative_check:
@@ -282,20 +341,23 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
         start = time.perf_counter()
         actual = outcomes(dyn, lam, val_losses, masks)
         population_seconds = time.perf_counter() - start
-        for method, (mean, per, s_mean, s_rows, nbytes) in rows.items():
-            lds_rows = np.nan if per is None else float(np.mean(
-                [spearman(actual[:, j], masks @ np.asarray(per)[j]) for j in range(per.shape[0])]))
+        for method, (mean, per, s_mean, s_rows, nbytes, *extra) in rows.items():
+            lds_rows = None if per is None else float(np.mean(
+                [spearman(actual[:, j], masks @ np.asarray(per)[j]) for j in range(len(per))]))
             records.append({**common, "keep": keep, "method": method,
                             "lds_mean_loss": spearman(actual.mean(1), masks @ np.asarray(mean)),
                             "lds_per_example": lds_rows, "x_train_mean": s_mean / train_seconds,
-                            "x_train_rows": s_rows / train_seconds, "temp_mb": nbytes / 2**20,
-                            "population_seconds": population_seconds})
+                            "x_train_rows": None if s_rows is None else s_rows / train_seconds,
+                            "temp_mb": None if nbytes is None else nbytes / 2**20,
+                            "population_seconds": population_seconds, **(extra[0] if extra else {})})
         if loo is not None:
             records.append({**common, "keep": keep, "method": f"leave-one-out sum ({n} retrainings)",
-                            "lds_mean_loss": spearman(actual.mean(1), masks @ loo), "lds_per_example": np.nan,
-                            "x_train_mean": loo_seconds / train_seconds, "x_train_rows": np.nan, "temp_mb": np.nan})
+                            "lds_mean_loss": spearman(actual.mean(1), masks @ loo), "lds_per_example": None,
+                            "x_train_mean": loo_seconds / train_seconds, "x_train_rows": None, "temp_mb": None})
         if args.diagnose:
             records += diagnose(dyn, lam, objective, val_losses, masks, actual, keep, train_seconds, common, args)
+    if isinstance(peer_out, str):
+        records.append({"problem": name, "keep": "", "method": "bergson", "note": peer_out})
     return records
 
 
@@ -316,8 +378,8 @@ def diagnose(dyn, lam, objective, val_losses, masks, actual, keep, train_seconds
                                     (f"metagradient at u = {keep:g}", centred.scores, centred.stats["seconds"])):
         out.append({**common, "keep": keep, "method": method,
                     "lds_mean_loss": spearman(actual.mean(1), masks @ np.asarray(scores)),
-                    "lds_per_example": np.nan, "x_train_mean": seconds / train_seconds, "x_train_rows": np.nan,
-                    "temp_mb": np.nan})
+                    "lds_per_example": None, "x_train_mean": seconds / train_seconds, "x_train_rows": None,
+                    "temp_mb": None})
     return out
 
 
@@ -325,18 +387,27 @@ def table(records: list[dict]) -> str:
     lines = ["| problem | setting | val error | kept | method | LDS, mean val loss | LDS, per val example "
              "| time ÷ one run (mean loss) | time ÷ one run (all rows) | temp memory (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(x, spec):
-        return "" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
-
     for r in records:
         if "note" in r:
             lines.append(f"| {r['problem']} | | | | {r['method']} | {r['note']} | | | | |")
             continue
-        lines.append(f"| {r['problem']} | {r['setting']} | {r['val_error']:.1%} | {r['keep']:.0%} | {r['method']} "
-                     f"| {cell(r['lds_mean_loss'], '.3f')} | {cell(r['lds_per_example'], '.3f')} "
-                     f"| {cell(r['x_train_mean'], '.1f')} | {cell(r['x_train_rows'], '.1f')} "
-                     f"| {cell(r['temp_mb'], '.2f')} |")
+
+        def cell(key, fmt):
+            return "—" if r.get(key) is None else format(r[key], fmt)
+
+        memory = cell("temp_mb", ".2f") if "peak_rss_growth_mb" not in r else f"RSS +{r['peak_rss_growth_mb']:.1f}"
+        lines.append(f"| {r['problem']} | {r.get('setting', '')} | {cell('val_error', '.1%')} | {r['keep']:.0%} "
+                     f"| {r['method']} | {cell('lds_mean_loss', '.3f')} | {cell('lds_per_example', '.3f')} "
+                     f"| {cell('x_train_mean', '.1f')} | {cell('x_train_rows', '.1f')} | {memory} |")
+    described = set()
+    for r in records:
+        if "x_ours" in r and r["problem"] not in described:
+            described.add(r["problem"])
+            lines.append(f"\n{r['problem']}, Bergson ({r['versions']}): {r['bergson_seconds']:.1f} s, "
+                         f"{r['x_ours']:.0f}x our metagradient's time, {r['x_bergson_train']:.1f}x its own training "
+                         f"run ({r['bergson_train_seconds']:.2f} s), {r['x_torch_train']:.1f}x a plain PyTorch "
+                         f"training loop ({r['torch_train_seconds']:.3f} s; {r['torch_threads']} torch threads); its "
+                         f"scores differ from ours by {r['max_rel_diff_from_ours']:.1e} of the largest")
     return "\n".join(lines)
 
 
@@ -382,6 +453,14 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=20, help="TracIn: steps between checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bergson-python", default=BERGSON_PYTHON,
+                        help="Python of the environment with bergson and torch (default: $BERGSON_PYTHON, else "
+                             ".venv-bergson/bin/python); Bergson is skipped with a message where it is missing")
+    parser.add_argument("--bergson-repeats", type=int, default=1, help="Bergson's timed scoring runs (median)")
+    parser.add_argument("--bergson-threads", type=int, default=None,
+                        help="torch intra-op threads in Bergson's process (default: torch's own)")
+    parser.add_argument("--bergson-per-query", action="store_true",
+                        help="Bergson's per-query mode too: one backward pass per validation example (slow)")
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("lr", "batch", "steps", "activation") if getattr(args, k) is not None}
@@ -396,8 +475,6 @@ def main(argv=None) -> None:
         for setting in runs:
             records += measure(name, setting, args)
             print(table(records), flush=True)
-        records.append({"problem": name, "setting": "", "keep": "", "method": "bergson (MAGIC, PyTorch)",
-                        "note": "not measured: not installed"})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

@@ -134,3 +134,12 @@ def test_plan_reports_the_check():
     p = hg.plan(dyn, objective, lam, check_smoothness=True)
     assert p.smoothness.ok and "hg.smoothness: ok" in str(p)
     assert hg.plan(dyn, objective, lam).smoothness is None
+
+
+def test_the_gradient_norm_survives_float32_overflow_of_its_square():
+    from hypergradient.smoothness import _norm
+
+    g = [jnp.full((3,), 1e24, jnp.float32), jnp.asarray([-2e24], jnp.float32)]
+    assert math.isclose(_norm(g), math.sqrt(7) * 1e24, rel_tol=1e-6)
+    assert _norm([jnp.zeros(2, jnp.float32)]) == 0.0
+    assert _norm([jnp.asarray([jnp.inf], jnp.float32)]) == math.inf

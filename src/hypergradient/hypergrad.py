@@ -47,7 +47,7 @@ def value_and_grad(dyn: Dynamics, objective: Objective, lam, method: Method | No
       ``diverged``, ``result``, ``stats``).
     """
     method = Reverse() if method is None else method
-    _check_types(dyn, method)
+    check_types(dyn, method)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lam)):
         method = method.resolve(dyn, lam, objective)
     with library_precision():
@@ -115,7 +115,7 @@ def hypergrad(dyn: Dynamics, objective: Objective, lam, method: Method | None = 
         not converge (see its ``stats["stationarity"]`` and ``stats["solve_residual"]``).
     """
     method = Reverse() if method is None else method
-    _check_types(dyn, method)
+    check_types(dyn, method)
     check_finite(lam, "hyperparameter")
     method = method.resolve(dyn, lam, objective)
     exe, compile_seconds, sizes = compiled(dyn, objective, method, lam)
@@ -199,7 +199,8 @@ def nonfinite_origin(dyn: Dynamics, objective: Objective, lam) -> tuple[int, str
     return None
 
 
-def _check_types(dyn, method) -> None:
+def check_types(dyn, method) -> None:
+    """The method is a hypergradient method and the dynamics a Dynamics (a TypeError naming which is not)."""
     if not isinstance(method, Method):
         raise TypeError(f"method must be a hypergradient method (hg.Reverse(), hg.Forward(), ...), got {method!r}")
     if not isinstance(dyn, Dynamics):

@@ -24,8 +24,7 @@ import numpy as np
 from ._pytree import partition, signature
 from .dynamics import Dynamics, check_finite
 from .errors import Failure
-from .hypergrad import ProgramCache, compiled, raise_failure, trained_objective
-from .hypergrad import _check_types as check_types
+from .hypergrad import ProgramCache, check_types, compiled, raise_failure, trained_objective
 from .methods.base import Method, Objective
 from .methods.reverse import CHAOS_GROWTH, Reverse
 from .precision import matmul_precision
@@ -202,7 +201,11 @@ def _reason(g_norm, growth, growth_limit, slopes, exact, agrees, judged, sign_ag
 
 
 def _norm(leaves) -> float:
-    return math.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in leaves))
+    """‖x‖ over the leaves, scaled by the largest entry so that squaring 1e24 in float32 does not overflow."""
+    top = max((float(jnp.max(jnp.abs(x))) for x in leaves if jnp.size(x)), default=0.0)
+    if top == 0 or not math.isfinite(top):
+        return top
+    return top * math.sqrt(sum(float(jnp.sum(jnp.square(x / top))) for x in leaves))
 
 
 _programs = ProgramCache(16)

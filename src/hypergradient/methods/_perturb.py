@@ -9,6 +9,8 @@ and differ between the members of a population.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,16 +30,17 @@ def as_key(key) -> jax.Array:
     raise TypeError(f"key must be an int seed or one jax.random key (jax.random.key(0)), got {key!r}")
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Perturbed:
-    """Base of ES, PES and NRES: ``sigma``, ``pairs`` and ``key`` checked; equality, hash and repr
+    """Base of ES, PES and NRES: ``sigma``, ``pairs`` and ``key`` (their defaults) checked; equality, hash and repr
     by their values (the key by its key data), so that methods with equal settings share compiled
     programs and checkpoints name them readably. A traced key (``vmap`` over keys) works inside
     :func:`hypergradient.value_and_grad`; hashing it, as :func:`hypergradient.hypergrad` does, needs a
     concrete one."""
 
-    sigma: float
-    pairs: int
-    key: jax.Array
+    sigma: float = 0.1
+    pairs: int = 8
+    key: jax.Array = 0
 
     def __post_init__(self):
         if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.floating)) or not self.sigma > 0:

@@ -51,9 +51,6 @@ class ES(_perturb.Perturbed, Method):
     ``DivergenceError`` naming how many did.
     """
 
-    sigma: float = 0.1
-    pairs: int = 8
-    key: jax.Array = 0
 
     def value_and_grad(self, dyn, objective, lam):
         z = _perturb.draw(self.key, lam, self.pairs, 0)

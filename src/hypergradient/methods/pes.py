@@ -103,9 +103,6 @@ class PES(_Unrolled):
     ``hg.value_and_grad`` is :class:`~hypergradient.ES`. ``stats`` as ES's.
     """
 
-    sigma: float = 0.1
-    pairs: int = 8
-    key: jax.Array = 0
     reuse = False
 
 
@@ -122,7 +119,4 @@ class NRES(_Unrolled):
     a variance that does not grow with j.
     """
 
-    sigma: float = 0.1
-    pairs: int = 8
-    key: jax.Array = 0
     reuse = True

@@ -75,7 +75,7 @@ class Config(runner.Config):
 
     DEFAULTS = {
         "digits": {"n_train": 800, "n_val": 500, "n_test": None, "batch_size": 50, "steps": 100},
-        "paper": {"n_train": 5_000, "n_val": 1_000, "n_test": 2_000, "batch_size": 50, "steps": 100},
+        "paper": {"n_train": 5_000, "n_val": 500, "n_test": 2_000, "batch_size": 32, "steps": 50},
     }
 
     method: str = "checkpoint"
