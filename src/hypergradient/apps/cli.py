@@ -48,6 +48,7 @@ examples:
   hypergradient run hyper-cleaning --dataset fashion-mnist
   hypergradient run realtime --method trho --hyper-steps 30
   hypergradient run distill --tiny --out /tmp/distill
+  hypergradient run lm                              # a transformer LM on the standard library's text
   hypergradient run distill --tiny --trials 8 --search optuna   # 8 runs on a local Ray (extra `ray`)
 
 Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,

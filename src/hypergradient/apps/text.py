@@ -85,7 +85,7 @@ def _cut(sources: dict[str, bytes], length: int, fractions: dict[str, float]):
     parts = {split: ([], []) for split in fractions}
     for i, text in enumerate(sources.values()):
         data = np.frombuffer(text, np.uint8)
-        cuts = (np.cumsum([0.0, *fractions.values()]) * len(data)).astype(int)
+        cuts = np.floor(np.cumsum([0.0, *fractions.values()]) * len(data) + 1e-9).astype(int)
         cuts[-1] = len(data)
         for split, start, stop in zip(fractions, cuts[:-1], cuts[1:]):
             piece = data[start:stop]
