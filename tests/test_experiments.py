@@ -262,7 +262,7 @@ def test_every_experiment_has_a_tiny_config_a_description_and_methods():
         tiny = module.tiny("digits").resolved()
         full = module.Config().resolved()
         assert tiny.hyper_steps <= full.hyper_steps
-        assert full.dataset == "digits"
+        assert full.dataset == experiments.datasets_of(module)[0]  # digits, or the experiment's own data
         paper = module.Config(dataset="fashion-mnist").resolved()
         assert paper.n_train >= full.n_train  # paper scale on the IDX datasets
 

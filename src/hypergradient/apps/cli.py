@@ -34,7 +34,7 @@ from pathlib import Path
 import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
-from . import attribute, compare, datasets, experiments
+from . import attribute, compare, experiments
 from .experiments import folder
 from . import methods as method_names
 from .experiments.folder import FolderError
@@ -48,6 +48,7 @@ examples:
   hypergradient run hyper-cleaning --dataset fashion-mnist
   hypergradient run realtime --method trho --hyper-steps 30
   hypergradient run distill --tiny --out /tmp/distill
+  hypergradient run lm                              # a transformer LM on the standard library's text
   hypergradient run distill --tiny --trials 8 --search optuna   # 8 runs on a local Ray (extra `ray`)
 
 Results go to results/EXPERIMENT-DATASET-METHOD (config.json, history.csv,
@@ -91,13 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("experiment", metavar="EXPERIMENT", choices=experiments.names(),
                      help="which experiment: " + ", ".join(experiments.names()) + " (see `hypergradient list`)")
-    run.add_argument("--dataset", default="digits", choices=datasets.DATASETS,
+    run.add_argument("--dataset", choices=experiments.ALL_DATASETS,
                      help="digits (bundled with scikit-learn, the default), fashion-mnist (IDX files from "
                      "Debian's dataset-fashion-mnist, --data-dir or $HYPERGRADIENT_FASHION_MNIST_DIR) or "
-                     "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR)")
+                     "mnist (IDX files in --data-dir or $HYPERGRADIENT_MNIST_DIR); for lm, text (its only "
+                     "one and default: the standard library's .py files, or the sources in --data-dir)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder holding the four IDX files of fashion-mnist or mnist (plain or .gz); "
-                     "when given, the only place read (not the environment variable or the system folder)")
+                     "when given, the only place read (not the environment variable or the system folder); "
+                     "for text, a folder whose entries (subfolders or files) are the sources")
     run.add_argument("--method", metavar="M",
                      help="how to compute the hypergradient (default: the experiment's first method); "
                      "the methods each experiment accepts and what each does are listed below")
@@ -230,14 +233,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if method not in module.METHODS:
         return _error(f"experiment {args.experiment!r} has no method {method!r}; "
                       f"choose one of: {', '.join(module.METHODS)}")
+    if problem := experiments.choose_dataset(args, module):
+        return _error(problem)
     config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
     changes = {"data_dir": args.data_dir, "method": method, "seed": args.seed}
     if args.hyper_steps is not None:
         changes["hyper_steps"] = args.hyper_steps
     config = dataclasses.replace(config, **changes)
-    sizes = config.resolved()
+    from .experiments import runner  # imported with the experiment
+
     try:  # fail before anything is written if the data are not there, or too few
-        datasets.check(args.dataset, args.data_dir, n_train=sizes.n_train, n_val=sizes.n_val, n_test=sizes.n_test)
+        runner.check_data(module, config)
     except (FileNotFoundError, ValueError) as e:
         return _error(str(e), EXIT_INPUT)
     out = Path(args.out) if args.out is not None else Path("results") / _folder_name(args, method)
@@ -278,7 +284,7 @@ def _plan_arguments(sub) -> argparse.ArgumentParser:
                       help="which experiment: " + ", ".join(experiments.names()))
     plan.add_argument("--memory-budget", type=positive_int, metavar="BYTES",
                       help="XLA temporary memory the hypergradient may use (default: no limit)")
-    plan.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="as for run")
+    plan.add_argument("--dataset", choices=experiments.ALL_DATASETS, help="as for run")
     plan.add_argument("--data-dir", metavar="DIR", help="as for run")
     plan.add_argument("--tiny", action="store_true", help="the tiny configuration of run --tiny")
     return plan
@@ -289,14 +295,17 @@ def _plan(args: argparse.Namespace) -> int:
     if method_names.METHODS[module.METHODS[0]].realtime:
         return _error(f"experiment {args.experiment!r} is tuned in real time (hg.online); plan covers the "
                       "methods of hg.hypergrad")
-    try:
-        datasets.check(args.dataset, args.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        return _error(str(e), EXIT_INPUT)
+    if problem := experiments.choose_dataset(args, module):
+        return _error(problem)
     config = module.tiny(args.dataset) if args.tiny else module.Config(dataset=args.dataset)
+    config = dataclasses.replace(config, data_dir=args.data_dir)
     from .experiments import runner  # imported with the experiment, as run does
 
-    dyn, objective, lam = runner.problem(module, dataclasses.replace(config, data_dir=args.data_dir))
+    try:
+        runner.check_data(module, config)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e), EXIT_INPUT)
+    dyn, objective, lam = runner.problem(module, config)
     print(hg.plan(dyn, objective, lam, args.memory_budget))
     return EXIT_OK
 

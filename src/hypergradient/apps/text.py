@@ -63,14 +63,35 @@ def windows(sources: dict[str, bytes], length: int, val_fraction: float = 0.1):
       ``(train, val)``, each ``(tokens int32 (N, length), source int32 (N,))``, windows in source
       order.
     """
-    parts = {"train": ([], []), "val": ([], [])}
+    return _cut(sources, length, {"train": 1 - val_fraction, "val": val_fraction})
+
+
+def splits(sources: dict[str, bytes], length: int, val_fraction: float = 0.05, test_fraction: float = 0.05):
+    """:func:`windows` in three parts: each source's bytes cut into consecutive training,
+    validation and test stretches (``1 - val_fraction - test_fraction``, ``val_fraction``,
+    ``test_fraction`` of them), so no two parts share a byte.
+
+    Returns:
+      ``(train, val, test)``, each ``(tokens int32 (N, length), source int32 (N,))``.
+    """
+    if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be positive "
+                         "and leave bytes to train on")
+    return _cut(sources, length, {"train": 1 - val_fraction - test_fraction, "val": val_fraction,
+                                  "test": test_fraction})
+
+
+def _cut(sources: dict[str, bytes], length: int, fractions: dict[str, float]):
+    parts = {split: ([], []) for split in fractions}
     for i, text in enumerate(sources.values()):
         data = np.frombuffer(text, np.uint8)
-        cut = int(len(data) * (1 - val_fraction))
-        for split, piece in (("train", data[:cut]), ("val", data[cut:])):
+        cuts = np.floor(np.cumsum([0.0, *fractions.values()]) * len(data) + 1e-9).astype(int)
+        cuts[-1] = len(data)
+        for split, start, stop in zip(fractions, cuts[:-1], cuts[1:]):
+            piece = data[start:stop]
             n = len(piece) // length
             if n == 0:
                 raise ValueError(f"source {i} has too few bytes for a {split} window of {length}")
             parts[split][0].append(piece[: n * length].reshape(n, length).astype(np.int32))
             parts[split][1].append(np.full(n, i, np.int32))
-    return tuple((np.concatenate(t), np.concatenate(s)) for t, s in (parts["train"], parts["val"]))
+    return tuple((np.concatenate(t), np.concatenate(s)) for t, s in parts.values())

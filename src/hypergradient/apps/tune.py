@@ -49,7 +49,7 @@ import optax
 import hypergradient as hg
 from hypergradient.errors import ExperimentError
 
-from . import datasets, experiments, methods
+from . import experiments, methods
 from .experiments import folder, plots, runner
 from .terminal import missing_extra, say
 
@@ -454,10 +454,7 @@ def build_experiment(trial: Mapping[str, Any], *, name: str, config) -> tuple:
     """The problem of experiment ``name``'s first search at ``config`` with the trial's hyper_lr and seed."""
     module = experiments.get(name)
     config = dataclasses.replace(config, hyper_lr=trial["hyper_lr"], seed=trial["seed"])
-    data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
-                         n_test=config.n_test)
-    experiment = next(v for v in vars(module).values()
-                      if isinstance(v, type) and issubclass(v, runner.Experiment) and v is not runner.Experiment)
-    exp = experiment(config, data)
+    experiment = runner.experiment_class(module)
+    exp = experiment(config, experiment.load_data(config.resolved()))
     search = exp.searches(exp.baseline())[0]
     return exp.dynamics, exp.objective, search.lam0, search.constraint

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from .. import datasets
+from .. import experiments
+from ..experiments import runner
 from ..terminal import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, folder_name, missing_extra, not_a_folder,
                         positive_int, positive_seconds, say)
 from .problem import EXPERIMENTS, REGIMES
@@ -38,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the same storage resumes an interrupted comparison")
     parser.add_argument("--out", type=folder_name, metavar="DIR",
                         help="output folder (default results/compare-EXPERIMENT-DATASET[-tiny])")
-    parser.add_argument("--dataset", default="digits", choices=datasets.DATASETS,
-                        help="digits (default), fashion-mnist, mnist")
-    parser.add_argument("--data-dir", metavar="DIR", help="folder of the IDX files (fashion-mnist, mnist)")
+    parser.add_argument("--dataset", choices=experiments.ALL_DATASETS,
+                        help="digits (default), fashion-mnist, mnist; text for lm (its only one)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder of the IDX files (fashion-mnist, mnist), or of the text sources (lm)")
     parser.add_argument("--regime", default="both", choices=("few", "many", "both"),
                         help="few (lr, momentum, L2), many (per-step, per-layer schedules) or both (default)")
     parser.add_argument("--methods", type=_methods, default=METHODS, metavar="M[,M...]",
@@ -61,13 +64,16 @@ def main(args: argparse.Namespace) -> int:
         names = " and ".join([", ".join(studies[:-1]), studies[-1]] if len(studies) > 1 else studies)
         return _error(f"{names} need{'s' if len(studies) == 1 else ''} optuna, which is not installed: {install} "
                       "(or leave them out: --methods hypergradient,online)")
+    module = experiments.get(args.experiment)
+    if problem := experiments.choose_dataset(args, module):
+        return _error(problem)
     regimes = REGIMES if args.regime == "both" else (args.regime,)
     out = Path(args.out) if args.out is not None else Path("results") / (
         f"compare-{args.experiment}-{args.dataset}" + ("-tiny" if args.tiny else ""))
     if problem := not_a_folder(out):
         return _error(f"cannot write the results to {out}: {problem}", EXIT_INPUT)
     try:
-        datasets.check(args.dataset, args.data_dir)
+        runner.check_data(module, dataclasses.replace(module.Config(dataset=args.dataset), data_dir=args.data_dir))
     except (FileNotFoundError, ValueError) as e:
         return _error(str(e), EXIT_INPUT)
     say(f"hypergradient compare {args.experiment}: dataset {args.dataset}{' (tiny)' if args.tiny else ''}, "

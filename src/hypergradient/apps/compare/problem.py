@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 import hypergradient as hg
 
-from .. import datasets, methods, models
-from ..experiments import resnet, schedules
+from .. import datasets, lm, methods, models
+from ..experiments import language_model, resnet, schedules
 from .programs import Programs
 from .space import Axis, Space
 
@@ -176,9 +176,48 @@ def resnet_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: Seq
     return out
 
 
+def lm_problems(dataset: str, data_dir: str | None, tiny: bool, regimes: Sequence[str]) -> dict[str, Problem]:
+    """The ``lm`` experiment's training run (its Config, sizes, seeds and box) with two parametrizations.
+
+    - few: AdamW's peak learning rate and weight decay (2 numbers; every window weighs 1);
+    - many: those and one weight per source (the λ of ``hypergradient run lm``).
+
+    The box is the experiment's; its centre is the experiment's defaults, where the gradient
+    methods start. The test error is the next-byte error of the test windows.
+    """
+    config = language_model.tiny(dataset) if tiny else language_model.Config(dataset=dataset)
+    config = dataclasses.replace(config, data_dir=data_dir).resolved()
+    data = language_model.load(config)
+    dynamics = lm.make_dynamics((data.train.x, data.train.y), config.steps, config.batch_size, config.d_model,
+                                config.heads, config.layers, config.peak, config.weight_decay, config.warmup)
+    objective = lm.objective(data.val.x, config.heads)
+    test_windows, heads = jnp.asarray(data.test.x), config.heads
+
+    @jax.jit
+    def test(final):
+        return lm.byte_scores(final.params, test_windows, heads)
+
+    out = {}
+    for regime in regimes:
+        space = {"log_peak": Axis("peak_lr", (), *config.peak_bounds, "log"),
+                 "log_wd": Axis("wd", (), *config.wd_bounds, "log")}
+        if regime == "many":
+            space["source_logits"] = Axis("source_weight", (len(data.sources),), *config.source_weight_bounds, "log")
+        out[regime] = Problem(
+            regime=regime, space=space, dynamics=dynamics, objective=objective, test=test,
+            online="rtho" if regime == "few" else "trho", online_every=max(1, config.steps // 10),
+            hyper_lr=config.hyper_lr,
+            description=(f"byte-level transformer d={config.d_model}, {config.layers} layers, {config.heads} heads, "
+                         f"context {config.context}, AdamW, T={config.steps}, batch {config.batch_size}, "
+                         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.test.y)} train/val/test windows of "
+                         f"{', '.join(data.sources)}"),
+        )
+    return out
+
+
 #: experiment name -> builder ``(dataset, data_dir, tiny, regimes) -> {regime: Problem}``.
 EXPERIMENTS: dict[str, Callable[..., dict[str, Problem]]] = {"schedules": schedules_problems,
-                                                            "resnet": resnet_problems}
+                                                            "resnet": resnet_problems, "lm": lm_problems}
 
 
 @functools.lru_cache(maxsize=4)

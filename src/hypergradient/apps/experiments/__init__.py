@@ -8,6 +8,9 @@ Every experiment module has
   every experiment shares) with its own fields, and ``DEFAULTS``, the table of
   per-dataset values that ``resolved()`` gives the fields left ``None``,
 - ``tiny(dataset)``: a configuration that runs in seconds,
+- optionally ``DATASETS``: the ``--dataset`` names it reads, the first being the default
+  (without it, the image datasets of :data:`hypergradient.apps.datasets.DATASETS`; an
+  experiment with its own data says how to load them in ``Experiment.load_data``),
 - ``run(config, out_dir, progress) -> dict``: runs it, writes ``config.json``,
   ``history.csv``, ``result.json`` and PNG plots to ``out_dir`` and returns
   the summary (the same dict as ``result.json``).
@@ -27,6 +30,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .. import datasets
+
 # name -> module (imported on first use, so `hypergradient list` stays fast)
 _MODULES = {
     "schedules": "schedules",
@@ -35,6 +40,7 @@ _MODULES = {
     "distill": "distill",
     "l2-per-weight": "l2_per_weight",
     "resnet": "resnet",
+    "lm": "language_model",
 }
 
 # One-line descriptions, kept here so listing imports no experiment.
@@ -45,7 +51,27 @@ DESCRIPTIONS = {
     "distill": "ten synthetic training images, one per class, for logistic regression (Maclaurin §3.3)",
     "l2-per-weight": "one L2 strength per input weight of logistic regression (Maclaurin §3.2)",
     "resnet": "per-layer learning rates, weight decay and augmentation of a small ResNet (BatchNorm, dropout, AdamW)",
+    "lm": "AdamW's peak learning rate, weight decay and per-source data weights of a byte-level transformer LM",
 }
+
+
+#: Every ``--dataset`` name some experiment reads: the image datasets, and the LM's text.
+ALL_DATASETS = (*datasets.DATASETS, "text")
+
+
+def datasets_of(module: ModuleType) -> tuple[str, ...]:
+    """The ``--dataset`` names the experiment in ``module`` reads, its default first."""
+    return getattr(module, "DATASETS", datasets.DATASETS)
+
+
+def choose_dataset(args, module: ModuleType) -> str | None:
+    """Set ``args.dataset`` (parsed arguments) to the experiment's default when none was given;
+    the error message when the experiment does not read the one given (``None`` when it does)."""
+    accepted = datasets_of(module)
+    args.dataset = args.dataset or accepted[0]
+    if args.dataset not in accepted:
+        return f"experiment {module.NAME!r} reads {', '.join(accepted)}, not {args.dataset!r}"
+    return None
 
 
 def names() -> tuple[str, ...]:

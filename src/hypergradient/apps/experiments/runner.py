@@ -153,6 +153,7 @@ class Experiment(abc.ABC):
     tuned), ``self.objective`` (``(w, λ)``, or ``(w, λ, k)`` for a real-time method) and
     ``self.logits`` (``(w, x) -> logits``, which :meth:`scores` reads).
 
+    :meth:`load_data` loads the data (an image dataset unless the experiment says otherwise).
     ``resumable_changes`` names the config fields a rerun may change and still resume from the
     checkpoints: by default more hyper-steps continue a finished run, and the data may move.
     """
@@ -179,6 +180,13 @@ class Experiment(abc.ABC):
     @abc.abstractmethod
     def report(self, out_dir: Path, baseline, tuned: list[Tuned], scores: list[dict]) -> Report:
         """The result's fields, the plots (written to ``out_dir``) and history.csv's columns."""
+
+    @classmethod
+    def load_data(cls, config):
+        """The data of ``config`` (resolved): by default the image dataset's
+        :class:`~hypergradient.apps.datasets.Splits`; ``__init__`` receives it."""
+        return datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
+                             n_test=config.n_test)
 
     def train(self, hparams):
         """The final weights of training at ``hparams``, or ``None`` if training diverged."""
@@ -248,8 +256,7 @@ def run(experiment: type[Experiment], config, out_dir, progress: bool | None = N
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
     started = time.perf_counter()
-    data = datasets.load(config.dataset, config.data_dir, n_train=config.n_train, n_val=config.n_val,
-                         n_test=config.n_test)  # before anything is written: data too small is refused first
+    data = experiment.load_data(config)  # before anything is written: data too small is refused first
     with folder.claim(Path(out_dir)) as out_dir:
         out_dir = folder.prepare(out_dir, config, experiment.resumable_changes)
         return _stages(experiment, config, data, out_dir, progress, started)
@@ -283,12 +290,22 @@ def _stages(experiment: type[Experiment], config, data: datasets.Splits, out_dir
 def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
     """The training run, objective and first λ_0 (after the baseline) of the experiment in ``module``
     with ``config``, prepared and not tuned: what ``hypergradient plan`` examines."""
-    kind = next(v for v in vars(module).values()
-                if isinstance(v, type) and issubclass(v, Experiment) and v.__module__ == module.__name__)
+    kind = experiment_class(module)
     config = config.resolved()
-    exp = kind(config, datasets.load(config.dataset, config.data_dir, n_train=config.n_train,
-                                     n_val=config.n_val, n_test=config.n_test))
+    exp = kind(config, kind.load_data(config))
     return exp.dynamics, exp.objective, exp.searches(exp.baseline())[0].lam0
+
+
+def experiment_class(module) -> type[Experiment]:
+    """The :class:`Experiment` subclass the experiment ``module`` defines."""
+    return next(v for v in vars(module).values()
+                if isinstance(v, type) and issubclass(v, Experiment) and v.__module__ == module.__name__)
+
+
+def check_data(module, config) -> None:
+    """Raise what loading the data of ``config`` (resolved) for the experiment in ``module`` would
+    (``ValueError``, ``FileNotFoundError``): a command checks this before it writes anything."""
+    experiment_class(module).load_data(config.resolved())
 
 
 def _write_interrupted(out_dir: Path, finished: list) -> None:
