@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# B1 on one GPU: every method of ours and plain PyTorch (python -m benchmarks.gpu), then the tests that
-# need or concern a GPU, into one markdown table, OUT/b1_gpu.md (with b1_gpu.json and tests.txt).
+# B1 on one GPU: every method of ours and plain PyTorch (python -m benchmarks.gpu), forward-over-reverse
+# against reverse-over-reverse on the transformer (benchmarks.second_order), then the tests that need or
+# concern a GPU, into one markdown report, OUT/b1_gpu.md (with b1_gpu.json, second_order.json, tests.txt).
 # Under 5 minutes on one H200. Installs nothing: it stops, saying what is missing.
 #
 #   benchmarks/gpu.sh OUT_DIR                  (or OUT=DIR benchmarks/gpu.sh)
@@ -26,11 +27,13 @@ cd "$root"
 if (( dry )); then
     device=cpu
     sizes=(--steps 5 --repeats 1 --digits)
+    second=(--steps 2 --checkpoint-every 1 --repeats 1)
     "$python" -c "import torch" 2>/dev/null || { sizes+=(--no-torch); echo "gpu.sh: no PyTorch here: the dry run skips it" >&2; }
     tests=(tests/test_gpu.py)
 else
     device=gpu
     sizes=(--steps 100 --repeats 5)
+    second=(--steps 10 --checkpoint-every 5 --repeats 3)
     command -v nvidia-smi >/dev/null || die "no nvidia-smi: no NVIDIA GPU on this machine (--cpu-dry-run checks the plumbing on CPU)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" \
         || die "nvidia-smi failed: no usable GPU"
@@ -46,6 +49,15 @@ fi
 
 echo "gpu.sh: B1 on $device ..." >&2
 timeout 270 "$python" -m benchmarks.gpu --out "$out" --device "$device" "${sizes[@]}"
+
+echo "gpu.sh: forward-over-reverse against reverse-over-reverse on the transformer ..." >&2
+set +e
+timeout 180 "$python" -m benchmarks.second_order --only Transformer "${second[@]}" --out "$out/second_order.json" \
+    > "$out/second_order.txt" 2>&1
+second_rc=$?
+set -e
+printf '\nSecond-order products on the transformer (`python -m benchmarks.second_order --only Transformer %s`, rc %s):\n\n```\n%s\n```\n' \
+    "${second[*]}" "$second_rc" "$(grep -E '^Transformer' "$out/second_order.txt" || tail -n 3 "$out/second_order.txt")" >> "$out/b1_gpu.md"
 
 echo "gpu.sh: tests ${tests[*]} ..." >&2
 set +e
