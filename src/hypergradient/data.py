@@ -253,8 +253,11 @@ class Batches(Data):
     ``i = t mod n_batches`` of that epoch, where ``n_batches = n // batch_size``
     (a trailing partial batch is never used). Without a ``key`` the order is
     the data's own: batch ``i`` is ``arrays[i*batch_size : (i+1)*batch_size]``.
-    With a ``key`` every epoch is a fresh permutation drawn from
-    ``fold_in(key, e)``, reproducible for any ``t``.
+    With a ``key`` every epoch is a fresh permutation π_e of the examples,
+    keyed by ``fold_in(key, e)`` and reproducible for any ``t``: batch ``i``
+    is examples π_e(i*batch_size), ..., π_e((i+1)*batch_size − 1), each
+    computed on its own (:func:`permutation`), so a step costs O(batch_size),
+    not a shuffle of all n.
 
     Data parallel, with a ``mesh``: the D devices on the mesh axis ``axis`` each hold a
     contiguous block of n/D examples (see :func:`shard`), and step t's global batch is, for each
@@ -391,8 +394,49 @@ def _batch(arrays, t, key, size: int, n_batches: int, axis: str | None):
     if axis is not None:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
     n = jax.tree.leaves(arrays)[0].shape[0]
-    idx = jax.lax.dynamic_slice_in_dim(jax.random.permutation(key, n), start, size)
+    idx = permutation(key, n, start + jnp.arange(size))
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), arrays)
+
+
+FEISTEL_ROUNDS = 6
+
+
+def permutation(key: jax.Array, n: int, positions: jax.Array) -> jax.Array:
+    """π(positions) for a pseudorandom permutation π of [0, n) keyed by ``key``, computed at the
+    given positions only: O(len(positions)) work, not the O(n log n) of drawing all of π.
+
+    With m = bit_length(n − 1) and h = ⌈m/2⌉, E is a balanced Feistel network on [0, 4^h) ⊇
+    [0, n): x = (L, R), its high and low h bits, and each of ``FEISTEL_ROUNDS`` rounds r maps
+    (L, R) ↦ (R, L ⊕ F_r(R)), with F_r(R) = fmix32(R ⊕ K_r) mod 2^h (MurmurHash3's finaliser),
+    K_r = ``jax.random.bits(fold_in(key, r))``. Each round is invertible whatever F_r, so E is a
+    permutation of [0, 4^h); π(x) is the first of E(x), E(E(x)), … that falls in [0, n) (cycle
+    walking: x's cycle under E returns to x, so the walk ends, and it is a bijection of [0, n)).
+    Since 4^h < 4n, a walk takes fewer than 4 steps on average. Integers only: nothing here is
+    differentiated.
+    """
+    if not 1 <= n < 2**31:
+        raise ValueError(f"permutation: n must be in [1, 2^31), got {n}")
+    half = -(-(n - 1).bit_length() // 2)
+    mask = np.uint32((1 << half) - 1)
+    keys = [jax.random.bits(jax.random.fold_in(key, r), (), jnp.uint32) for r in range(FEISTEL_ROUNDS)]
+
+    def encrypt(x):
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_fmix32(right ^ k) & mask)
+        return (left << half) | right
+
+    y = encrypt(jnp.asarray(positions).astype(jnp.uint32))
+    y = jax.lax.while_loop(lambda y: jnp.any(y >= n), lambda y: jnp.where(y >= n, encrypt(y), y), y)
+    return y.astype(jnp.int32)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips each
+    output bit with probability close to 1/2."""
+    h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
 @jax.jit

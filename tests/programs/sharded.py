@@ -34,7 +34,7 @@ def contract_batch(arrays, t, key):
         idx = np.arange(block)
         if key is not None:
             k = jax.random.fold_in(jax.random.fold_in(key, epoch), d)
-            idx = np.asarray(jax.random.permutation(k, block))
+            idx = np.asarray(hg.data.permutation(k, block, np.arange(block)))
         rows.append(d * block + idx[i * local:(i + 1) * local])
     rows = np.concatenate(rows)
     return tuple(a[rows] for a in arrays)
