@@ -65,8 +65,8 @@ def run_black_box(method: str, problem: Problem, seed: int, budget: float, stora
         sampler, pruner = optuna.samplers.RandomSampler, optuna.pruners.NopPruner()
     persistent, study, done, clock = _resume(storage, name, seed, sampler, pruner)
     dyn = problem.dynamics(seed)
-    new = 0
-    while clock() < budget:
+    new, elapsed = 0, clock()
+    while elapsed < budget:  # stop on the recorded time, so a resumed study starts where this one stopped
         trial = study.ask()
         lam = suggest(trial, problem.space)
         if method == "tpe":
@@ -188,8 +188,8 @@ def run_hybrid(problem: Problem, seed: int, budget: float, storage, name: str) -
     programs = problem.programs
     persistent, study, done, clock = _resume(storage, name, seed, optuna.samplers.TPESampler)
     dyn = problem.dynamics(seed)
-    new = 0
-    while clock() < budget:
+    new, elapsed = 0, clock()
+    while elapsed < budget:  # as in run_black_box: the recorded time decides
         trial = study.ask()
         lr = programs.hybrid_lr(trial.suggest_int("hyper_lr_doublings", HYBRID_DOUBLINGS[0], HYBRID_DOUBLINGS[-1]))
         lam0 = suggest_start(trial, problem.space)
@@ -212,7 +212,8 @@ def run_hybrid(problem: Problem, seed: int, budget: float, storage, name: str) -
             trial.set_user_attr("diverged", False)
         except hg.HyperDivergenceError:
             trial.set_user_attr("diverged", True)
-        trial.set_user_attr("elapsed", clock())
+        elapsed = clock()
+        trial.set_user_attr("elapsed", elapsed)
         trial.set_user_attr("curve", curve)
         trial.set_user_attr("best_lam", best["lam"])
         frozen = study.tell(trial, best["value"]) if curve else study.tell(trial, state=TrialState.FAIL)
