@@ -48,10 +48,10 @@ def test_a_relu_network_is_flagged():
     assert not check.ok
     assert check.reason.startswith("along -g the exact derivative")
     assert check.directions == ("-g",)
-    judged = check.slopes[0, check.judged]
-    # the exact derivative along -g is -‖g‖ < 0; a step of the hyper-optimizer sees the objective rise
-    assert check.exact[0] < 0 and np.any(judged > 0)
-    assert not check.sign_agrees[0, check.judged].all()
+    ratio = check.slopes[0, check.judged] / check.exact[0]
+    # the exact derivative along -g is -‖g‖ < 0; at the scales a hyper-step moves, the objective's slopes
+    # disagree with it, in sign or by more than the factor of 3 the check allows
+    assert check.exact[0] < 0 and np.any((ratio < 1 / 3) | (ratio > 3))
     assert "not ok" in str(check)
 
 
