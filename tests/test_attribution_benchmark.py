@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks p
 from benchmarks import attribution  # noqa: E402
 from benchmarks.attribution import Setting, datamodel_fit, settings, spearman, subsets  # noqa: E402
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 
 def test_peer_file_replays_our_training_run():
     dyn, lam, _, _, _, _, peer = attribution.build("logistic-digits", 200, 50)

@@ -22,6 +22,8 @@ from hypergradient.apps.compare.problem import problems  # noqa: E402
 from hypergradient.apps.compare.runners import HYBRID_HYPER_STEPS  # noqa: E402
 from hypergradient.apps.compare.space import suggest_start  # noqa: E402
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 BUDGET = 1.0
 
 

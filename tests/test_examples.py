@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -24,6 +24,8 @@ from hypergradient.apps import datasets, experiments
 from hypergradient.apps.experiments import plots, realtime, resnet, runner
 from hypergradient.errors import ExperimentError
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 
 def run_tiny(tmp_path, capsys, name, *extra):
     out = tmp_path / name

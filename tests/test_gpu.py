@@ -128,6 +128,7 @@ def test_b1_sized_hypergradient_on_the_gpu_agrees_with_the_cpu():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.end_to_end
 def test_the_gpu_benchmark_runs_its_plumbing_on_cpu(tmp_path):
     """benchmarks.gpu, as gpu.sh --cpu-dry-run runs it (ours only, T = 3): every method gets a row."""
     root = Path(__file__).resolve().parents[1]

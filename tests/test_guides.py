@@ -8,6 +8,8 @@ import pytest
 
 from pages import run_page
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 
 @pytest.mark.filterwarnings("ignore:When `eqx.nn.BatchNorm")
 def test_own_loop_guide_runs():

@@ -16,6 +16,8 @@ from hypergradient.apps import lm, text
 from hypergradient.apps.cli import main
 from hypergradient.apps.experiments import language_model
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -25,6 +25,8 @@ from hypergradient.apps import cli, tune  # noqa: E402
 from hypergradient.apps.experiments import folder  # noqa: E402
 from hypergradient.errors import ExperimentError  # noqa: E402
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 HYPER_STEPS = 6
 
 # The workers cannot import the tests' modules: send their functions by value.

@@ -28,6 +28,8 @@ import hypergradient as hg  # noqa: E402
 import problems  # noqa: E402
 from ray_processes import kill_tree, ray_env  # noqa: E402
 
+pytestmark = pytest.mark.end_to_end  # left to `make test` by the floor leg (Makefile)
+
 TESTS = Path(__file__).resolve().parent
 SETTINGS = {"hyper_steps": 12, "hyper_lrs": [1e-2, 3e-2, 1e-1], "steps": 10,
             "seconds_per_objective": 0.4}  # > 5 hyper-steps a trial between driver checkpoints (2 s)
