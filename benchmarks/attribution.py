@@ -83,7 +83,7 @@ class Setting:
 
 
 DEFAULTS = {"logistic-digits": Setting(0.5, 200), "mlp-digits": Setting(0.1, 300),
-            "mlp-fashion": Setting(0.01, 300), "cnn-fashion": Setting(0.03, 200)}
+            "mlp-fashion": Setting(0.01, 300), "cnn-fashion": Setting(0.01, 200)}
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
@@ -265,7 +265,8 @@ def leave_one_out(dyn, lam, val_losses, value: float, n: int) -> np.ndarray:
 
 
 def measure(name: str, setting: Setting, args) -> list[dict]:
-    dyn, lam, val_losses, example_loss, xy, val_error, peer = build(name, args.n_train, args.n_val, setting)
+    dyn, lam, val_losses, example_loss, xy, val_error, peer = build(name, args.n_train, args.n_val, setting,
+                                                                    seed=args.seed)
     n = xy[0].shape[0]
 
     def train(dyn, lam):
@@ -452,7 +453,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=50, help="validation rows per backward batch (ours)")
     parser.add_argument("--every", type=int, default=20, help="TracIn: steps between checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the run's initial weights and batch order, and the random subsets")
     parser.add_argument("--bergson-python", default=BERGSON_PYTHON,
                         help="Python of the environment with bergson and torch (default: $BERGSON_PYTHON, else "
                              ".venv-bergson/bin/python); Bergson is skipped with a message where it is missing")
