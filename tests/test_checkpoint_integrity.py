@@ -4,6 +4,7 @@ no intact step is refused in one line, a killed save's temporary folder is remov
 intact checkpoint (or the fallback) resumes bit for bit."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -303,3 +304,24 @@ def test_online_a_flipped_byte_in_the_carry_falls_back_and_resumes_bit_for_bit(t
     np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(full.params))
     for k in ("value", "train_loss"):
         np.testing.assert_array_equal(resumed.history[k], full.history[k])
+
+
+def test_only_the_abandoned_reads_failures_are_kept_out_of_the_asyncio_log(caplog):
+    """A read that fails after the restore gave up is logged by asyncio when collected ("Task
+    exception was never retrieved"); load drops that record and no other."""
+    checkpoint._drop_abandoned_reads()
+    log = logging.getLogger("asyncio")
+
+    def never_retrieved(error):
+        try:
+            raise error
+        except Exception as e:
+            log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=(type(e), e, None))
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        never_retrieved(ValueError('DATA_LOSS: Error opening "zarr" driver [tensorstore_spec=\'{}\']'))
+        never_retrieved(ValueError("a user's own task failed"))
+        log.error("Unclosed event loop, tensorstore")
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+        "Task exception was never retrieved", "Unclosed event loop, tensorstore"]
+    assert "a user's own task failed" in str(caplog.records[0].exc_info[1])

@@ -387,14 +387,32 @@ def _is_abandoned_read(unraisable) -> bool:
     return "call_soon_threadsafe" in frames
 
 
+def _is_failed_abandoned_read(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for a tensorstore read that failed after
+    the restore had already failed on another one: the same abandoned read, failing instead of
+    completing."""
+    error = record.exc_info[1] if record.exc_info else None
+    return (error is not None and record.getMessage().startswith("Task exception was never retrieved")
+            and "tensorstore" in str(error))
+
+
+class _AbandonedReadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_failed_abandoned_read(record)
+
+
 def _drop_abandoned_reads() -> None:
     """Keep Python from reporting the reads that orbax abandoned when a restore failed.
 
     Orbax runs a restore on an event loop of its own and closes that loop when the first read
     fails (damaged data); the tensorstore reads still in flight complete later into the closed
     loop, and Python prints each as an unraisable "Event loop is closed" traceback, at any moment
-    after. Nobody awaits their results: the hook installed here drops exactly those reports and
-    hands every other one to the hook it wraps."""
+    after; one that fails too is logged by asyncio as "Task exception was never retrieved" when
+    it is collected. Nobody awaits their results: the hook and the log filter installed here drop
+    exactly those reports and pass every other one on."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadFilter())
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
