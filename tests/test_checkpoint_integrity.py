@@ -313,10 +313,7 @@ def test_only_the_abandoned_reads_failures_are_kept_out_of_the_asyncio_log(caplo
     log = logging.getLogger("asyncio")
 
     def never_retrieved(error):
-        try:
-            raise error
-        except Exception as e:
-            log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=(type(e), e, None))
+        log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=(type(error), error, None))
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         never_retrieved(ValueError('DATA_LOSS: Error opening "zarr" driver [tensorstore_spec=\'{}\']'))
