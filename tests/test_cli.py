@@ -213,6 +213,7 @@ def plain_install(*argv):
                           timeout=600, env=os.environ)
 
 
+@pytest.mark.slow
 def test_plain_install_runs_the_default_job_and_names_the_extra_of_compare(tmp_path):
     assert {"optuna", "pytest"} <= extras_only_modules()
     done = plain_install("run", "schedules", "--tiny", "--hyper-steps", "2", "--no-progress",
@@ -303,6 +304,7 @@ def monitored_run(tmp_path, name, env):
     return seen["seconds"], seen["events"]
 
 
+@pytest.mark.slow
 def test_a_second_run_takes_its_programs_from_the_compilation_cache(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     env.pop("HYPERGRADIENT_COMPILE_CACHE")  # on by default
@@ -329,3 +331,17 @@ def test_the_cache_folder_follows_the_flag_and_the_environment(monkeypatch, tmp_
     assert cli.compile_cache_dir() == tmp_path / "mine"
     args = cli.build_parser().parse_args(["run", "schedules", "--no-compile-cache"])
     assert args.no_compile_cache
+
+
+def test_run_reads_its_data_once(capsys, tmp_path, monkeypatch):
+    """The check before anything is written and the run share one load of the data."""
+    from hypergradient.apps.experiments import runner
+
+    kind = runner.experiment_class(experiments.get("l2-per-weight"))
+    reads = []
+    load = kind.load_data.__func__
+    monkeypatch.setattr(kind, "load_data", classmethod(lambda cls, config: reads.append(config) or load(cls, config)))
+    runner.load_data.cache_clear()
+    assert cli.main(["run", "l2-per-weight", "--tiny", "--hyper-steps", "1", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 0
+    assert len(reads) == 1

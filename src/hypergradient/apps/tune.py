@@ -455,6 +455,6 @@ def build_experiment(trial: Mapping[str, Any], *, name: str, config) -> tuple:
     module = experiments.get(name)
     config = dataclasses.replace(config, hyper_lr=trial["hyper_lr"], seed=trial["seed"])
     experiment = runner.experiment_class(module)
-    exp = experiment(config, experiment.load_data(config.resolved()))
+    exp = experiment(config, runner.load_data(experiment, config.resolved()))
     search = exp.searches(exp.baseline())[0]
     return exp.dynamics, exp.objective, search.lam0, search.constraint

@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import re
 import sys
 import time
@@ -256,7 +257,7 @@ def run(experiment: type[Experiment], config, out_dir, progress: bool | None = N
         raise ExperimentError(f"experiment {experiment.name!r} has no method {config.method!r}; "
                               f"choose one of: {', '.join(experiment.methods)}")
     started = time.perf_counter()
-    data = experiment.load_data(config)  # before anything is written: data too small is refused first
+    data = load_data(experiment, config)  # before anything is written: data too small is refused first
     with folder.claim(Path(out_dir)) as out_dir:
         out_dir = folder.prepare(out_dir, config, experiment.resumable_changes)
         return _stages(experiment, config, data, out_dir, progress, started)
@@ -292,7 +293,7 @@ def problem(module, config) -> tuple[hg.Dynamics, Callable, Any]:
     with ``config``, prepared and not tuned: what ``hypergradient plan`` examines."""
     kind = experiment_class(module)
     config = config.resolved()
-    exp = kind(config, kind.load_data(config))
+    exp = kind(config, load_data(kind, config))
     return exp.dynamics, exp.objective, exp.searches(exp.baseline())[0].lam0
 
 
@@ -302,10 +303,17 @@ def experiment_class(module) -> type[Experiment]:
                 if isinstance(v, type) and issubclass(v, Experiment) and v.__module__ == module.__name__)
 
 
+@functools.lru_cache(maxsize=1)
+def load_data(experiment: type[Experiment], config) -> Any:
+    """``experiment.load_data(config)``, kept for the next call with the same resolved ``config``: a
+    command checks the data before it writes anything (:func:`check_data`) and then runs on them."""
+    return experiment.load_data(config)
+
+
 def check_data(module, config) -> None:
     """Raise what loading the data of ``config`` (resolved) for the experiment in ``module`` would
     (``ValueError``, ``FileNotFoundError``): a command checks this before it writes anything."""
-    experiment_class(module).load_data(config.resolved())
+    load_data(experiment_class(module), config.resolved())
 
 
 def _write_interrupted(out_dir: Path, finished: list) -> None:
