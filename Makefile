@@ -36,8 +36,10 @@ bench-sweeps: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.sweeps
 
 # The oldest Python and dependency versions pyproject.toml declares (.ci/floor.txt), in a venv of their own.
-# It runs the library's tests; whole commands, experiments, examples and benchmarks (marked end_to_end,
-# Ray's trials among them: the floor does not pin Ray) are left to `make test`, which runs everything.
+# It runs the library's tests that take seconds, which reach every module at the oldest versions; whole
+# commands, experiments, examples and benchmarks (marked end_to_end, Ray's trials among them: the floor
+# does not pin Ray) and the sweeps of many compiled programs (marked slow, each over ~10 s) are left to
+# `make test`, which runs everything.
 FLOOR_PYTHON ?= python3.11
 FLOOR_VENV := .venv-floor
 
@@ -50,7 +52,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml .ci/floor.txt
 
 .PHONY: test-floor
 test-floor: $(FLOOR_VENV)/.installed
-	$(FLOOR_VENV)/bin/python -m pytest -n 2 -q -m "not end_to_end"
+	$(FLOOR_VENV)/bin/python -m pytest -n 2 -q -m "not end_to_end and not slow"
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) results .pytest_cache site jupyter_execute

@@ -43,6 +43,7 @@ def test_ridge_matches_closed_form(method):
     np.testing.assert_allclose(float(res.grad["lr"]), grad["lr"], rtol=1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT, ids=repr)
 def test_mlp_every_kind_of_hyperparameter_matches_finite_differences(method):
     dyn, objective, lam = mlp_problem(steps=T)
@@ -63,6 +64,7 @@ def test_methods_agree():
         assert_tree_close(hg.hypergrad(dyn, objective, lam, method).grad, reference, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_checkpointing_with_a_remainder_segment():
     dyn, objective, lam = mlp_problem(steps=T)
     reference = hg.hypergrad(dyn, objective, lam, hg.Reverse())
@@ -102,6 +104,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_optimizer_matches_finite_differences(name):
     optimizer, hparams = OPTIMIZERS[name]
@@ -118,6 +121,7 @@ def test_every_optimizer_matches_finite_differences(name):
     np.testing.assert_allclose(tree_dot(reverse.grad, direction), central_difference(f, lam, direction), rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_per_weight_learning_rates():
     """A hyperparameter with the weights' full structure: one learning rate per weight."""
 
@@ -164,6 +168,7 @@ def test_stats_report_time_and_memory():
     assert 0 < ckpt["temp_bytes"] < full["temp_bytes"]
 
 
+@pytest.mark.slow
 def test_an_optax_schedule_is_evaluated_at_every_step():
     schedule = optax.exponential_decay(0.3, transition_steps=4, decay_rate=0.5)
     scheduled = hg.optim.from_optax(optax.sgd, learning_rate=schedule, momentum=0.5)
@@ -203,6 +208,7 @@ def test_a_chaotic_run_is_reported():
      hg.optim.from_optax(optax.adamw, learning_rate=0.1, weight_decay=1e-2)],
     ids=lambda o: o.name,
 )
+@pytest.mark.slow
 def test_adaptive_optimizers_are_finite_where_a_weight_never_sees_a_gradient(optimizer):
     """Logistic regression whose feature 0 is zero in every training example, from W = 0, with
     log L2 as the hyperparameter: W[0] never moves, whatever λ. Reverse and Forward agree."""

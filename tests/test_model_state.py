@@ -119,6 +119,7 @@ def test_the_running_statistics_carry_the_dependence_on_lambda():
     assert abs(float(through_state.grad["log_lr"])) > 1e-6
 
 
+@pytest.mark.slow
 def test_checkpointed_reverse_replays_the_run():
     """The recomputed segments draw the same keys from the same states: another dropout mask would
     move the losses by O(1). They agree to rounding, not bit for bit: XLA fuses the segmented

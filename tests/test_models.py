@@ -95,6 +95,7 @@ def test_cnn_errors_and_init_statistics():
     assert abs(scaled.std() - 1) < 0.02 and abs(scaled.mean()) < 0.02
 
 
+@pytest.mark.slow
 def test_cnn_derivatives_forward_and_reverse():
     with jax.enable_x64(True):
         params = models.cnn_init(jax.random.key(0), (8, 8), 3, channels=(2, 2), dtype=jnp.float64)

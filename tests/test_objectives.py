@@ -74,6 +74,7 @@ def test_auto_names_the_objective_when_it_sets_the_floor():
         hg.hypergrad(dyn, plain, lam, hg.Auto(memory_budget=objective // 2))
 
 
+@pytest.mark.slow
 def test_auto_names_the_run_when_the_trajectory_sets_the_floor():
     dyn, objective, lam = mlp_problem(steps=37, optimizer=hg.optim.nesterov())
     with pytest.raises(hg.MethodError, match="shorten the run") as info:

@@ -128,6 +128,7 @@ def run_child(script, ckpt_dir, kill_at):
     )
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -323,6 +324,7 @@ def test_a_population_member_that_diverges_is_held_not_fatal(tmp_path):
     assert again.history["value"].shape == (5, 2)
 
 
+@pytest.mark.slow
 def test_a_population_with_reversible_sizes_the_buffer_for_every_member():
     """Momenta 0.95 and 0.2 destroy 0.07 and 2.3 bits per step: the buffer serves the second too,
     and a buffer given too small is refused naming the member, not differentiated wrongly."""

@@ -57,6 +57,7 @@ def test_raises_a_learning_rate_100x_too_small_and_beats_the_fixed_setting(metho
     assert res.history["value"].shape == res.history["grad_norm"].shape == res.history["seconds"].shape == (30,)
 
 
+@pytest.mark.slow
 def test_rtho_tangent_is_carried_exactly():
     """With λ frozen, the RTHO hypergradient at update k is Forward-HG of the first (k+1)Δ steps.
 

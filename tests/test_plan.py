@@ -24,6 +24,7 @@ def nesterov_mlp(steps=T):
     return mlp_problem(steps=steps, optimizer=hg.optim.nesterov())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", [(10, 3), (12, 5, 2), (40, 7), (36, 35, 1)], ids=str)
 def test_multilevel_checkpointing_equals_reverse(levels):
     dyn, objective, lam = mlp_problem(steps=T)
@@ -62,6 +63,7 @@ def kind(method):
     return "short"
 
 
+@pytest.mark.slow
 def test_predicted_memory_against_the_programs_that_run():
     dyn, objective, lam = mlp_problem(steps=T)
     p = hg.plan(dyn, objective, lam)
@@ -83,6 +85,7 @@ def test_reverse_is_predicted_at_a_long_horizon():
     assert 0.95 <= predicted / measured <= 1.05, (predicted, measured)
 
 
+@pytest.mark.slow
 def test_plan_compiles_a_few_short_programs_whatever_the_candidates(monkeypatch):
     """The cost of planning: a fixed handful of compiles (none at full length without a budget),
     where compiling every candidate took one per row; under a budget, the choice's own program,
@@ -103,6 +106,7 @@ def test_plan_compiles_a_few_short_programs_whatever_the_candidates(monkeypatch)
     assert res.stats["compile_seconds"] == 0.0  # the run reused the plan's program
 
 
+@pytest.mark.slow
 def test_plan_table_and_choice():
     dyn, objective, lam = ridge_problem(steps=T)
     p = hg.plan(dyn, objective, lam)
@@ -115,6 +119,7 @@ def test_plan_table_and_choice():
     assert big.choice == hg.Reverse() and hg.Forward() not in [r.method for r in big.rows]  # m = 204
 
 
+@pytest.mark.slow
 def test_auto_under_a_budget_is_exact_and_fits():
     dyn, objective, lam = nesterov_mlp()
     reference = hg.hypergrad(dyn, objective, lam, hg.Reverse())
@@ -138,6 +143,7 @@ def test_auto_picks_nested_levels_when_the_budget_asks():
     assert_tree_close(res.grad, hg.hypergrad(dyn, objective, lam, hg.Reverse()).grad, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_auto_is_traceable():
     dyn, objective, lam = nesterov_mlp()
     budget = hg.hypergrad(dyn, objective, lam, hg.Reverse()).stats["temp_bytes"] - 1
@@ -155,6 +161,7 @@ def test_a_budget_nothing_fits_is_a_clear_error():
         hg.Auto(memory_budget=0)
 
 
+@pytest.mark.slow
 def test_cli_plan_prints_the_table(capsys):
     assert cli.main(["plan", "l2-per-weight", "--tiny", "--memory-budget", "1000000"]) == 0
     out = capsys.readouterr().out

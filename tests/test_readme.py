@@ -4,11 +4,13 @@ gives one hypergradient per λ, and the optax chain under a warmup-cosine schedu
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import hypergradient as hg
 from pages import run_page
 
 
+@pytest.mark.slow
 def test_readme_examples_run_and_improve():
     scope = run_page("README.md", 3)
     assert float(scope["tuned"].best_value) < float(scope["res"].value)

@@ -137,6 +137,7 @@ def test_layout_lays_the_leaves_end_to_end_and_hyperparameters_over_them():
 
 # -- the method ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_matches_reverse_on_every_kind_of_hyperparameter(name):
     # per-step, per-layer lr and momentum schedules, L2, init scale, example weights
@@ -161,6 +162,7 @@ def _random_schedule_problem(name, steps):
     seed=st.integers(0, 2**31 - 1),
     mu_range=st.tuples(st.floats(0.05, 0.99), st.floats(0.0, 1.0)),
 )
+@pytest.mark.slow
 def test_random_schedules_reverse_exactly_and_match_reverse(name, steps, seed, mu_range):
     dyn, objective, lam = _random_schedule_problem(name, steps)
     rng = np.random.default_rng(seed)
@@ -176,6 +178,7 @@ def test_random_schedules_reverse_exactly_and_match_reverse(name, steps, seed, m
         assert_tree_close(res.grad[group], reference.grad[group], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_float32_weights_run_in_int32_and_still_reverse_exactly():
     dyn, objective, lam = mlp_problem(steps=12)
     init64 = dyn.init
@@ -247,6 +250,7 @@ def test_fewer_fractional_bits_widen_the_range():
     assert res.stats["exact_reversal"] == 1.0
 
 
+@pytest.mark.slow
 def test_buffer_overflow_raises_and_names_the_capacity_to_give():
     dyn, objective, lam = problem("momentum_dampened", steps=12)
     lam = {**lam, "momentum": jnp.full_like(lam["momentum"], 1e-6)}  # ~20 bits per step

@@ -61,6 +61,7 @@ def assert_close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, every", [("momentum", None), ("momentum", 3), ("adam", None)])
 def test_forward_over_reverse_equals_reverse_over_reverse(name, every):
     fwd = _grad(name, hg.Reverse(checkpoint_every=every, second_order="forward"))

@@ -8,9 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 PROGRAM = pathlib.Path(__file__).resolve().parent / "programs" / "sharded_weights.py"
 
 
+@pytest.mark.slow
 def test_every_method_on_weights_sharded_over_four_devices_equals_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(PROGRAM)], env=env, capture_output=True, text=True, timeout=600)

@@ -19,6 +19,7 @@ def run(args, devices, timeout=600):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_every_method_on_four_devices_equals_one_device():
     proc = run([TESTS / "programs" / "sharded.py", TESTS], devices=4)
     out, err = proc.communicate(timeout=600)

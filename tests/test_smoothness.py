@@ -42,6 +42,7 @@ def digits_mlp(activation: str):
     return dyn, objective, {"log_lr": jnp.log(jnp.asarray(0.01))}
 
 
+@pytest.mark.slow
 def test_a_relu_network_is_flagged():
     dyn, objective, lam = digits_mlp("relu")
     check = hg.smoothness(dyn, objective, lam, random_directions=0)
@@ -125,6 +126,7 @@ def test_a_chaotic_run_is_flagged_and_the_warning_points_to_the_check():
     assert check.backward_growth > 1e8 and "chaotic" in check.reason
 
 
+@pytest.mark.slow
 def test_plan_reports_the_check():
     dyn, objective, lam = chaotic()
     text = str(hg.plan(dyn, objective, lam, check_smoothness=True))

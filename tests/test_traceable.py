@@ -24,6 +24,7 @@ def scaled(lam, scales):
     return jax.tree.map(lambda x: jnp.stack([s * x for s in scales]), lam)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [hg.Reverse(), hg.Forward()], ids=repr)
 def test_vmap_over_three_hyperparameters_equals_three_calls(method):
     dyn, objective, lam = mlp_problem(steps=6)
@@ -90,6 +91,7 @@ def test_reversible_under_jit_equals_hypergrad():
     assert_tree_close(sol.grad, ref.grad, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_equinox_module_as_init_equals_the_partition_route():
     steps = 8
     model, (x, y), (xv, yv), ce = eqx_classifier()

@@ -60,6 +60,7 @@ def test_logits_depend_only_on_earlier_tokens():
     assert float(jnp.max(jnp.abs(a[:, 3:] - b[:, 3:]))) > 1e-3
 
 
+@pytest.mark.slow
 def test_second_derivative_matches_central_differences():
     """jvp of grad (forward-over-reverse) and grad of grad·v (reverse-over-reverse) of the loss
     both equal (∇L(w + εv) − ∇L(w − εv)) / 2ε."""
@@ -108,6 +109,7 @@ def _lm_problem():
                       d_model=D, heads=HEADS, layers=1, dtype=jnp.float64)
 
 
+@pytest.mark.slow
 def test_lm_hypergradient_forward_over_reverse_matches_differences():
     """Schedule peak, AdamW's weight decay and the source weights (validation windows in chunks of 3),
     through the transformer's Hessian products taken forward-over-reverse (reverse-over-reverse
