@@ -33,6 +33,7 @@ monitoring.register_event_listener(lambda e, **kw: events.update([e]))
 from hypergradient.apps.cli import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "seconds": seconds, "events": events}))
+sys.exit(code)
 """
 COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -45,7 +46,7 @@ def one_run(args: list[str], out: str, env: dict) -> dict:
                           capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"hypergradient run {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"hypergradient run {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     return {"compile_seconds": seen["seconds"].get(COMPILE, 0.0), "wall_seconds": wall,
             "cache_hits": seen["events"].get("/jax/compilation_cache/cache_hits", 0),
