@@ -5,8 +5,8 @@ For each experiment, the same command runs twice, each in a fresh process, with
 ``XDG_CACHE_HOME`` pointed at a new temporary folder (so the cache starts empty and nothing of
 the user's is read or written). JAX's monitoring events give, per run, the seconds XLA spent
 compiling (``backend_compile_duration``: on a cache hit, the read) and the cache's hits and
-misses; the wall time is the whole command. The ratio second / first is the issue's measure of
-"a second run compiles nothing".
+misses; the wall time is the whole command. The ratio second / first says how much of the
+compiling a second run still does (the tracing and lowering are not cached).
 
     python -m benchmarks.compile_cache [--runs "schedules --hyper-steps 2" "resnet --tiny"] [--out FILE]
 """
