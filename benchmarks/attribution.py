@@ -10,7 +10,8 @@ validation loss (one score vector), and the mean over validation examples of eac
 
 Methods, every score meaning ∂(validation loss)/∂(weight of example i):
 
-- ``metagradient``: ``hg.attribute`` by Reverse through the whole run (exact);
+- ``metagradient``: ``hg.attribute`` by Reverse through the whole run (exact; ``--second-order forward``:
+  forward-over-reverse Hessian-vector products, the same scores in less memory);
 - ``influence``: −(1/n) ∇V(w_T)ᵀ (H + δI)⁻¹ ∇ℓ_i(w_T), H the Hessian of the training loss at
   w_T, solved by conjugate gradients (``jax.scipy.sparse.linalg.cg``);
 - ``tracin``: −Σ_c η_c (k/n) ∇V(w_c)·∇ℓ_i(w_c) over checkpoints w_c every k steps;
@@ -278,10 +279,12 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
         return jnp.mean(val_losses(w, lam))
 
     rows = {}  # method: (mean-loss scores, per-example rows or None, seconds (mean), seconds (rows), bytes)
-    mean_scores = hg.attribute(dyn, objective, lam)
-    seconds = [hg.attribute(dyn, objective, lam).stats["seconds"] for _ in range(args.repeats)]
-    per_val = None if args.mean_only else hg.attribute(dyn, val_losses, lam, chunk_size=args.chunk)
-    rows["metagradient"] = (mean_scores.scores, None if per_val is None else per_val.scores,
+    ours = hg.Reverse(second_order=args.second_order)
+    mean_scores = hg.attribute(dyn, objective, lam, method=ours)
+    seconds = [hg.attribute(dyn, objective, lam, method=ours).stats["seconds"] for _ in range(args.repeats)]
+    per_val = None if args.mean_only else hg.attribute(dyn, val_losses, lam, method=ours, chunk_size=args.chunk)
+    label = "metagradient" if args.second_order == "reverse" else "metagradient (forward-over-reverse)"
+    rows[label] = (mean_scores.scores, None if per_val is None else per_val.scores,
                             float(np.median(seconds)), None if per_val is None else per_val.stats["seconds"],
                             mean_scores.stats["temp_bytes"])
 
@@ -336,6 +339,7 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
     common = {**check, "problem": name, "setting": setting.label(), **dataclasses.asdict(setting), "n_train": n,
               "n_val": args.n_val, "subsets": args.subsets, "train_seconds": train_seconds,
               "train_temp_mb": train_bytes / 2**20, "val_loss": float(mean_scores.value),
+              "second_order": args.second_order,
               "val_error": float(val_error(w_T))}
     for keep in map(float, args.keep.split(",")):
         masks = subsets(n, args.subsets, keep, args.seed)
@@ -453,6 +457,9 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=50, help="validation rows per backward batch (ours)")
     parser.add_argument("--every", type=int, default=20, help="TracIn: steps between checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--second-order", choices=("reverse", "forward"), default="reverse",
+                        help="ours: hg.Reverse(second_order=...), the Hessian-vector part of each backward step "
+                             "reverse-over-reverse or forward-over-reverse (same scores)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the run's initial weights and batch order, and the random subsets")
     parser.add_argument("--bergson-python", default=BERGSON_PYTHON,

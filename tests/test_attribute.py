@@ -79,6 +79,17 @@ def test_score_is_the_finite_difference_in_the_example_weight(data):
     assert res.stats["seconds"] > 0 and res.stats["examples"] == N
 
 
+def test_forward_over_reverse_gives_the_same_scores():
+    """The example weights are λ, so forward-over-reverse backward steps (which give the data no
+    cotangent) still differentiate in them: the scores equal reverse-over-reverse's."""
+    dyn = dynamics(hg.Batches((X, Y), 8, key=jax.random.key(3)))
+    plain = hg.attribute(dyn, objective, LAM)
+    mixed = hg.attribute(dyn, objective, LAM, method=hg.Reverse(second_order="forward"))
+    np.testing.assert_allclose(mixed.scores, plain.scores, rtol=1e-10, atol=1e-14)
+    rows = hg.attribute(dyn, val_losses, LAM, method=hg.Reverse(second_order="forward"))
+    np.testing.assert_allclose(rows.scores, hg.attribute(dyn, val_losses, LAM).scores, rtol=1e-10, atol=1e-14)
+
+
 def test_scores_predict_leave_one_out_retraining():
     dyn = dynamics((X, Y), steps=150, optimizer=hg.optim.sgd(), hparams=lambda lam, t: {"lr": 2.0})
     scores = hg.attribute(dyn, objective, LAM).scores
