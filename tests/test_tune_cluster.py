@@ -34,6 +34,7 @@ TESTS = Path(__file__).resolve().parent
 SETTINGS = {"hyper_steps": 12, "hyper_lrs": [1e-2, 3e-2, 1e-1], "steps": 10,
             "seconds_per_objective": 0.4}  # > 5 hyper-steps a trial between driver checkpoints (2 s)
 STARTUP_SECONDS = 120
+REGISTER_SECONDS = 1.0  # from a checkpoint in storage to the kill; about 3 s of the trial are left then
 
 
 def free_port() -> int:
@@ -99,6 +100,9 @@ def kill_when_checkpointed(proc, marks: Path, out: Path, killed: dict) -> None:
         worker = wait_for(lambda: (out / "nodes.json").is_file() and json.loads((out / "nodes.json").read_text()),
                           "cluster of two nodes")["worker"]
         killed["trial"] = wait_for(checkpointed_there, "checkpoint of a trial on the worker node")
+        # The worker writes the folder before the driver registers the checkpoint (the report's save
+        # task must come back); a node killed in between restarts the trial from scratch.
+        time.sleep(REGISTER_SECONDS)
         kill_tree(proc)
     except TimeoutError as e:
         killed["error"] = str(e)
