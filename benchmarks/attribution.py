@@ -285,8 +285,8 @@ def measure(name: str, setting: Setting, args) -> list[dict]:
     per_val = None if args.mean_only else hg.attribute(dyn, val_losses, lam, method=ours, chunk_size=args.chunk)
     label = "metagradient" if args.second_order == "reverse" else "metagradient (forward-over-reverse)"
     rows[label] = (mean_scores.scores, None if per_val is None else per_val.scores,
-                            float(np.median(seconds)), None if per_val is None else per_val.stats["seconds"],
-                            mean_scores.stats["temp_bytes"])
+                   float(np.median(seconds)), None if per_val is None else per_val.stats["seconds"],
+                   mean_scores.stats["temp_bytes"])
 
     # The training examples are arguments, not constants: XLA would spend minutes folding a
     # convolution's patches of constant images.

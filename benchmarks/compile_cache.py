@@ -38,12 +38,12 @@ sys.exit(code)
 COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-def one_run(args: list[str], out: str, env: dict) -> dict:
-    """The command ``hypergradient run ARGS --out OUT`` in a fresh process: compile seconds, cache
-    hits and misses, wall seconds."""
+def one_run(args: list[str], out: str, env: dict, timeout: float | None = None) -> dict:
+    """The command ``hypergradient run ARGS --out OUT`` in a fresh process (killed after ``timeout``
+    seconds, if given): compile seconds, cache hits and misses, wall seconds."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MONITORED, "run", *args, "--no-progress", "--out", out],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"hypergradient run {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")

@@ -290,10 +290,10 @@ def test_a_second_run_takes_its_programs_from_the_compilation_cache(tmp_path, mo
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     cache = tmp_path / "xdg" / "hypergradient" / "jax"
     args = ["schedules", "--tiny", "--hyper-steps", "1"]
-    first = one_run(args, str(tmp_path / "first"), env)
+    first = one_run(args, str(tmp_path / "first"), env, timeout=600)
     entries = set(cache.iterdir())
     assert entries and first["cache_misses"] >= 1
-    second = one_run(args, str(tmp_path / "second"), env)
+    second = one_run(args, str(tmp_path / "second"), env, timeout=600)
     assert second["cache_hits"] >= len(entries) - 1 and second["cache_misses"] <= 1
     assert second["compile_seconds"] < 0.5 * first["compile_seconds"]  # reading from the cache, on a hit
 
